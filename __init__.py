@@ -1,0 +1,8 @@
+"""routesae: train and study sparse autoencoders on the residual stream of LLMs, RouteSAE first."""
+
+__version__ = "0.1.0"
+
+from routesae.errors import RouteSAEError
+from routesae.harvest.store import Cache
+
+__all__ = ["Cache", "RouteSAEError", "__version__"]

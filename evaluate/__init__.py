@@ -1,0 +1,1 @@
+"""Eval: reconstruction metrics from the cache; splice metrics (KL, delta-CE, loss recovered) in the LLM."""

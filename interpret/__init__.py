@@ -1,0 +1,1 @@
+"""Interpret: feature contexts, automated interpretation, steering and ablation (later issue)."""
