@@ -163,6 +163,8 @@ def _check_output(cfg: HarvestConfig) -> dict[str, Any] | None:
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise RouteSAEError(f"cannot write {out}: {parent} is not a folder")
     if not os.access(parent, os.W_OK):
         raise RouteSAEError(f"cannot write {out}: {parent} is not writable")
     return None

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny saved models (fast) and one small store from the real offline SmolLM2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import save_tiny  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return save_tiny("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory) -> Path:
+    """4,096 tokens of the built-in corpus through the offline SmolLM2, routed layers 7..22."""
+    from routesae.harvest.run import HarvestConfig, run_harvest
+
+    out = tmp_path_factory.mktemp("smollm2") / "store.zarr"
+    run_harvest(HarvestConfig(out=str(out), model="smollm2", dataset="builtin", tokens=4096,
+                              context_len=256, batch_size=4, progress=False))
+    return out
