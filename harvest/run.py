@@ -20,7 +20,7 @@ from routesae import __version__
 from routesae.errors import RouteSAEError
 from routesae.harvest.capture import HiddenStateCapture, parse_layers
 from routesae.harvest.corpus import DEFAULT_DATASET, document_source, shuffled
-from routesae.harvest.models import load_model, resolve_dtype
+from routesae.harvest.models import LoadedModel, load_model, resolve_dtype
 from routesae.harvest.packing import PackState, SpecialTokens, pack_contexts
 from routesae.harvest.store import (
     ZARR_DTYPES,
@@ -68,8 +68,8 @@ class HarvestConfig:
     """Tokens per shard file (default: about 128 MiB over all layers)."""
     min_chunk_bytes: int = 1 << 20
     """Smallest chunk, in bytes of one layer; chunks hold whole contexts."""
-    compression: str = "blosc-zstd"
-    """'blosc-zstd' (byte shuffle + zstd level 1) or 'none'."""
+    compression: str = "none"
+    """Activations: 'none', or 'blosc-zstd' (byte shuffle + zstd level 1; ~1.27x smaller, costs CPU)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -91,16 +91,16 @@ class _Shard(NamedTuple):
     special: np.ndarray
     tokens_after: int  # committed token count once this shard lands
     state: PackState
+    stats: dict[str, Any]  # statistics over every token up to tokens_after
 
 
 class _BackgroundWriter:
-    """One thread that writes shards in order, adds them to the statistics and commits each.
+    """One thread that writes shards in order and commits each.
 
     A bounded queue gives back-pressure, so RAM holds at most three shards whatever --tokens is."""
 
-    def __init__(self, store: StoreWriter, stats: StatsAccumulator, context_len: int):
+    def __init__(self, store: StoreWriter, context_len: int):
         self.store = store
-        self.stats = stats
         self.context_len = context_len
         self.error: BaseException | None = None
         self._queue: queue.Queue[_Shard | None] = queue.Queue(maxsize=1)
@@ -115,8 +115,7 @@ class _BackgroundWriter:
                 raw = acts.view(torch.int16).numpy().view(np.uint16) if acts.dtype == torch.bfloat16 else acts.numpy()
                 positions = np.tile(np.arange(self.context_len, dtype=np.int32), n // self.context_len)
                 self.store.write_shard(shard.index, raw, shard.token_ids, positions, shard.special)
-                self.stats.add(acts, torch.from_numpy(~shard.special))
-                self.store.commit(shard.tokens_after, shard.state.to_json(), self.stats.state())
+                self.store.commit(shard.tokens_after, shard.state.to_json(), shard.stats)
         except BaseException as e:  # handed to the main thread, which reports it
             self.error = e
 
@@ -180,8 +179,10 @@ def _provenance(cfg: HarvestConfig, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_harvest(cfg: HarvestConfig) -> Cache:
-    """Harvest (or continue harvesting) activations into cfg.out and return the finished store."""
+def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Cache:
+    """Harvest (or continue harvesting) activations into cfg.out and return the finished store.
+
+    `loaded` reuses a model already loaded for cfg.model, cfg.dtype (tests, benchmarks)."""
     existing = _check_output(cfg)
     documents = document_source(cfg.dataset, cfg.split, cfg.text_field)
     if cfg.tokens < cfg.context_len:
@@ -190,7 +191,8 @@ def run_harvest(cfg: HarvestConfig) -> Cache:
         raise RouteSAEError("--batch-size must be at least 1")
     resolve_dtype(cfg.dtype)
 
-    loaded = load_model(cfg.model, cfg.dtype, cfg.device)
+    if loaded is None:
+        loaded = load_model(cfg.model, cfg.dtype, cfg.device)
     info = loaded.info
     layers = parse_layers(cfg.layers, info["n_layers"])
     if info["max_positions"] and cfg.context_len > info["max_positions"]:
@@ -246,7 +248,7 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
     storage_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[store.attrs["storage_dtype"]]
     d_model = store.attrs["d_model"]
 
-    writer = _BackgroundWriter(store, stats, ctx)
+    writer = _BackgroundWriter(store, ctx)
     bar = tqdm(total=target_ctx * ctx, initial=done_ctx * ctx, unit="tok", unit_scale=True,
                desc="harvest", disable=not cfg.progress, dynamic_ncols=True)
     shard_index = done_ctx // shard_ctx
@@ -262,6 +264,8 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
                     ids = np.stack([ids for ids, _ in batch])
                     state = batch[-1][1]
                     hs = capture(torch.from_numpy(ids).long().to(device))
+                    keep = ~torch.from_numpy(special.mask(ids.reshape(-1)))
+                    stats.add(hs.reshape(len(layers), ids.size, d_model), keep)
                     at = len(buf_ids) * ctx
                     buf_acts[:, at : at + ids.size] = hs.reshape(len(layers), ids.size, d_model).to("cpu", storage_dtype)
                     buf_ids.extend(ids)
@@ -271,7 +275,7 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
                 if buf_ids and (len(buf_ids) == shard_ctx or done_ctx == target_ctx or exhausted):
                     token_ids = np.concatenate(buf_ids)
                     n = token_ids.size
-                    writer.submit(_Shard(shard_index, buf_acts[:, :n], token_ids, special.mask(token_ids), done_ctx * ctx, state))
+                    writer.submit(_Shard(shard_index, buf_acts[:, :n], token_ids, special.mask(token_ids), done_ctx * ctx, state, stats.state()))
                     shard_index += 1
                     buf_ids = []
                     buf_acts = torch.empty_like(buf_acts)

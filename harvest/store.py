@@ -26,7 +26,7 @@ ATTR_KEY = "routesae"
 # Storage dtypes by name; bfloat16 has no Zarr v3 core type, so its bits live in uint16.
 ZARR_DTYPES = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-COMPRESSIONS = ("blosc-zstd", "none")
+COMPRESSIONS = ("none", "blosc-zstd")
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ class StoreLayout:
     """Tokens per inner chunk (the unit a reader decompresses); a multiple of the context length."""
     shard_tokens: int
     """Tokens per shard file (the unit of writing and of commit); a multiple of chunk_tokens."""
-    compression: str = "blosc-zstd"
-    """'blosc-zstd' (byte shuffle + zstd level 1, lossless) or 'none'."""
+    compression: str = "none"
+    """Activations: 'none' or 'blosc-zstd' (byte shuffle + zstd level 1, lossless)."""
 
 
 def plan_layout(
@@ -50,7 +50,7 @@ def plan_layout(
     shard_tokens: int | None = None,
     shard_bytes: int = 128 << 20,
     min_chunk_bytes: int = 1 << 20,
-    compression: str = "blosc-zstd",
+    compression: str = "none",
 ) -> StoreLayout:
     """Pick chunk and shard sizes: chunks of whole contexts and at least ~1 MiB; shards of whole
     chunks and whole forward batches (so a resumed harvest replays identical batches), about
@@ -88,14 +88,18 @@ class StatsAccumulator:
             self.sum_norm[:] = state["sum_norm"]
 
     def add(self, acts: torch.Tensor, keep: torch.Tensor) -> None:
-        """acts: [n_layers, n_tokens, d_model] as the model computed them; keep: [n_tokens] bool."""
+        """acts: [n_layers, n_tokens, d_model] as the model computed them; keep: [n_tokens] bool.
+
+        One batch is summed in float32 on the activations' device (a matmul, so cheap beside the
+        forward); batches accumulate in float64."""
+        w = keep.to(acts.device, torch.float32)
         self.count += int(keep.sum())
-        for i in range(len(self.layers)):  # one layer at a time bounds the float64 copy
-            x = acts[i][keep].double()
-            self.sum[i] += x.sum(0).cpu().numpy()
+        for i in range(len(self.layers)):  # one layer at a time bounds the float32 copy
+            x = acts[i].float()
             sq = x.pow(2).sum(-1)
-            self.sum_sq_norm[i] += float(sq.sum())
-            self.sum_norm[i] += float(sq.sqrt().sum())
+            self.sum[i] += (w @ x).double().cpu().numpy()
+            self.sum_sq_norm[i] += float(w @ sq)
+            self.sum_norm[i] += float(w @ sq.sqrt())
 
     def state(self) -> dict[str, Any]:
         return {

