@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--context-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; each mode keeps its best time")
     args = ap.parse_args()
 
     loaded = load_model("smollm2", args.dtype, "cpu")
@@ -84,64 +85,69 @@ def main() -> None:
     data = batches(loaded.tokenizer, args.tokens, args.context_len, args.batch_size)
     n = sum(b.numel() for b in data)
     print(f"SmolLM2-135M {args.dtype} on {torch.get_num_threads()} CPU threads; {n} tokens, "
-          f"context {args.context_len}, batch {args.batch_size}, layers {layers[0]}..{layers[-1]}")
+          f"context {args.context_len}, batch {args.batch_size}, layers {layers[0]}..{layers[-1]}, "
+          f"best of {args.rounds} alternating rounds")
+    tmpdir = tempfile.TemporaryDirectory()
+    tmp = tmpdir.name
+
+    @torch.inference_mode()
+    def plain() -> None:
+        for b in data:
+            hs = model(b, output_hidden_states=True, use_cache=False).hidden_states
+            torch.stack([hs[i] for i in layers]).cpu()
+
+    @torch.inference_mode()
+    def truncated() -> None:
+        with HiddenStateCapture(model, layers) as cap:
+            for b in data:
+                cap(b).cpu()
+
+    def harvest(compression: str) -> Cache:
+        out = f"{tmp}/bench-{compression}.zarr"
+        cfg = HarvestConfig(out=out, model="smollm2", dataset="builtin", tokens=n, context_len=args.context_len,
+                            batch_size=args.batch_size, dtype=args.dtype, device="cpu", progress=False,
+                            compression=compression, overwrite=True)
+        return run_harvest(cfg, loaded=loaded)
 
     with torch.inference_mode():
         model(data[0][:1, :16])  # warm-up
+    # Modes alternate over rounds and each keeps its best time, so a busy moment of the machine
+    # does not land on one mode only.
+    best = {"plain": float("inf"), "trunc": float("inf"), "none": float("inf"), "blosc-zstd": float("inf")}
+    for _ in range(args.rounds):
+        best["plain"] = min(best["plain"], timed(plain))
+        best["trunc"] = min(best["trunc"], timed(truncated))
+        for comp in ("none", "blosc-zstd"):
+            best[comp] = min(best[comp], timed(lambda: harvest(comp)))
+    caches = {comp: Cache.open(f"{tmp}/bench-{comp}.zarr") for comp in ("none", "blosc-zstd")}
+    assert all(c.n_tokens == n for c in caches.values())
 
-        def plain():
-            for b in data:
-                hs = model(b, output_hidden_states=True, use_cache=False).hidden_states
-                torch.stack([hs[i] for i in layers]).cpu()
+    rate = {k: n / t for k, t in best.items()}
+    print(f"\n  {'mode':52s} {'tokens/s':>9s}")
+    print(f"  {'routesae harvest (default: uncompressed Zarr shards)':52s} {rate['none']:9.0f}")
+    print(f"  {'routesae harvest --compression blosc-zstd':52s} {rate['blosc-zstd']:9.0f}")
+    print(f"  {'(a) plain forward, output_hidden_states=True':52s} {rate['plain']:9.0f}")
+    print(f"  {'(b) truncated forward alone, no I/O':52s} {rate['trunc']:9.0f}")
+    print(f"\n  harvest / (a) = {rate['none'] / rate['plain']:.2f}x   (target >= 1.3x)")
+    print(f"  harvest / (b) = {rate['none'] / rate['trunc']:.2f}x   (target >= 0.95x)")
+    print(f"  harvest --compression blosc-zstd / (b) = {rate['blosc-zstd'] / rate['trunc']:.2f}x")
+    for c in caches.values():
+        disk, raw = c.nbytes_acts_on_disk(), c.nbytes_raw_acts()
+        tl = c.n_tokens * len(c.layers)
+        print(f"  {c.layout.compression:10s}: bytes on disk per token per layer {disk / tl:.0f}"
+              f"  (raw bf16 {raw / tl:.0f}; ratio {raw / disk:.2f}x)")
+    codec_table(caches["none"], layers[len(layers) // 2])
 
-        def truncated():
-            with HiddenStateCapture(model, layers) as cap:
-                for b in data:
-                    cap(b).cpu()
-
-        t_plain = timed(plain)
-        t_trunc = timed(truncated)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        def harvest(compression: str) -> tuple[float, Cache]:
-            out = f"{tmp}/bench-{compression}.zarr"
-            cfg = HarvestConfig(out=out, model="smollm2", dataset="builtin", tokens=n, context_len=args.context_len,
-                                batch_size=args.batch_size, dtype=args.dtype, device="cpu", progress=False,
-                                compression=compression)
-            t = timed(lambda: run_harvest(cfg, loaded=loaded))
-            cache = Cache.open(out)
-            assert cache.n_tokens == n
-            return t, cache
-
-        t_harvest, cache = harvest("none")
-        t_blosc, cache_blosc = harvest("blosc-zstd")
-
-        rate = lambda t: n / t  # noqa: E731
-        print(f"\n  {'mode':52s} {'tokens/s':>9s}")
-        print(f"  {'routesae harvest (default: uncompressed Zarr shards)':52s} {rate(t_harvest):9.0f}")
-        print(f"  {'routesae harvest --compression blosc-zstd':52s} {rate(t_blosc):9.0f}")
-        print(f"  {'(a) plain forward, output_hidden_states=True':52s} {rate(t_plain):9.0f}")
-        print(f"  {'(b) truncated forward alone, no I/O':52s} {rate(t_trunc):9.0f}")
-        print(f"\n  harvest / (a) = {t_plain / t_harvest:.2f}x   (target >= 1.3x)")
-        print(f"  harvest / (b) = {t_trunc / t_harvest:.2f}x   (target >= 0.95x)")
-        print(f"  harvest blosc-zstd / (b) = {t_trunc / t_blosc:.2f}x")
-        for c in (cache, cache_blosc):
-            disk, raw = c.nbytes_acts_on_disk(), c.nbytes_raw_acts()
-            tl = c.n_tokens * len(c.layers)
-            print(f"\n  {c.layout.compression:10s}: bytes on disk per token per layer {disk / tl:.0f}"
-                  f"  (raw bf16 {raw / tl:.0f}; ratio {raw / disk:.2f}x)", end="")
-        print()
-        codec_table(cache, layers[len(layers) // 2])
-
-        # Peak RSS of a whole `routesae harvest` process (model + buffers), in its own process.
-        out2 = f"{tmp}/rss.zarr"
-        subprocess.run([sys.executable, "-m", "routesae.cli", "harvest", "--model", "smollm2", "--dataset", "builtin",
-                        "--tokens", str(n), "--context-len", str(args.context_len), "--batch-size", str(args.batch_size),
-                        "--device", "cpu", "--quiet", "--out", out2], check=True, capture_output=True)
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
-        shard_mib = cache.layout.shard_tokens * len(layers) * cache.d_model * 2 / 2**20
-        print(f"\n  peak RSS of `routesae harvest` ({n} tokens): {rss:.0f} MiB"
-              f"  (one shard buffer = {shard_mib:.0f} MiB; the process holds at most three)")
+    # Peak RSS of a whole `routesae harvest` process (model + buffers), in its own process.
+    subprocess.run([sys.executable, "-m", "routesae.cli", "harvest", "--model", "smollm2", "--dataset", "builtin",
+                    "--tokens", str(n), "--context-len", str(args.context_len), "--batch-size", str(args.batch_size),
+                    "--device", "cpu", "--quiet", "--out", f"{tmp}/rss.zarr"], check=True, capture_output=True)
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+    lay = caches["none"].layout
+    shard_mib = lay.shard_tokens * len(layers) * caches["none"].d_model * 2 / 2**20
+    print(f"\n  peak RSS of `routesae harvest` ({n} tokens): {rss:.0f} MiB"
+          f"  (one shard buffer = {shard_mib:.0f} MiB; the process holds at most three)")
+    tmpdir.cleanup()
 
 
 if __name__ == "__main__":

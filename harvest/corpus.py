@@ -118,13 +118,6 @@ def _local_documents(path: Path, text_field: str) -> Iterator[str]:
 def _hub_documents(dataset_id: str, split: str, text_field: str) -> Iterator[str]:
     import datasets
 
-    from routesae.harvest.models import _hub_reachable
-
-    if not _hub_reachable():
-        raise RouteSAEError(
-            f"cannot stream dataset {dataset_id!r}: the Hugging Face hub is unreachable; "
-            "pass a local .jsonl/.json/.txt/.parquet file or folder, or --dataset builtin"
-        )
     try:
         stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
     except Exception as e:  # datasets raises many types for a missing id, split or script
@@ -147,6 +140,13 @@ def document_source(dataset: str, split: str = "train", text_field: str = "text"
         return lambda: _local_documents(path, text_field)
     if dataset.endswith(LOCAL_SUFFIXES) or dataset.startswith((".", "/", "~")):
         raise RouteSAEError(f"no such dataset file or folder: {dataset}")
+    from routesae.harvest.models import hub_reachable
+
+    if not hub_reachable():
+        raise RouteSAEError(
+            f"cannot stream dataset {dataset!r}: the Hugging Face hub is unreachable; "
+            "pass a local .jsonl/.json/.txt/.parquet file or folder, or --dataset builtin"
+        )
     return lambda: _hub_documents(dataset, split, text_field)
 
 

@@ -6,7 +6,9 @@ truncated forward (harvest) and the splice (eval) both need.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import socket
@@ -75,7 +77,7 @@ def offline_gguf() -> Path:
     return files[0]
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     url = urlparse(endpoint)
     try:
@@ -125,7 +127,7 @@ def _from_pretrained(loader: Any, target: str, kwargs: dict[str, Any], source: s
             return loader.from_pretrained(target, local_files_only=True, **kwargs)
         except OSError:
             pass
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
             raise RouteSAEError(
                 f"cannot load {what} {target!r}: the Hugging Face hub is unreachable and it is not in the local cache; "
                 "pass a local folder or .gguf file, or --model smollm2 for the offline model"
@@ -158,7 +160,9 @@ def load_model(spec: str, dtype: str = "bfloat16", device: str = "auto") -> Load
     hf_logging.set_verbosity_error()  # the GGUF loader's advice and progress bars are noise here
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    # The GGUF loader draws its own tqdm bar and ignores transformers' switch; its errors still
+    # arrive as exceptions, so muting stderr for the load hides nothing.
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         tokenizer = _from_pretrained(AutoTokenizer, target, kwargs, source, "tokenizer")
         model = _from_pretrained(AutoModelForCausalLM, target, {**kwargs, "dtype": torch_dtype}, source, "model")

@@ -192,6 +192,8 @@ def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Cache:
     resolve_dtype(cfg.dtype)
 
     if loaded is None:
+        if cfg.progress:
+            tqdm.write(f"loading {cfg.model} ({cfg.dtype}) ...")
         loaded = load_model(cfg.model, cfg.dtype, cfg.device)
     info = loaded.info
     layers = parse_layers(cfg.layers, info["n_layers"])
