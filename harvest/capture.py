@@ -61,6 +61,7 @@ class HiddenStateCapture:
         if not self.layers or self.layers[0] < 0 or self.layers[-1] > self.n_layers:
             raise RouteSAEError(f"layers {layers} out of range 0..{self.n_layers}")
         self._out: dict[int, torch.Tensor] = {}
+        self._dest: torch.Tensor | None = None
         self._handles = []
         deepest = self.layers[-1]
         for layer in self.layers:
@@ -74,7 +75,7 @@ class HiddenStateCapture:
 
     def _pre_hook(self, stop: bool):
         def hook(module, args, kwargs):
-            self._out[0] = args[0] if args else kwargs["hidden_states"]
+            self._keep(0, args[0] if args else kwargs["hidden_states"])
             if stop:
                 raise _StopForward
 
@@ -82,23 +83,36 @@ class HiddenStateCapture:
 
     def _post_hook(self, layer: int, stop: bool):
         def hook(module, args, output):
-            self._out[layer] = _hidden(output)
+            self._keep(layer, _hidden(output))
             if stop:
                 raise _StopForward
 
         return hook
 
+    def _keep(self, layer: int, hidden: torch.Tensor) -> None:
+        if self._dest is None:
+            self._out[layer] = hidden
+        else:  # straight into the caller's buffer: one copy, and the device-to-host one at that
+            self._dest[self.layers.index(layer)].copy_(hidden)
+
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [batch, seq] → hidden states [n_requested_layers, batch, seq, d_model]."""
+    def __call__(self, input_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [batch, seq] → hidden states [n_requested_layers, batch, seq, d_model].
+
+        With `out` (that shape, any device and dtype) the states are copied into it and it is returned."""
         self._out.clear()
+        self._dest = out
         try:
             self.model(input_ids=input_ids, use_cache=False)
         except _StopForward:
             pass
-        out = torch.stack([self._out[layer] for layer in self.layers])
+        finally:
+            self._dest = None
+        if out is not None:
+            return out
+        result = torch.stack([self._out[layer] for layer in self.layers])
         self._out.clear()
-        return out
+        return result
 
     def remove(self) -> None:
         for h in self._handles:

@@ -27,6 +27,7 @@ from routesae.harvest.store import (
     Cache,
     StatsAccumulator,
     StoreWriter,
+    TORCH_DTYPES,
     _read_attrs,
     plan_layout,
 )
@@ -247,7 +248,7 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
     done_ctx = store.progress["tokens"] // ctx
     stats = StatsAccumulator(layers, store.attrs["d_model"], store.progress["stats"])
     device = next(model.parameters()).device
-    storage_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[store.attrs["storage_dtype"]]
+    storage_dtype = TORCH_DTYPES[store.attrs["storage_dtype"]]
     d_model = store.attrs["d_model"]
 
     writer = _BackgroundWriter(store, ctx)
@@ -265,11 +266,10 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
                 if batch:
                     ids = np.stack([ids for ids, _ in batch])
                     state = batch[-1][1]
-                    hs = capture(torch.from_numpy(ids).long().to(device))
-                    keep = ~torch.from_numpy(special.mask(ids.reshape(-1)))
-                    stats.add(hs.reshape(len(layers), ids.size, d_model), keep)
                     at = len(buf_ids) * ctx
-                    buf_acts[:, at : at + ids.size] = hs.reshape(len(layers), ids.size, d_model).to("cpu", storage_dtype)
+                    dest = buf_acts[:, at : at + ids.size]
+                    capture(torch.from_numpy(ids).long().to(device), out=dest.view(len(layers), *ids.shape, d_model))
+                    stats.add(dest, ~torch.from_numpy(special.mask(ids.reshape(-1))))
                     buf_ids.extend(ids)
                     done_ctx += len(batch)
                     bar.update(ids.size)
