@@ -18,6 +18,8 @@ test: setup
 demo: setup
 	routesae harvest --model smollm2 --dataset builtin --tokens 65536 --context-len 512 --out $(DEMO)/store.zarr --overwrite
 	routesae info $(DEMO)/store.zarr
+	routesae fit --cache $(DEMO)/store.zarr --arch topk,routesae --k 32,64 --out $(DEMO)/runs
+	routesae eval --sae $(DEMO)/runs --cache $(DEMO)/store.zarr --splice --out $(DEMO)/report
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,0 +1,326 @@
+"""Throughput of `routesae fit` against its baselines, side by side in one run (not a test).
+
+    python bench/fit.py                      # harvests a store from the offline SmolLM2 first
+    python bench/fit.py --store demo.zarr    # or uses one (layers 7..22 of SmolLM2-135M)
+
+For TopK on one layer (22) and RouteSAE on the 16 routed layers (7..22), d_model 576, 8x latents,
+k 32, batches of 4096 tokens, it measures tokens/s of:
+  zarr   `fit` reading the Zarr store (loader thread, shuffle buffer);
+  ram    the same trainer fed from a tensor already in RAM (shuffled once, batches are views);
+  dense  a plain dense PyTorch TopK step (bf16 autocast encode, top-k, scatter, dense decode, Adam);
+         for RouteSAE with the same router written in plain PyTorch;
+  llm    on-the-fly training that reruns the LLM for every batch, as the authors' code does
+         (full forward with output_hidden_states, then the same trainer's step),
+each in a fresh subprocess so its peak RSS is its own, and prints the ratios. Every variant runs
+--rounds times, interleaved with the others, and its best run counts: on a shared machine other
+jobs disturb runs unevenly, and the best run is the least disturbed (all runs are printed too).
+It also times the sparse decode choices (forward + backward) the trainer picked from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+K, EXPANSION, BATCH = 32, 8, 4096
+
+
+# --- children: one measurement each ----------------------------------------------------------------
+
+
+def fit_config(store: str, arch: str, out: str, steps: int):
+    """A fit of steps + 1 batches (the first, which waits for the first buffer, is not timed)."""
+    from routesae.train.config import FitConfig
+
+    return FitConfig(cache=store, out=out, archs=[arch], ks=[K], expansion=EXPANSION, batch_size=BATCH,
+                     tokens=(steps + 1) * BATCH, log_every=10_000, checkpoint_every=10_000, progress=False)
+
+
+def ram_source(store: str, arch: str):
+    """All training tokens of the fit's layers in RAM, shuffled once (not timed)."""
+    from routesae.train.data import ChunkLoader, TensorLoader
+    from routesae.train.trainer import plan_fit
+
+    plan = plan_fit(fit_config(store, arch, "unused", 1))
+    loader = ChunkLoader(plan.cache, plan.read_layers, plan.split, BATCH, 1 << 30, seed=0)
+    acts = loader.load_buffer(0, 0, np.arange(plan.split.n_chunks))
+    return TensorLoader(acts, plan.read_layers, BATCH, seed=0), plan
+
+
+def child_fit(store: str, arch: str, mode: str, steps: int) -> dict:
+    from routesae.train.trainer import fit
+
+    source = None
+    if mode == "ram":
+        source, _ = ram_source(store, arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = fit(fit_config(store, arch, str(Path(tmp) / "run"), steps), source=source)
+    return {"tokens_per_s": result.steady_tokens_per_s, "tokens": result.tokens, "seconds": result.seconds}
+
+
+def dense_step_fn(arch: str, plan):
+    """The baseline: a textbook dense TopK SAE step in plain PyTorch, bf16 autocast where the trainer uses bf16."""
+    d = plan.cache.d_model
+    m = EXPANSION * d
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(m, d, generator=g)
+    W /= W.norm(dim=1, keepdim=True)
+    params = {"W_enc": W.clone(), "b_enc": torch.zeros(m), "W_dec": W.clone(), "b_dec": torch.zeros(d)}
+    n_layers = len(plan.read_layers)
+    if arch == "routesae":
+        params["router"] = torch.empty(n_layers, d).uniform_(-d**-0.5, d**-0.5, generator=g)
+    params = {k: torch.nn.Parameter(v) for k, v in params.items()}
+    opt = torch.optim.Adam(params.values(), lr=5e-4, fused=True)
+    dtype = plan.compute_dtype
+
+    def step(acts: torch.Tensor) -> None:
+        x = acts.float()
+        x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, correction=0) + 1e-6)
+        if arch == "routesae":
+            probs = torch.softmax(x.sum(1) @ params["router"].T, -1)
+            p, i = probs.max(-1)
+            x = p[:, None] * x[torch.arange(x.shape[0]), i]
+        else:
+            x = x[:, 0]
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            pre = (x - params["b_dec"]) @ params["W_enc"].T + params["b_enc"]
+            vals, idx = pre.topk(K, dim=-1)
+            z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+            x_hat = z @ params["W_dec"] + params["b_dec"]
+        loss = ((x_hat.float() - x).pow(2).sum(-1) / x.pow(2).sum(-1)).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            params["W_dec"].div_(params["W_dec"].norm(dim=1, keepdim=True))
+
+    return step
+
+
+def child_dense(store: str, arch: str, steps: int) -> dict:
+    source, plan = ram_source(store, arch)
+    step = dense_step_fn(arch, plan)
+    batches = source.batches()
+    for _ in range(2):
+        step(next(batches).acts)
+    t = time.perf_counter()
+    tokens = 0
+    for _ in range(steps):
+        acts = next(batches).acts
+        step(acts)
+        tokens += acts.shape[0]
+    return {"tokens_per_s": tokens / (time.perf_counter() - t), "tokens": tokens}
+
+
+def child_llm(store: str, arch: str, steps: int) -> dict:
+    """Rerun SmolLM2 for every batch (8 contexts of 512 tokens), then the trainer's own step."""
+    from routesae import Cache
+    from routesae.harvest.models import load_model
+    from routesae.train.data import Position
+    from routesae.train.trainer import Trainer, plan_fit, size_budget
+
+    cache = Cache.open(store)
+    loaded = load_model(cache.model["id"], cache.model["dtype"], "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = plan_fit(fit_config(store, arch, str(Path(tmp) / "run"), 1))
+
+        class _NoSource:
+            layers, epoch_tokens = plan.read_layers, plan.split.train_stop
+
+            def batches(self, start=Position(0, 0)):
+                raise NotImplementedError
+
+        size_budget(plan, _NoSource())
+        trainer = Trainer(plan, _NoSource())
+        ctx = cache.context_len
+        per_batch = max(1, BATCH // ctx)
+        tokens, t = 0, None
+        for i in range(steps + 1):
+            start = i * per_batch * ctx
+            ids = cache.token_ids(start, start + per_batch * ctx).view(per_batch, ctx)
+            keep = ~cache.special(start, start + per_batch * ctx)
+            with torch.no_grad():
+                hidden = loaded.model(ids, output_hidden_states=True).hidden_states
+            acts = torch.stack([hidden[layer].reshape(-1, cache.d_model) for layer in plan.read_layers], 1)[keep]
+            trainer.train_step(acts)
+            if i == 0:  # the first batch warms up
+                t = time.perf_counter()
+            else:
+                tokens += acts.shape[0]
+    return {"tokens_per_s": tokens / (time.perf_counter() - t), "tokens": tokens}
+
+
+def child_decode() -> dict:
+    """Forward + backward of the sparse decode at the bench's shape, by implementation."""
+    import torch.nn.functional as F
+
+    from routesae.train.sparse_ops import _Transpose, _sampled_rowdot, sparse_decode
+
+    n, d, m = BATCH, 576, EXPANSION * 576
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(m, d, generator=g) / d**0.5
+    pre = torch.randn(n, m, generator=g)
+    vals, idx = pre.topk(K, dim=1, sorted=False)
+    grad = torch.randn(n, d, generator=g)
+
+    def csr():  # the trainer's: CSR x dense forward, sampled dot + transposed CSR backward
+        out = sparse_decode(vals, idx, W)
+        _sampled_rowdot(idx, grad, W)
+        _Transpose.of(idx, m).matmul(vals, grad)
+        return out
+
+    def embedding_bag(dtype):
+        Wt = W.to(dtype).requires_grad_()
+        v = vals.to(dtype).requires_grad_()
+
+        def run():
+            out = F.embedding_bag(idx, Wt, per_sample_weights=v, mode="sum")
+            out.backward(grad.to(dtype))
+            return out
+
+        return run
+
+    def dense(dtype):
+        Wt = W.to(dtype).requires_grad_()
+
+        def run():
+            z = torch.zeros(n, m, dtype=dtype).scatter(1, idx, vals.to(dtype)).requires_grad_()
+            out = z @ Wt
+            out.backward(grad.to(dtype))
+            return out
+
+        return run
+
+    def timed(fn, reps=5):
+        fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    return {
+        "csr fp32 (trainer)": timed(csr),
+        "embedding_bag fp32": timed(embedding_bag(torch.float32)),
+        "embedding_bag bf16": timed(embedding_bag(torch.bfloat16)),
+        "dense scatter+matmul fp32": timed(dense(torch.float32)),
+        "dense scatter+matmul bf16": timed(dense(torch.bfloat16)),
+    }
+
+
+def run_child(args: argparse.Namespace) -> None:
+    from routesae.train.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # what fit does on CPU; every variant gets it
+    if args.child == "decode":
+        out = child_decode()
+    elif args.child in ("zarr", "ram"):
+        out = child_fit(args.store, args.arch, args.child, args.steps)
+    elif args.child == "dense":
+        out = child_dense(args.store, args.arch, args.steps)
+    else:
+        out = child_llm(args.store, args.arch, args.llm_steps)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+# --- the parent: harvest if needed, run the children, print ---------------------------------------
+
+
+def harvest(path: Path, tokens: int) -> None:
+    from routesae.harvest.run import HarvestConfig, run_harvest
+
+    print(f"harvesting {tokens:,} tokens of the built-in corpus through the offline SmolLM2 into {path} ...", flush=True)
+    run_harvest(HarvestConfig(out=str(path), model="smollm2", dataset="builtin", tokens=tokens, device="cpu"))
+
+
+def measure(args: argparse.Namespace, mode: str, arch: str = "topk") -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--arch", arch, "--store", str(args.store),
+           "--steps", str(args.steps), "--llm-steps", str(args.llm_steps)]
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"{mode}/{arch} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", type=Path, help="store of SmolLM2 layers 7..22 (default: harvest one)")
+    ap.add_argument("--harvest-tokens", type=int, default=131_072)
+    ap.add_argument("--steps", type=int, default=32, help="timed steps of each run (the loader reads a buffer every 16)")
+    ap.add_argument("--llm-steps", type=int, default=2, help="timed batches of the on-the-fly baseline")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of every variant, interleaved; the best is kept "
+                    "(the machine may be shared: the best run is the least disturbed)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of every run (default: torch's own)")
+    ap.add_argument("--arch", default="topk,routesae")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.store = str(args.store)
+        return run_child(args)
+
+    tmp = None
+    if args.store is None:
+        tmp = tempfile.TemporaryDirectory()
+        args.store = Path(tmp.name) / "bench.zarr"
+        harvest(args.store, args.harvest_tokens)
+    from routesae import Cache
+
+    cache = Cache.open(args.store, require_complete=True)
+    print(f"store {args.store}: {cache.n_tokens:,} tokens, layers {cache.layers[0]}..{cache.layers[-1]}, "
+          f"d_model {cache.d_model}, {cache.layout.compression}; torch {torch.__version__}, "
+          f"{args.threads or torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    print(f"k {K}, {EXPANSION}x latents, batches of {BATCH} tokens\n")
+
+    decode = measure(args, "decode")
+    print("sparse decode, forward + backward, ms per batch:")
+    for name, ms in decode.items():
+        if name != "peak_rss_mib":
+            print(f"  {name:28s} {ms:8.1f}")
+    print()
+
+    modes = ("zarr", "ram", "dense", "llm")
+    archs = args.arch.split(",")
+    runs: dict[tuple[str, str], list[dict]] = {(a, m): [] for a in archs for m in modes}
+    for r in range(args.rounds):
+        for arch in archs:
+            for mode in modes:
+                runs[arch, mode].append(measure(args, mode, arch))
+        print(f"round {r + 1}/{args.rounds} done (load {os.getloadavg()[0]:.2f})", flush=True)
+    print()
+    rows = []
+    targets = {"zarr/ram": 0.9, "zarr/dense": 1.5, "zarr/llm": 5.0}
+    for arch in archs:
+        best = {m: max(runs[arch, m], key=lambda r: r["tokens_per_s"]) for m in modes}
+        print(f"{arch}: tokens/s, best of {args.rounds} (all runs) [peak RSS MiB]")
+        for mode in modes:
+            every = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in runs[arch, mode])
+            print(f"  {mode:6s} {best[mode]['tokens_per_s']:10,.0f}   ({every})   [{best[mode]['peak_rss_mib']:,.0f}]")
+        z = best["zarr"]["tokens_per_s"]
+        ratios = {"zarr/ram": z / best["ram"]["tokens_per_s"], "zarr/dense": z / best["dense"]["tokens_per_s"],
+                  "zarr/llm": z / best["llm"]["tokens_per_s"]}
+        for name, value in ratios.items():
+            verdict = "ok" if value >= targets[name] else "BELOW TARGET"
+            print(f"  {name:11s} {value:6.2f}x   (target >= {targets[name]}x: {verdict})")
+        print()
+        rows.append({"arch": arch, "runs": {m: runs[arch, m] for m in modes}, "ratios": ratios})
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    print(json.dumps({"decode_ms": decode, "results": rows}))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""`routesae eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from routesae.errors import RouteSAEError
+from routesae.evaluate.run import BASELINES, EvalConfig, run_eval
+from routesae.harvest.cli import parse_count
+
+
+def expand_sae_paths(paths: list[str]) -> list[str]:
+    """SAE folders as given; a fit output folder holding several SAEs (subfolders with a
+    config.json, and none of its own) stands for all of them."""
+    out: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise RouteSAEError(f"no SAE at {p}")
+        if path.is_dir() and not (path / "config.json").is_file():
+            subs = sorted(d for d in path.iterdir() if d.is_dir() and (d / "config.json").is_file())
+            if subs:
+                out.extend(str(d) for d in subs)
+                continue
+        out.append(p)
+    return out
+
+
+def _baselines(text: str) -> list[str]:
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return []
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    bad = [b for b in names if b not in BASELINES]
+    if bad:
+        raise RouteSAEError(f"unknown baseline {bad[0]!r}: use {', '.join(BASELINES)}, a comma list of them, or none")
+    return names
+
+
+@click.command("eval")
+@click.option("--sae", "saes", multiple=True, metavar="PATH",
+              help="SAE folder (or a fit output folder holding several); more may follow as plain arguments.")
+@click.argument("more_saes", nargs=-1, metavar="[PATH]...")
+@click.option("--cache", required=True, help="The activation store (its held-out tail is evaluated).")
+@click.option("--splice", is_flag=True, help="Reload the store's LLM and measure KL, delta-CE and loss recovered.")
+@click.option("--all-tokens", is_flag=True, help="Evaluate on the whole store (one harvested for evaluation).")
+@click.option("--tokens", default=None, help="At most this many tokens (whole contexts): 100k, 1M, 20000.")
+@click.option("--baselines", default=",".join(BASELINES), show_default=True,
+              help="Random-routing baselines for RouteSAEs: uniform, random-layer, both (comma list) or none.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Contexts per LLM forward (splice); the harvest's batch size (8 by default) lets clean runs start "
+                   "from the store (see --prefix).")
+@click.option("--model", default=None, help="Load the LLM from here instead of the store's model id (same revision).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
+@click.option("--prefix", type=click.Choice(["auto", "live"]), default="auto", show_default=True,
+              help="auto: start clean runs from the store's activations once they prove equal to the live forward's; "
+                   "live: always recompute the whole forward.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random-layer baseline.")
+@click.option("--json", "json_path", default=None, help="Write the full report as JSON here.")
+@click.option("--csv", "csv_path", default=None, help="Write the table as CSV here.")
+@click.option("--plots", default=None, help="Write PNG plots into this folder.")
+@click.option("--out", default=None, help="Folder for report.md, report.json, report.csv and the plots.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_command(saes, more_saes, cache, splice, all_tokens, tokens, baselines, batch_size, model, device, prefix, seed,
+                 json_path, csv_path, plots, out, quiet) -> None:
+    """Score SAEs: NormMSE, FVU, L0, dead latents and routing from the cache; with --splice, KL,
+    delta-CE and loss recovered with each SAE's reconstruction spliced into the LLM.
+
+    Example: routesae eval --sae runs/topk-k64 runs/route-k64 --cache store.zarr --splice --json report.json"""
+    paths = expand_sae_paths([*saes, *more_saes])
+    if not paths:
+        raise RouteSAEError("no SAE given: pass --sae PATH [PATH...]")
+    cfg = EvalConfig(
+        saes=paths, cache=cache, splice=splice, all_tokens=all_tokens,
+        tokens=parse_count(tokens) if tokens is not None else None, baselines=_baselines(baselines),
+        batch_size=batch_size, model=model, device=device, prefix=prefix, seed=seed, progress=not quiet,
+    )
+    report = run_eval(cfg)
+    click.echo(report.markdown())
+    written = []
+    if out:
+        folder = Path(out)
+        report.write_markdown(folder / "report.md")
+        report.write_json(folder / "report.json")
+        report.write_csv(folder / "report.csv")
+        written += [folder / "report.md", folder / "report.json", folder / "report.csv"]
+        written += report.plot(folder if plots is None else plots)
+    if json_path:
+        report.write_json(json_path)
+        written.append(Path(json_path))
+    if csv_path:
+        report.write_csv(csv_path)
+        written.append(Path(csv_path))
+    if plots and not out:
+        written += report.plot(plots)
+    if written:
+        click.echo("wrote " + ", ".join(str(p) for p in written))

@@ -1,0 +1,150 @@
+"""Pure metric functions: reconstruction (NormMSE, FVU) and next-token (KL, CE, loss recovered).
+
+Everything here takes tensors and returns tensors or floats; no model, no store. Sums that run over
+many batches are kept in float64 by the accumulators, so millions of tokens add up without drift.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+def normmse_per_token(x: torch.Tensor, x_hat: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """||x_hat - x||^2 / ||x||^2 per row ([n, d] -> [n]), the training loss's per-token term."""
+    x, x_hat = x.float(), x_hat.float()
+    return (x_hat - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(eps)
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Fraction of variance unexplained: sum_d Var(x_d - x_hat_d) / sum_d Var(x_d) over rows of [n, d]."""
+    acc = VarianceAccumulator(x.shape[-1], device=x.device)
+    acc.add(x, x_hat)
+    return acc.fvu()
+
+
+class VarianceAccumulator:
+    """Streams the per-dimension first and second moments of x and of the residual x - x_hat.
+
+    Var is E[v^2] - E[v]^2 per dimension in float64; activations have O(1..1e3) entries, far from
+    where that formula loses precision in float64."""
+
+    def __init__(self, d: int, device: torch.device | str = "cpu"):
+        self.n = 0
+        self.sx = torch.zeros(d, dtype=torch.float64, device=device)
+        self.sxx = torch.zeros(d, dtype=torch.float64, device=device)
+        self.sr = torch.zeros(d, dtype=torch.float64, device=device)
+        self.srr = torch.zeros(d, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        x = x.double()
+        r = x - x_hat.double()
+        self.n += x.shape[0]
+        self.sx += x.sum(0)
+        self.sxx += x.pow(2).sum(0)
+        self.sr += r.sum(0)
+        self.srr += r.pow(2).sum(0)
+
+    def fvu(self) -> float:
+        if self.n == 0:
+            return math.nan
+        var_x = (self.sxx / self.n - (self.sx / self.n).pow(2)).sum()
+        var_r = (self.srr / self.n - (self.sr / self.n).pow(2)).sum()
+        return float(var_r / var_x) if var_x > 0 else math.nan
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax over the last dimension, whatever dtype the model computed logits in."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def kl_per_position(logp_ref: torch.Tensor, logp_other: torch.Tensor) -> torch.Tensor:
+    """KL(ref || other) in nats per row, from log-probabilities [n, vocab] -> [n].
+
+    Terms with p_ref = 0 contribute 0 (xlogy convention), so -inf log-probabilities are harmless."""
+    p_ref = logp_ref.exp()
+    # where p_ref underflows to 0 the product must be 0 even if logp_other is -inf
+    return torch.where(p_ref > 0, p_ref * (logp_ref - logp_other), torch.zeros_like(p_ref)).sum(-1)
+
+
+class LogitStats(NamedTuple):
+    """What the metrics need of one set of float32 logits [n, vocab]."""
+
+    lse: torch.Tensor
+    """[n] log-sum-exp over the vocabulary (log of the softmax's normalizer)."""
+    probs: torch.Tensor | None
+    """[n, vocab] softmax, when asked for (the reference distribution of a KL)."""
+
+
+def logit_stats(logits: torch.Tensor, with_probs: bool = False) -> LogitStats:
+    """log-sum-exp (and, if asked, the softmax) of float32 logits [n, vocab]."""
+    if not with_probs:
+        return LogitStats(torch.logsumexp(logits, dim=-1), None)
+    # torch's log-sum-exp is ~10x more precise in float32 than reading it off the softmax
+    # (about 2e-6 against 2e-5 over a 49k vocabulary), worth its extra exp pass
+    return LogitStats(torch.logsumexp(logits, dim=-1), torch.softmax(logits, dim=-1))
+
+
+def kl_from_logits(
+    ref_logits: torch.Tensor, ref: LogitStats, logits: torch.Tensor, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(ref || other) per row and the other logits' log-sum-exp, from raw float32 logits [n, vocab].
+
+    With delta = z_ref - z and p = softmax(z_ref):
+        lse - lse_ref = log sum_v p_v exp(-delta_v) = log1p(sum_v p_v expm1(-delta_v))
+        KL = sum_v p_v delta_v + (lse - lse_ref)
+    Every term is of the size of delta, so a small KL never comes out of the difference of two
+    large numbers (as it would from log-softmaxes, whose float32 rounding is ~1e-6 of the logits'
+    size), and identical logits give exactly 0. Rows where this overflows (far-apart
+    distributions) or meets -inf logits are computed directly instead.
+    logits may be bf16 (read once, promoted); scratch: a float32 tensor of logits' shape to work in
+    (saves an allocation); logits is kept.
+    -> (kl [n], lse [n])."""
+    # d = z - z_ref = -delta, so that expm1(-delta) needs no negation pass; logits may be in a lower
+    # precision (bf16): the subtraction promotes it to float32 as it reads it
+    d = torch.sub(logits, ref_logits, out=scratch) if scratch is not None else logits - ref_logits
+    pd = -torch.linalg.vecdot(ref.probs, d)
+    em = d.expm1_()  # in place: d is not needed again
+    pe = torch.linalg.vecdot(ref.probs, em)
+    del em, d
+    log_ratio = torch.log1p(pe)
+    # The one-pass form is exact near the reference. Where the normalizer falls below half
+    # (pe < -0.5), 1 + pe cancels and the softmax's own float32 rounding (its sum is 1 within
+    # ~1e-5) would dominate what is left; where it overflows, it is useless. Those rows take the
+    # direct log-sum-exp instead (their KL is far from 0, so its ~1e-6 rounding does not matter).
+    far = ~((pe >= -0.5) & torch.isfinite(log_ratio))
+    if bool(far.any()):
+        log_ratio[far] = torch.logsumexp(logits[far].float(), dim=-1) - ref.lse[far]
+    kl = pd + log_ratio
+    lse = ref.lse + log_ratio
+    bad = ~(torch.isfinite(kl) & torch.isfinite(lse))
+    if bool(bad.any()):  # -inf logits (masked tokens): p_ref = 0 terms contribute 0
+        other = logits[bad].float()
+        lse[bad] = torch.logsumexp(other, dim=-1)
+        kl[bad] = kl_per_position(ref_logits[bad] - ref.lse[bad, None], other - lse[bad, None])
+    return kl, lse
+
+
+def ce_from_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per row, lse - z[target]."""
+    return lse - logits.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+
+def ce_per_position(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy -log p(target) per row: logp [n, vocab], targets [n] -> [n]."""
+    return -logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+
+def loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
+    """(CE(zero) - CE(spliced)) / (CE(zero) - CE(clean)): 1 for a perfect splice, 0 for zero-ablation."""
+    denom = ce_zero - ce_clean
+    if denom == 0:
+        return math.nan
+    return (ce_zero - ce_spliced) / denom
+
+
+def l0(latents: torch.Tensor) -> torch.Tensor:
+    """Number of non-zero latents per row: [n, n_latents] -> [n]."""
+    return (latents != 0).sum(-1)

@@ -1,0 +1,273 @@
+"""The eval report: one row per evaluated target, as markdown, JSON, CSV, and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from routesae.evaluate.cache_eval import CacheResult
+from routesae.evaluate.splice import SpliceResult
+
+# (key, markdown header, format) of the table's columns, in order
+COLUMNS = [
+    ("name", "SAE", "{}"),
+    ("arch", "arch", "{}"),
+    ("layers", "layer(s)", "{}"),
+    ("k", "k", "{}"),
+    ("latents", "latents", "{}"),
+    ("l0", "L0", "{:.1f}"),
+    ("normmse", "NormMSE", "{:.4f}"),
+    ("fvu", "FVU", "{:.4f}"),
+    ("dead_fraction", "dead", "{:.3f}"),
+    ("kl_per_token", "KL/token (nats)", "{:.4f}"),
+    ("kl_per_context", "KL/context (paper)", "{:.2f}"),
+    ("delta_ce", "delta-CE", "{:.4f}"),
+    ("loss_recovered", "loss rec.", "{:.3f}"),
+]
+
+
+@dataclass
+class Row:
+    """One evaluated target: an SAE, or a RouteSAE under a baseline routing."""
+
+    name: str
+    """Display name: the SAE folder's name, plus [uniform] / [random-layer] for baselines."""
+    path: str
+    """The SAE folder."""
+    arch: str
+    """'topk' or 'routesae'."""
+    routing: str
+    """'router' (the SAE's own), 'uniform' or 'random-layer'; '-' for single-layer SAEs."""
+    layers: list[int]
+    """hidden_states indices the SAE reads."""
+    k: int
+    latents: int
+    cache: CacheResult
+    splice: SpliceResult | None = None
+    splice_note: str | None = None
+    """Why splice metrics are missing, when they are."""
+
+    def flat(self) -> dict[str, Any]:
+        """The table's values (NaN where not measured)."""
+        nan = math.nan
+        s = self.splice
+        return {
+            "name": self.name,
+            "arch": self.arch if self.routing in ("router", "-") else f"{self.arch}/{self.routing}",
+            "routing": self.routing,
+            "layers": _layers_str(self.layers),
+            "k": self.k,
+            "latents": self.latents,
+            "l0": self.cache.l0,
+            "normmse": self.cache.normmse,
+            "fvu": self.cache.fvu,
+            "dead_fraction": self.cache.dead_fraction,
+            "kl_per_token": s.kl_per_token if s else nan,
+            "kl_per_context": s.kl_per_context if s else nan,
+            "ce_clean": s.ce_clean if s else nan,
+            "ce_spliced": s.ce_spliced if s else nan,
+            "ce_zero": s.ce_zero if s else nan,
+            "delta_ce": s.delta_ce if s else nan,
+            "loss_recovered": s.loss_recovered if s else nan,
+        }
+
+
+def _layers_str(layers: list[int]) -> str:
+    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+@dataclass
+class Report:
+    """Everything eval measured, and on what."""
+
+    cache: str
+    """The store evaluated on."""
+    model: dict[str, Any]
+    """The store's model provenance."""
+    token_range: tuple[int, int]
+    """Store tokens [start, stop) evaluated (whole contexts)."""
+    held_out: bool
+    """True: the SAEs' held-out tail; False: --all-tokens."""
+    n_tokens: int
+    """Non-special tokens the cache metrics ran on."""
+    context_len: int
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Definitions and caveats printed under the table."""
+    splice_batches: dict[str, int] | None = None
+    """Splice batches whose clean prefix was computed live / taken from the store (None: no splice)."""
+
+    # --- renderings ----------------------------------------------------------------------------
+    def markdown(self) -> str:
+        out = io.StringIO()
+        a, b = self.token_range
+        where = "held-out tail" if self.held_out else "whole store (--all-tokens)"
+        out.write(f"eval on {self.cache}: tokens {a:,}..{b:,} ({where}; {(b - a) // self.context_len} contexts "
+                  f"of {self.context_len}, {self.n_tokens:,} non-special tokens), model {self.model.get('id')}\n\n")
+        out.write("| " + " | ".join(h for _, h, _ in COLUMNS) + " |\n")
+        out.write("|" + "|".join("---" if k in ("name", "arch", "layers") else "---:" for k, _, _ in COLUMNS) + "|\n")
+        for row in self.rows:
+            flat = row.flat()
+            cells = []
+            for key, _, fmt in COLUMNS:
+                v = flat[key]
+                cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
+            out.write("| " + " | ".join(cells) + " |\n")
+        if self.notes:
+            out.write("\n")
+            for note in self.notes:
+                out.write(f"- {note}\n")
+        return out.getvalue()
+
+    def to_json(self) -> dict[str, Any]:
+        rows = []
+        for row in self.rows:
+            d = {
+                "name": row.name, "path": row.path, "arch": row.arch, "routing": row.routing,
+                "layers": row.layers, "k": row.k, "latents": row.latents,
+                "cache": _jsonable(row.cache._asdict()),
+                "splice": _jsonable(row.splice._asdict()) if row.splice else None,
+                "splice_note": row.splice_note,
+            }
+            rows.append(d)
+        return _jsonable({
+            "cache": self.cache, "model": self.model, "token_range": list(self.token_range),
+            "held_out": self.held_out, "n_tokens": self.n_tokens, "context_len": self.context_len,
+            "table": [r.flat() for r in self.rows], "rows": rows, "notes": self.notes,
+            "splice_batches": self.splice_batches,
+        })
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        flats = [r.flat() for r in self.rows]
+        keys = list(flats[0]) if flats else [k for k, _, _ in COLUMNS]
+        w = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        for f in flats:
+            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in f.items()})
+        return out.getvalue()
+
+    # --- files ---------------------------------------------------------------------------------
+    def write_json(self, path: str | os.PathLike) -> None:
+        _atomic_write(Path(path), json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
+
+    def write_csv(self, path: str | os.PathLike) -> None:
+        _atomic_write(Path(path), self.csv())
+
+    def write_markdown(self, path: str | os.PathLike) -> None:
+        _atomic_write(Path(path), self.markdown())
+
+    def plot(self, folder: str | os.PathLike) -> list[Path]:
+        """PNG plots into `folder`: routing distribution (RouteSAE rows), latent firing frequencies,
+        and metrics against L0 when an architecture was given at several k. Returns the files."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never open a window
+        import matplotlib.pyplot as plt
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+
+        routed = [r for r in self.rows if r.cache.routing is not None]
+        if routed:
+            fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
+            n = len(routed)
+            width = 0.8 / n
+            for i, r in enumerate(routed):
+                dist = r.cache.routing
+                xs = [x + (i - (n - 1) / 2) * width for x in range(len(dist.layers))]
+                axes[0, 0].bar(xs, dist.fraction, width=width, label=r.name)
+                axes[0, 1].bar(xs, dist.mean_weight, width=width, label=r.name)
+            layers = routed[0].cache.routing.layers
+            for ax, title in zip(axes[0], ("tokens routed to each layer (hard routing)", "mean routing weight")):
+                ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+                ax.set_xlabel("layer (hidden_states index)")
+                ax.set_title(title)
+                ax.legend(fontsize=7)
+            axes[0, 0].set_ylabel("fraction of tokens")
+            written.append(_save(fig, folder / "routing.png"))
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in self.rows:
+            if r.routing not in ("router", "-"):
+                continue  # a baseline shares its SAE's dictionary; its firing differs only by routing
+            h = r.cache.firing
+            centers = [(a + b) / 2 for a, b in zip(h.edges[:-1], h.edges[1:])]
+            ax.step(centers, h.counts, where="mid", label=f"{r.name} (dead {h.dead})")
+        ax.set_xlabel("log10 firing frequency")
+        ax.set_ylabel("latents")
+        ax.set_title("latent firing frequency")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, folder / "firing.png"))
+
+        groups: dict[tuple, list[Row]] = defaultdict(list)
+        for r in self.rows:
+            groups[(r.arch, r.routing, tuple(r.layers), r.latents)].append(r)
+        swept = {key: sorted(rs, key=lambda r: r.cache.l0) for key, rs in groups.items() if len({r.k for r in rs}) > 1}
+        if swept:
+            metrics = [("normmse", "NormMSE"), ("fvu", "FVU"), ("kl_per_token", "KL per token (nats)"),
+                       ("delta_ce", "delta-CE (nats)")]
+            fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
+            for (arch, routing, layers, _), rs in swept.items():
+                label = f"{arch}" + ("" if routing in ("router", "-") else f"/{routing}") + f" @{_layers_str(list(layers))}"
+                for ax, (key, title) in zip(axes[0], metrics):
+                    pts = [(r.cache.l0, r.flat()[key]) for r in rs if not math.isnan(r.flat()[key])]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=label)
+                    ax.set_title(title)
+                    ax.set_xlabel("L0")
+            axes[0, 0].legend(fontsize=7)
+            written.append(_save(fig, folder / "metrics_vs_l0.png"))
+        return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _jsonable(x: Any) -> Any:
+    """NamedTuples, tensors and NaN made JSON-safe (NaN -> null)."""
+    if hasattr(x, "_asdict"):
+        return _jsonable(x._asdict())
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if hasattr(x, "tolist"):
+        return _jsonable(x.tolist())
+    return x
+

@@ -1,0 +1,291 @@
+"""`routesae eval`: load SAEs, check them against the store, pick the tokens, run the cache metrics
+and (with splice) the LLM metrics, and assemble the report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from routesae.errors import RouteSAEError
+from routesae.evaluate.cache_eval import evaluate_cache
+from routesae.evaluate.report import Report, Row
+from routesae.evaluate.splice import PREFIXES, SpliceEvaluator
+from routesae.evaluate.targets import ROUTING_NOTES, Target
+from routesae.harvest.models import load_model, resolve_device
+from routesae.harvest.store import Cache
+
+BASELINES = ("uniform", "random-layer")
+
+
+@dataclass
+class EvalConfig:
+    """The arguments of `routesae eval`."""
+
+    saes: list[str]
+    """SAE folders (as `routesae fit` writes them: config.json + sae.safetensors)."""
+    cache: str
+    """The activation store to evaluate on."""
+    splice: bool = False
+    """Also reload the LLM and measure KL, delta-CE and loss recovered with the SAEs spliced in."""
+    all_tokens: bool = False
+    """Evaluate on the whole store (one harvested for evaluation) instead of the SAEs' held-out tail."""
+    tokens: int | None = None
+    """At most this many tokens (rounded down to whole contexts)."""
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    """Random-routing baselines evaluated with each RouteSAE's dictionary: 'uniform', 'random-layer'."""
+    batch_size: int = 8
+    """Contexts per LLM forward (splice)."""
+    batch_tokens: int = 8192
+    """Tokens per batch of the cache metrics."""
+    model: str | None = None
+    """Load the LLM from here instead of the store's model id (its revision must still match)."""
+    device: str = "auto"
+    """'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ..."""
+    seed: int = 0
+    """Seed of the random-layer baseline."""
+    prefix: str = "auto"
+    """'auto': once a batch shows the store's activations equal the live forward's, start the clean
+    run at the first spliced layer from the store; 'live': always run the whole forward."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+class LoadedSAE(NamedTuple):
+    """An SAE folder, loaded."""
+
+    name: str
+    path: Path
+    sae: torch.nn.Module
+    training: dict[str, Any]
+    """The 'training' record fit saved in config.json (ranges, arguments); {} if absent."""
+
+
+def load_saes(paths: list[str], device: torch.device) -> list[LoadedSAE]:
+    from routesae.train.load import load_sae
+
+    if not paths:
+        raise RouteSAEError("no SAE given: pass one or more SAE folders to --sae")
+    out = []
+    names: set[str] = set()
+    for p in paths:
+        path = Path(p)
+        sae = load_sae(path, device=device).requires_grad_(False)
+        training: dict[str, Any] = dict(getattr(sae, "training_info", None) or {})
+        name = path.resolve().name
+        if name in names:  # two runs/x/topk-k32: qualify with the parent folder
+            name = f"{path.resolve().parent.name}/{name}"
+        names.add(name)
+        out.append(LoadedSAE(name, path, sae, training))
+    return out
+
+
+def check_compatible(s: LoadedSAE, cache: Cache) -> None:
+    """Refuse an SAE trained on another model, width or layers than the store holds."""
+    cfg = s.sae.config
+    theirs, mine = cfg.model or {}, cache.model
+    for key in ("id", "revision"):
+        if theirs.get(key) != mine.get(key):
+            raise RouteSAEError(
+                f"{s.name} was trained on model {theirs.get('id')!r} (revision {theirs.get('revision')}), "
+                f"but {cache.path} holds {mine.get('id')!r} (revision {mine.get('revision')})"
+            )
+    if cfg.d_model != cache.d_model:
+        raise RouteSAEError(f"{s.name} reads d_model {cfg.d_model}, the store holds {cache.d_model}")
+    missing = [layer for layer in cfg.layers if layer not in cache.layers]
+    if missing:
+        raise RouteSAEError(f"{s.name} reads layers {list(cfg.layers)}; the store has no layer {missing} (it holds {cache.layers})")
+
+
+def pick_range(cfg: EvalConfig, cache: Cache, saes: list[LoadedSAE]) -> tuple[int, int]:
+    """Store tokens to evaluate: whole contexts of the held-out tail common to all SAEs (or of the
+    whole store), capped by cfg.tokens."""
+    ctx, n = cache.context_len, cache.n_tokens
+    if cfg.all_tokens:
+        start = 0
+    else:
+        start = 0
+        for s in saes:
+            if s.sae.config.cache_fingerprint != cache.fingerprint:
+                raise RouteSAEError(
+                    f"{s.name} was trained on another store (fingerprint {s.sae.config.cache_fingerprint}, "
+                    f"{cache.path} is {cache.fingerprint}): its held-out tail is not in this one; pass --all-tokens "
+                    "to evaluate on this whole store (one harvested separately for evaluation)"
+                )
+            rng = s.training.get("eval_range")
+            if not rng:
+                raise RouteSAEError(f"{s.name} records no held-out range (config.json 'training.eval_range'); pass --all-tokens")
+            start = max(start, int(rng[0]))
+        start = math.ceil(start / ctx) * ctx  # splicing needs whole contexts
+    stop = n // ctx * ctx
+    if stop <= start:
+        raise RouteSAEError(
+            f"the held-out tail of {cache.path} is empty (tokens {start:,}..{n:,} hold no whole context of {ctx}); "
+            "fit with --eval-tokens above 0, or pass --all-tokens with a store harvested for evaluation"
+        )
+    if cfg.tokens is not None:
+        if cfg.tokens < ctx:
+            raise RouteSAEError(f"--tokens {cfg.tokens} is less than one context of {ctx} tokens")
+        stop = min(stop, start + cfg.tokens // ctx * ctx)
+    return start, stop
+
+
+def build_targets(saes: list[LoadedSAE], baselines: list[str], seed: int) -> list[tuple[LoadedSAE, Target]]:
+    out = []
+    for s in saes:
+        out.append((s, Target(s.name, s.sae, "router", seed)))
+        if s.sae.config.arch == "routesae":
+            for b in baselines:
+                out.append((s, Target(f"{s.name} [{b}]", s.sae, b, seed)))
+    return out
+
+
+def _load_llm(cfg: EvalConfig, cache: Cache):
+    want = cache.model
+    spec = cfg.model or want.get("id")
+    if not spec:
+        raise RouteSAEError(f"{cache.path} records no model id to reload")
+    loaded = load_model(spec, want.get("dtype", "bfloat16"), cfg.device)
+    info = loaded.info
+    if info.get("revision") != want.get("revision"):
+        raise RouteSAEError(
+            f"the model loaded from {spec!r} is revision {info.get('revision')}, but {cache.path} was harvested "
+            f"from revision {want.get('revision')}: refusing to splice into a different model"
+        )
+    for key in ("n_layers", "d_model"):
+        if want.get(key) is not None and info.get(key) != want.get(key):
+            raise RouteSAEError(f"the model loaded from {spec!r} has {key} {info.get(key)}, the store says {want.get(key)}")
+    return loaded
+
+
+class SpliceRun(NamedTuple):
+    """The splice metrics of the targets, and how the clean runs were computed."""
+
+    results: list
+    """One SpliceResult per target."""
+    batches: dict[str, int]
+    """Batches whose clean prefix was computed live / taken from the store."""
+    store_matches: bool | None
+    """Whether the store's activations equalled the live forward's (None: not compared)."""
+    store_diff: float
+    """Largest |stored - live| seen where they differed."""
+
+
+def splice_metrics(
+    model: torch.nn.Module, cache: Cache, targets: list[Target], start: int, stop: int,
+    batch_size: int, prefix: str = "auto", progress: bool = True,
+) -> SpliceRun:
+    """Run the splice engine over the contexts of store tokens [start, stop)."""
+    ctx, d = cache.context_len, cache.d_model
+    ev = SpliceEvaluator(model, [t.splicer() for t in targets], prefix=prefix)
+    bar = tqdm(total=stop - start, unit="tok", unit_scale=True, desc="eval (splice)", disable=not progress,
+               dynamic_ncols=True)
+    # Batches line up with multiples of batch_size contexts from the store's start, as a harvest
+    # with the same batch size ran them: then the stored activations are bit-identical to a live
+    # forward and clean runs can start from them (see SpliceEvaluator).
+    step = batch_size * ctx
+    bounds = [start, *range((start // step + 1) * step, stop, step), stop]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        ids = cache.token_ids(a, b).view(-1, ctx)
+        keep = ~cache.special(a, b).view(-1, ctx)
+
+        def stored(layers: list[int], a: int = a, b: int = b) -> dict[int, torch.Tensor]:
+            return {layer: cache.acts_stored(layer, a, b).view(-1, ctx, d) for layer in layers}
+
+        ev.add_batch(ids, keep, torch.arange(a, b).view(-1, ctx), stored)
+        bar.update(b - a)
+    bar.close()
+    return SpliceRun(ev.results(), dict(ev.batches), ev.store_matches, ev.store_diff)
+
+
+NOTES = [
+    "Special tokens (BOS, EOS, pad) are left out of every metric and keep their original activations in every splice.",
+    "NormMSE is the training loss, in the SAE's own input space (RouteSAE: p * x_norm of the routed layer), so it "
+    "does not compare across architectures; FVU = sum_d Var(x_d - x_hat_d) / sum_d Var(x_d) in model space, of the "
+    "activations a splice replaces.",
+    "L0 = firing latents per token; dead = fraction of latents that never fired on the evaluated tokens.",
+]
+SPLICE_NOTES = [
+    "KL/token: mean KL(clean || spliced) in nats over non-special positions. KL/context (paper): KL summed over the "
+    "non-special positions of a context of {ctx} tokens, averaged over contexts: the kind of figure the RouteSAE paper "
+    "reports (its contexts have 512 tokens).",
+    "delta-CE = CE(spliced) - CE(clean); loss rec. = (CE(zero) - CE(spliced)) / (CE(zero) - CE(clean)), zero-ablating "
+    "the same positions at the same layers; CE over non-special positions that have a next token in the context.",
+    "Single-layer SAE: its layer's output is replaced at every non-special position by the de-normalized "
+    "reconstruction. RouteSAE (hard): each token is replaced once, at the layer the router picked from the clean "
+    "activations, by the reconstruction of p * x_norm divided back by p, de-normalized; later layers see the "
+    "modified stream.",
+]
+
+
+def _prefix_note(run: SpliceRun) -> str:
+    live, store = run.batches["live"], run.batches["store"]
+    if store:
+        return (f"Clean runs: {live} batch(es) computed in full, {store} started from the store's activations at the "
+                "first spliced layer (checked equal, bit for bit, to this machine's forward).")
+    if run.store_matches is False:
+        return (f"Clean runs: all {live} batch(es) computed in full; the store's activations differ from this machine's "
+                f"forward (max |diff| {run.store_diff:.3g}), so none was started from the store.")
+    return f"Clean runs: all {live} batch(es) computed in full."
+
+
+def run_eval(cfg: EvalConfig) -> Report:
+    """Evaluate cfg.saes on cfg.cache; returns the report (the CLI prints and writes it)."""
+    if cfg.batch_size < 1 or cfg.batch_tokens < 1:
+        raise RouteSAEError("--batch-size must be at least 1")
+    if cfg.prefix not in PREFIXES:
+        raise RouteSAEError(f"--prefix {cfg.prefix!r}: use {' or '.join(PREFIXES)}")
+    bad = [b for b in cfg.baselines if b not in BASELINES]
+    if bad:
+        raise RouteSAEError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)} (or none)")
+    cache = Cache.open(cfg.cache, require_complete=True)
+    device = resolve_device(cfg.device)
+    saes = load_saes(cfg.saes, device)
+    for s in saes:
+        check_compatible(s, cache)
+    start, stop = pick_range(cfg, cache, saes)
+    pairs = build_targets(saes, cfg.baselines, cfg.seed)
+    targets = [t for _, t in pairs]
+
+    loaded = None
+    if cfg.splice:
+        # Load (and check) the model before the cache pass, so a bad model fails fast.
+        loaded = _load_llm(cfg, cache)
+        llm_device = next(loaded.model.parameters()).device
+        for s in saes:
+            s.sae.to(llm_device)
+
+    cache_results = evaluate_cache(cache, targets, start, stop, cfg.batch_tokens, cfg.progress)
+    report = Report(str(cache.path), cache.model, (start, stop), not cfg.all_tokens, cache_results[0].n_tokens,
+                    cache.context_len, notes=list(NOTES))
+    rows = []
+    for (s, t), cr in zip(pairs, cache_results):
+        rows.append(Row(t.name, str(s.path), t.arch, t.routing if t.routed else "-", t.layers, t.config.k,
+                        t.config.n_latents, cr))
+    report.rows = rows
+
+    used = {t.routing for t in targets if t.routed and t.routing != "router"}
+    for b in BASELINES:
+        if b in used:
+            report.notes.append(f"[{b}]: {ROUTING_NOTES[b]}; the RouteSAE's own dictionary.")
+
+    if loaded is not None:
+        spliceable = [i for i, t in enumerate(targets) if t.can_splice]
+        for i, t in enumerate(targets):
+            if not t.can_splice:
+                rows[i].splice_note = t.cannot_splice_reason
+                report.notes.append(t.cannot_splice_reason)
+        if spliceable:
+            run = splice_metrics(loaded.model, cache, [targets[i] for i in spliceable], start, stop,
+                                 cfg.batch_size, cfg.prefix, cfg.progress)
+            for i, r in zip(spliceable, run.results):
+                rows[i].splice = r
+            report.notes.extend(n.format(ctx=cache.context_len) for n in SPLICE_NOTES)
+            report.notes.append(f"CE of the clean model on these positions: {run.results[0].ce_clean:.4f} nats.")
+            report.notes.append(_prefix_note(run))
+            report.splice_batches = run.batches
+    return report

@@ -1,0 +1,464 @@
+"""The splice engine: run an LLM on whole contexts, replace chosen activations, measure the output.
+
+One clean forward per batch of contexts records the input of every decoder block (its hidden state
+and the arguments the model passed it: masks, rotary embeddings, ...). Each variant (an SAE's
+splice, its zero-ablation) then continues from the clean hidden state at its first modified layer,
+calling the same blocks with the same arguments, so the prefix is computed once and shared, and an
+unmodified continuation is bit-identical to the clean run. Once a batch has shown that the store's
+activations equal the live forward's bit for bit, later batches of that shape skip the prefix
+altogether: the clean run starts from the stored activations at the first spliced layer (the
+harvest computed that prefix already). Identical zero-ablations (same layer, same positions, as for
+several single-layer SAEs at one layer) run once.
+
+The engine knows nothing of SAEs: a `Splicer` says which clean activations it needs and returns a
+`SplicePlan` (which positions to replace at which layer, and a function giving the replacements).
+Layers are Hugging Face `hidden_states` indices: splicing layer i replaces the input of block i,
+which is the output of block i-1 (0 = the embeddings). The last index (after the final norm) cannot
+be spliced: nothing of the model runs after it but the LM head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from routesae.errors import RouteSAEError
+from routesae.evaluate.metrics import kl_from_logits, logit_stats, loss_recovered
+from routesae.harvest.models import decoder_layers, final_norm
+
+# (layer, live activations [n, d] in the model's dtype, flat positions [n] into batch*seq) -> [n, d]
+ReplaceFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SplicePlan(NamedTuple):
+    """What one variant changes in one batch of contexts."""
+
+    masks: dict[int, torch.Tensor]
+    """hidden_states index -> [batch, seq] bool, the positions replaced at that layer."""
+    replace: ReplaceFn
+    """Gives the replacement activations for the masked positions of a layer."""
+
+
+class Splicer(Protocol):
+    """Anything that can be spliced: an SAE, a baseline, an identity stand-in."""
+
+    name: str
+
+    def clean_layers(self) -> list[int]:
+        """Clean activations (hidden_states indices) that `plan` needs, e.g. all routed layers."""
+        ...
+
+    def plan(self, clean: dict[int, torch.Tensor], keep: torch.Tensor, token_ids: torch.Tensor) -> SplicePlan:
+        """clean: layer -> [batch, seq, d] clean activations; keep: [batch, seq] bool, the non-special
+        positions (the only ones that may be replaced); token_ids: [batch, seq] the positions' indices
+        in the store (for choices that must be a function of the token, such as a random layer)."""
+        ...
+
+
+def zero_plan(plan: SplicePlan) -> SplicePlan:
+    """The zero-ablation of a plan: the same positions at the same layers, set to 0."""
+    return SplicePlan(plan.masks, lambda layer, x, idx: torch.zeros_like(x))
+
+
+def plan_key(plan: SplicePlan) -> str:
+    """Identifies a plan's masks, so identical zero-ablations (same layer, same positions) run once."""
+    h = hashlib.sha1()
+    for layer in sorted(plan.masks):
+        m = plan.masks[layer]
+        if bool(m.any()):
+            h.update(str(layer).encode())
+            h.update(m.to("cpu", torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def first_layer(plan: SplicePlan) -> int | None:
+    layers = [layer for layer, m in plan.masks.items() if bool(m.any())]
+    return min(layers) if layers else None
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    # transformers 5 Llama blocks return a tensor; GPT-2 and older versions a tuple
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class CleanRun(NamedTuple):
+    """What the clean forward of one batch leaves for the variants."""
+
+    final: torch.Tensor
+    """[batch, seq, d] last hidden state after the final norm (what the LM head reads)."""
+    inputs: dict[int, torch.Tensor]
+    """hidden_states index -> [batch, seq, d], the clean input of that block."""
+    block_args: list[tuple[tuple, dict[str, Any]]]
+    """Per block, the arguments after the hidden state and the keyword arguments the model passed."""
+
+
+class SpliceModel:
+    """Wraps a causal LM for clean runs, runs from a layer on, and the LM head."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.blocks = decoder_layers(model)
+        self.n_layers = len(self.blocks)
+        self.norm = final_norm(model)
+        self.head = model.get_output_embeddings()
+        if self.head is None:
+            raise RouteSAEError(f"{type(model).__name__} has no LM head to compute logits with")
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        # Gemma-2 style logit soft-capping is part of the model's output distribution.
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.vocab_size = self.head.weight.shape[0]
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    def check_layers(self, layers: list[int], who: str) -> None:
+        for layer in layers:
+            if layer == self.n_layers:
+                raise RouteSAEError(
+                    f"{who}: layer {layer} is the last hidden state, after the final norm; only the LM head "
+                    f"follows it, so it cannot be spliced (spliceable: 0..{self.n_layers - 1})"
+                )
+            if not 0 <= layer < self.n_layers:
+                raise RouteSAEError(f"{who}: layer {layer} is outside this model's 0..{self.n_layers - 1}")
+
+    @torch.inference_mode()
+    def clean(self, input_ids: torch.Tensor, record: set[int], args_from: int = 0) -> CleanRun:
+        """Full clean forward of the decoder; records block inputs at `record` and the arguments of
+        blocks args_from.. (the ones later runs call again)."""
+        inputs: dict[int, torch.Tensor] = {}
+        block_args: list[tuple[tuple, dict[str, Any]]] = [((), {})] * self.n_layers
+        handles = []
+
+        def make_hook(j: int):
+            def hook(module, args, kwargs):
+                kw = dict(kwargs)
+                if args:
+                    h, rest = args[0], tuple(args[1:])
+                else:
+                    h, rest = kw.pop("hidden_states"), ()
+                if j in record:
+                    inputs[j] = h
+                if j >= args_from:
+                    block_args[j] = (rest, kw)
+
+            return hook
+
+        try:
+            for j, block in enumerate(self.blocks):
+                if j in record or j >= args_from:
+                    handles.append(block.register_forward_pre_hook(make_hook(j), with_kwargs=True))
+            out = self.model.base_model(input_ids=input_ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        final = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return CleanRun(final, inputs, block_args)
+
+    @torch.inference_mode()
+    def run_from(
+        self,
+        h: torch.Tensor,
+        start: int,
+        block_args: list[tuple[tuple, dict[str, Any]]],
+        plan: SplicePlan | None = None,
+        record: set[int] = frozenset(),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run blocks start.. on h (the input of block `start`), applying the plan's replacements
+        before each block; -> (final-normed last hidden state, block inputs at `record`)."""
+        d = h.shape[-1]
+        recorded: dict[int, torch.Tensor] = {}
+        for j in range(start, self.n_layers):
+            mask = plan.masks.get(j) if plan is not None else None
+            if mask is not None and bool(mask.any()):
+                idx = mask.reshape(-1).nonzero().squeeze(1)
+                flat = h.reshape(-1, d).clone()  # never write into a tensor another run reads
+                flat[idx] = plan.replace(j, flat[idx], idx).to(flat.dtype)
+                h = flat.view_as(h)
+            if j in record:
+                recorded[j] = h
+            rest, kw = block_args[j]
+            h = _hidden(self.blocks[j](h, *rest, **kw))
+        return self.norm(h), recorded
+
+    def continue_from(self, clean: CleanRun, plan: SplicePlan) -> torch.Tensor:
+        """A variant: the clean run's state at the plan's first layer, then the blocks from there
+        with the plan's replacements; -> final-normed last hidden state [batch, seq, d].
+        A plan that replaces nothing returns the clean run's."""
+        start = first_layer(plan)
+        if start is None:
+            return clean.final
+        return self.run_from(clean.inputs[start], start, clean.block_args, plan)[0]
+
+    @torch.inference_mode()
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed hidden states [n, d] -> logits [n, vocab] in the model's dtype."""
+        return self.head(hidden)
+
+    def float_logits(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Model-dtype logits -> the float32 logits of the model's output distribution (into `out`)."""
+        logits = out.copy_(logits) if out is not None else logits.float()
+        if self.softcap:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed hidden states [n, d] -> float32 logits [n, vocab]."""
+        return self.float_logits(self.head_logits(hidden))
+
+
+@dataclass
+class SpliceTotals:
+    """Running sums of one splicer's splice metrics (float64), over the metric positions."""
+
+    kl_sum: float = 0.0
+    n_kl: int = 0
+    kl_context_sums: list[float] = field(default_factory=list)
+    ce_clean_sum: float = 0.0
+    ce_spliced_sum: float = 0.0
+    ce_zero_sum: float = 0.0
+    n_ce: int = 0
+    replaced: dict[int, int] = field(default_factory=dict)
+    """hidden_states index -> positions replaced there."""
+
+
+class SpliceResult(NamedTuple):
+    """Splice metrics of one splicer over the evaluated contexts."""
+
+    kl_per_token: float
+    """Mean KL(clean || spliced) in nats over non-special positions."""
+    kl_per_context: float
+    """KL summed over the non-special positions of a context, averaged over contexts (the RouteSAE
+    paper's kind of figure)."""
+    ce_clean: float
+    ce_spliced: float
+    ce_zero: float
+    delta_ce: float
+    """CE(spliced) - CE(clean), nats."""
+    loss_recovered: float
+    """(CE(zero) - CE(spliced)) / (CE(zero) - CE(clean))."""
+    n_positions: int
+    """Positions KL is averaged over (non-special)."""
+    n_ce_positions: int
+    """Positions CE is averaged over (non-special, with a next token in the context)."""
+    n_contexts: int
+    replaced_per_layer: dict[int, int]
+
+
+def finish(t: SpliceTotals) -> SpliceResult:
+    nan = float("nan")
+    kl = t.kl_sum / t.n_kl if t.n_kl else nan
+    ctx = sum(t.kl_context_sums) / len(t.kl_context_sums) if t.kl_context_sums else nan
+    ce_c = t.ce_clean_sum / t.n_ce if t.n_ce else nan
+    ce_s = t.ce_spliced_sum / t.n_ce if t.n_ce else nan
+    ce_z = t.ce_zero_sum / t.n_ce if t.n_ce else nan
+    return SpliceResult(kl, ctx, ce_c, ce_s, ce_z, ce_s - ce_c, loss_recovered(ce_c, ce_s, ce_z),
+                        t.n_kl, t.n_ce, len(t.kl_context_sums), dict(sorted(t.replaced.items())))
+
+
+def metric_positions(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep [batch, seq] -> (flat indices where KL is measured, flat indices where CE is measured).
+
+    Both exclude special positions (their activations are never replaced); CE also drops each
+    context's last position, whose next token lies outside the context."""
+    kl_pos = keep.reshape(-1).nonzero().squeeze(1)
+    has_next = keep.clone()
+    has_next[:, -1] = False
+    ce_pos = has_next.reshape(-1).nonzero().squeeze(1)
+    return kl_pos, ce_pos
+
+
+PREFIXES = ("auto", "live")
+StoredFn = Callable[[list[int]], dict[int, torch.Tensor]]
+
+
+class SpliceEvaluator:
+    """Runs splicers over batches of contexts and accumulates their metrics.
+
+    prefix 'live': every batch's clean run is a full forward. 'auto': the first batch of each shape
+    runs live; if the store's activations (given by `stored`) equal that forward's bit for bit,
+    later batches start the clean run from the stored activations at the first spliced layer
+    instead of recomputing the blocks before it (the harvest already did), reusing the blocks'
+    other arguments (masks, rotary embeddings: functions of the batch shape only, for packed
+    contexts without padding). Clean and variants then share that same stored state, so an
+    identity splice still gives exactly 0."""
+
+    def __init__(self, model: torch.nn.Module, splicers: list[Splicer], chunk_positions: int = 512,
+                 prefix: str = "auto", sub_positions: int = 64, group: int = 4):
+        if prefix not in PREFIXES:
+            raise RouteSAEError(f"prefix {prefix!r} not one of {PREFIXES}")
+        self.sm = SpliceModel(model)
+        self.splicers = splicers
+        self.totals = [SpliceTotals() for _ in splicers]
+        self.chunk = chunk_positions
+        self.sub = sub_positions
+        self.group = group
+        self.prefix = prefix
+        self.record = sorted({layer for s in splicers for layer in s.clean_layers()})
+        self._args: dict[tuple[int, ...], list] = {}
+        self._store_ok: dict[tuple[int, ...], bool] = {}
+        """Per batch shape: whether the store's activations equalled the live forward's."""
+        self.store_diff: float = 0.0
+        """Largest |stored - live| seen where they differ."""
+        self.batches = {"live": 0, "store": 0}
+        for s in splicers:
+            self.sm.check_layers(s.clean_layers(), s.name)
+
+    def _plans(self, acts: dict[int, torch.Tensor], keep: torch.Tensor, token_index: torch.Tensor) -> list[SplicePlan]:
+        plans = []
+        for s in self.splicers:
+            plan = s.plan({layer: acts[layer] for layer in s.clean_layers()}, keep, token_index)
+            for layer, m in plan.masks.items():
+                if layer not in acts:
+                    raise RouteSAEError(f"{s.name}: splices layer {layer} but did not ask for its clean activations")
+                if bool((m & ~keep).any()):
+                    raise RouteSAEError(f"{s.name}: a plan replaces special positions")
+            self.sm.check_layers(list(plan.masks), s.name)
+            plans.append(plan)
+        return plans
+
+    @property
+    def store_matches(self) -> bool | None:
+        """None: never compared; True: the store equalled the live forward for some batch shape."""
+        return any(self._store_ok.values()) if self._store_ok else None
+
+    def _check_store(self, shape: tuple[int, ...], stored: dict[int, torch.Tensor], clean: CleanRun) -> None:
+        ok = True
+        for layer in self.record:
+            s, live = stored[layer], clean.inputs[layer]
+            if s.dtype != live.dtype or s.shape != live.shape:
+                ok = False
+                continue
+            if not torch.equal(s, live):
+                ok = False
+                self.store_diff = max(self.store_diff, float((s.float() - live.float()).abs().max()))
+        self._store_ok[shape] = ok
+
+    @torch.inference_mode()
+    def add_batch(self, input_ids: torch.Tensor, keep: torch.Tensor, token_index: torch.Tensor | None = None,
+                  stored: StoredFn | None = None) -> None:
+        """input_ids, keep: [batch, seq] (keep: non-special); token_index: [batch, seq] store indices
+        of the positions (default 0..batch*seq-1); stored: layers -> their stored activations
+        [batch, seq, d] for these contexts (lets the clean run start from the store, see the class).
+        Runs the clean, spliced and zero variants and adds their metrics."""
+        dev = self.sm.device
+        input_ids = input_ids.to(dev)
+        keep = keep.to(dev)
+        if token_index is None:
+            token_index = torch.arange(input_ids.numel()).view(input_ids.shape)
+        shape = tuple(input_ids.shape)
+        if stored is not None and self.prefix == "auto" and self._store_ok.get(shape) and shape in self._args:
+            acts = {layer: t.to(dev) for layer, t in stored(self.record).items()}
+            plans = self._plans(acts, keep, token_index)
+            starts = {first_layer(p) for p in plans} - {None}
+            start = min(starts) if starts else self.record[0]
+            final, inputs = self.sm.run_from(acts[start], start, self._args[shape], record=starts)
+            inputs[start] = acts[start]
+            clean = CleanRun(final, inputs, self._args[shape])
+            self.batches["store"] += 1
+        else:
+            # The arguments are kept from the first spliceable block on: every variant starts there or later.
+            clean = self.sm.clean(input_ids, set(self.record), self.record[0] if self.record else self.sm.n_layers)
+            self._args[shape] = clean.block_args
+            if stored is not None and self.prefix == "auto" and shape not in self._store_ok:
+                # bf16 matmuls round differently with the batch's size, so equality is per batch
+                # shape (and holds when eval batches line up with the harvest's)
+                self._check_store(shape, {layer: t.to(dev) for layer, t in stored(self.record).items()}, clean)
+            plans = self._plans(clean.inputs, keep, token_index)
+            self.batches["live"] += 1
+
+        spliced = [self.sm.continue_from(clean, p) for p in plans]
+        zero_final: dict[str, torch.Tensor] = {}
+        zero_of: list[str] = []
+        for p in plans:
+            key = plan_key(p)
+            if key not in zero_final:
+                zero_final[key] = self.sm.continue_from(clean, zero_plan(p))
+            zero_of.append(key)
+
+        for t, p in zip(self.totals, plans):
+            for layer, m in p.masks.items():
+                t.replaced[layer] = t.replaced.get(layer, 0) + int(m.sum())
+        self._measure(input_ids, keep, clean.final, spliced, zero_final, zero_of)
+
+    def _measure(self, input_ids, keep, clean_final, spliced, zero_final, zero_of) -> None:
+        """KL and CE of every run against the clean one, over the metric positions.
+
+        Vocabulary-sized work dominates here (SmolLM2: 49,152 logits per position, three runs at
+        least), so: the LM head runs on `chunk` positions at a time (large enough that reading its
+        weight is amortized), its model-dtype logits are kept, and the float32 metrics run on
+        `sub` positions at a time, small enough to stay in cache, each pass over the vocabulary
+        fused as far as plain torch allows. Runs are taken `group` at a time to bound memory."""
+        b, s = input_ids.shape
+        d = clean_final.shape[-1]
+        dev = keep.device
+        kl_pos, ce_pos = metric_positions(keep)
+        targets = torch.roll(input_ids, -1, dims=1).reshape(-1)  # position t predicts token t+1
+        is_ce = torch.zeros(b * s, dtype=torch.bool, device=dev)
+        is_ce[ce_pos] = True
+        ctx_of = torch.arange(b * s, device=dev) // s
+        n_var = len(spliced)
+        kl_ctx = torch.zeros(n_var, b, dtype=torch.float64, device=dev)
+        kl_tot = torch.zeros(n_var, dtype=torch.float64, device=dev)
+        ce_s = torch.zeros(n_var, dtype=torch.float64, device=dev)
+        ce_z = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in zero_final}
+        ce_c = torch.zeros((), dtype=torch.float64, device=dev)
+        # runs that differ from clean; an empty plan's run *is* the clean one (same tensor)
+        runs = [("spliced", i, h) for i, h in enumerate(spliced) if h is not clean_final]
+        runs += [("zero", key, h) for key, h in zero_final.items() if h is not clean_final]
+        empty_spliced = [i for i, h in enumerate(spliced) if h is clean_final]
+        empty_zero = [key for key, h in zero_final.items() if h is clean_final]
+        groups = [runs[g : g + self.group] for g in range(0, len(runs), self.group)] or [[]]
+        flat = lambda h: h.reshape(-1, d)  # noqa: E731
+        n_sub = min(self.sub, max(1, int(kl_pos.numel())))
+        vocab = self.sm.vocab_size
+        # float32 work buffers for one sub-chunk, reused throughout (allocation is a pass too)
+        buf_clean, buf_run, scratch = (torch.empty(n_sub, vocab, device=dev) for _ in range(3))
+        for lo in range(0, kl_pos.numel(), self.chunk):
+            pos = kl_pos[lo : lo + self.chunk]
+            ce_mask, tgt = is_ce[pos], targets[pos].unsqueeze(1)
+            z_clean_all = self.sm.head_logits(flat(clean_final)[pos])
+            for g, group in enumerate(groups):
+                z_all = [self.sm.head_logits(flat(h)[pos]) for _, _, h in group]
+                for sl in range(0, pos.numel(), self.sub):
+                    rows = slice(sl, sl + self.sub)
+                    m, t = ce_mask[rows], tgt[rows]
+                    n = int(m.numel())
+                    z_clean = self.sm.float_logits(z_clean_all[rows], out=buf_clean[:n])
+                    ref = logit_stats(z_clean, with_probs=True)
+                    if g == 0:
+                        ce_c += (ref.lse - z_clean.gather(1, t).squeeze(1))[m].double().sum()
+                    for (kind, key, _), z_run in zip(group, z_all):
+                        if kind == "zero":  # CE only: one log-sum-exp
+                            z = self.sm.float_logits(z_run[rows], out=buf_run[:n])
+                            lse = torch.logsumexp(z, dim=-1)
+                            ce_z[key] += (lse - z.gather(1, t).squeeze(1))[m].double().sum()
+                            continue
+                        # without soft-capping the model-dtype logits are the distribution's own
+                        # and kl_from_logits reads them directly (one pass fewer)
+                        z = z_run[rows] if not self.sm.softcap else self.sm.float_logits(z_run[rows], out=buf_run[:n])
+                        kl, lse = kl_from_logits(z_clean, ref, z, scratch=scratch[:n])
+                        ce = (lse - z.gather(1, t).squeeze(1).float())[m].double().sum()
+                        kl = kl.double()
+                        ce_s[key] += ce
+                        kl_tot[key] += kl.sum()
+                        kl_ctx[key].index_add_(0, ctx_of[pos[rows]], kl)
+                del z_all
+        for i in empty_spliced:
+            ce_s[i] = ce_c
+        for key in empty_zero:
+            ce_z[key] = ce_c.clone()
+        n_kl, n_ce = int(kl_pos.numel()), int(ce_pos.numel())
+        for i, t in enumerate(self.totals):
+            t.kl_sum += float(kl_tot[i])
+            t.n_kl += n_kl
+            t.kl_context_sums.extend(kl_ctx[i].tolist())
+            t.ce_clean_sum += float(ce_c)
+            t.ce_spliced_sum += float(ce_s[i])
+            t.ce_zero_sum += float(ce_z[zero_of[i]])
+            t.n_ce += n_ce
+
+    def results(self) -> list[SpliceResult]:
+        return [finish(t) for t in self.totals]

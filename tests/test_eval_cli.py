@@ -1,0 +1,182 @@
+"""`routesae eval` end to end on a tiny Llama (harvest -> fit -> eval --splice), and its bad inputs:
+one line on stderr, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from routesae.cli import main
+from routesae.harvest.run import HarvestConfig, run_harvest
+from routesae.train.config import FitConfig
+from routesae.train.trainer import fit
+from tiny_models import save_tiny, tiny_model
+
+CTX = 32
+
+
+def _harvest(model_dir, out, layers="all", tokens=2048):
+    return run_harvest(HarvestConfig(out=str(out), model=str(model_dir), dataset="builtin", tokens=tokens, layers=layers,
+                                     context_len=CTX, batch_size=8, progress=False, min_chunk_bytes=1024))
+
+
+def _fit(store, out, archs, routing="hard", eval_tokens=0.25, layer=3, ks=(8,)):
+    fit(FitConfig(cache=str(store), out=str(out), archs=archs, ks=list(ks), latents=128, batch_size=256, routing=routing,
+                  eval_tokens=eval_tokens, layer=layer, routed_layers=[1, 2, 3], progress=False, tokens=2048))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny Llama saved to a folder, a store of all its layers, and fitted SAEs."""
+    root = tmp_path_factory.mktemp("evalcli")
+    model_dir = save_tiny("llama", root / "model")
+    _harvest(model_dir, root / "s.zarr")
+    _fit(root / "s.zarr", root / "runs", ["topk", "routesae"], ks=(8, 16))
+    _fit(root / "s.zarr", root / "soft", ["routesae"], routing="soft")
+    return root
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, ["eval", *map(str, args)])
+    return result
+
+
+def _one_line_error(result, match):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("routesae: error:"), result.stderr
+    assert match in lines[0], lines[0]
+
+
+def test_eval_splice_end_to_end_writes_markdown_json_csv_and_plots(world, tmp_path):
+    runs = world / "runs"
+    r = _run("--sae", runs / "topk-k8", runs / "routesae-k8", "--cache", world / "s.zarr", "--splice", "--quiet",
+             "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv", "--plots", tmp_path / "plots")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "| topk-k8 | topk | 3 |" in r.output and "| routesae-k8 | routesae | 1-3 |" in r.output
+    assert "KL/context (paper)" in r.output and "keep their original activations" in r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    names = [row["name"] for row in report["table"]]
+    assert names == ["topk-k8", "routesae-k8", "routesae-k8 [uniform]", "routesae-k8 [random-layer]"]
+    assert report["held_out"] and report["token_range"] == [1536, 2048]
+    for row in report["table"]:
+        for key in ("l0", "normmse", "fvu", "dead_fraction", "kl_per_token", "kl_per_context", "delta_ce", "loss_recovered"):
+            assert row[key] is not None and math.isfinite(row[key]), (row["name"], key)
+        assert row["kl_per_token"] > 0
+        # the paper-style figure is the per-token one summed over a context's non-special positions
+        assert row["kl_per_context"] == pytest.approx(row["kl_per_token"] * report["rows"][0]["splice"]["n_positions"]
+                                                      / report["rows"][0]["splice"]["n_contexts"], rel=1e-6)
+    route = report["rows"][1]
+    assert sum(route["cache"]["routing"]["tokens"]) == route["cache"]["n_tokens"]
+    # each non-special token of the 16 held-out contexts is spliced exactly once
+    assert sum(route["splice"]["replaced_per_layer"].values()) == route["splice"]["n_positions"]
+    with open(tmp_path / "r.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["name"] for row in rows] == names and float(rows[0]["kl_per_token"]) > 0
+    assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"routing.png", "firing.png"}
+
+
+def test_eval_without_splice_needs_no_model_and_tokens_caps_whole_contexts(world, tmp_path):
+    shutil.copytree(world / "runs", tmp_path / "runs")
+    r = _run("--sae", tmp_path / "runs", "--cache", world / "s.zarr", "--quiet", "--tokens", "100",
+             "--baselines", "none", "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["token_range"] == [1536, 1536 + 3 * CTX]
+    # the fit folder stands for its SAEs
+    assert [row["name"] for row in report["table"]] == ["routesae-k16", "routesae-k8", "topk-k16", "topk-k8"]
+    assert all(row["kl_per_token"] is None for row in report["table"])
+    assert (tmp_path / "out" / "report.md").read_text().startswith("eval on")
+    # several k of one architecture: metrics against L0
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"report.csv", "routing.png", "firing.png", "metrics_vs_l0.png"}
+
+
+def test_soft_routing_splice_is_a_message_not_a_crash(world):
+    r = _run("--sae", world / "soft", "--cache", world / "s.zarr", "--splice", "--quiet", "--baselines", "none")
+    assert r.exit_code == 0, r.stderr
+    assert "no single layer to be spliced into" in r.output
+    assert "| soft | routesae | 1-3 |" in r.output
+
+
+def test_sae_of_another_model_is_refused(world, tiny_gpt2_dir, tmp_path):
+    _harvest(tiny_gpt2_dir, tmp_path / "g.zarr", tokens=512)
+    r = _run("--sae", world / "runs" / "topk-k8", "--cache", tmp_path / "g.zarr", "--all-tokens")
+    _one_line_error(r, "was trained on model")
+
+
+def test_sae_of_layers_the_store_lacks_is_refused(world, tmp_path):
+    _harvest(world / "model", tmp_path / "few.zarr", layers="0,1", tokens=512)
+    r = _run("--sae", world / "runs" / "topk-k8", "--cache", tmp_path / "few.zarr", "--all-tokens")
+    _one_line_error(r, "has no layer [3]")
+
+
+def test_sae_of_another_store_needs_all_tokens(world, tmp_path):
+    _harvest(world / "model", tmp_path / "other.zarr", tokens=512)
+    r = _run("--sae", world / "runs" / "topk-k8", "--cache", tmp_path / "other.zarr")
+    _one_line_error(r, "--all-tokens")
+    ok = _run("--sae", world / "runs" / "topk-k8", "--cache", tmp_path / "other.zarr", "--all-tokens", "--quiet")
+    assert ok.exit_code == 0 and "whole store" in ok.output
+
+
+def test_empty_held_out_tail_is_refused(world, tmp_path):
+    _fit(world / "s.zarr", tmp_path / "all", ["topk"], eval_tokens=0)
+    _one_line_error(_run("--sae", tmp_path / "all", "--cache", world / "s.zarr"), "held-out tail")
+
+
+def test_changed_or_missing_model_is_refused_for_splice(tmp_path):
+    model_dir = save_tiny("llama", tmp_path / "m")
+    _harvest(model_dir, tmp_path / "s.zarr", tokens=512)
+    _fit(tmp_path / "s.zarr", tmp_path / "r", ["topk"], eval_tokens=0.25)
+    args = ("--sae", tmp_path / "r", "--cache", tmp_path / "s.zarr", "--splice", "--quiet")
+    tiny_model("llama", seed=1).save_pretrained(model_dir)  # other weights at the same path
+    _one_line_error(_run(*args), "revision")
+    shutil.rmtree(model_dir)
+    _one_line_error(_run(*args), "not a model folder")
+
+
+@pytest.mark.parametrize("extra,match", [
+    (("--tokens", "10"), "less than one context"),
+    (("--baselines", "nope"), "unknown baseline"),
+    (("--batch-size", "0"), "at least 1"),
+])
+def test_bad_arguments(world, extra, match):
+    _one_line_error(_run("--sae", world / "runs" / "topk-k8", "--cache", world / "s.zarr", *extra), match)
+
+
+def test_missing_sae_and_missing_store(world, tmp_path):
+    _one_line_error(_run("--sae", tmp_path / "nope", "--cache", world / "s.zarr"), "no SAE")
+    _one_line_error(_run("--sae", world / "runs" / "topk-k8", "--cache", tmp_path / "nope.zarr"), "no store")
+    _one_line_error(_run("--cache", world / "s.zarr"), "no SAE given")
+
+
+def test_store_prefix_gives_the_live_numbers(world):
+    # harvest ran batches of 8 contexts; eval's batches of 8 line up with them, so the second batch's
+    # clean run starts from the store, and every number equals the all-live evaluation's
+    from routesae.evaluate.run import EvalConfig, run_eval
+
+    def run(prefix):
+        return run_eval(EvalConfig(saes=[str(world / "runs" / "topk-k8"), str(world / "runs" / "routesae-k8")],
+                                   cache=str(world / "s.zarr"), splice=True, prefix=prefix, baselines=["random-layer"],
+                                   progress=False))
+
+    auto, live = run("auto"), run("live")
+    assert auto.splice_batches == {"live": 1, "store": 1} and live.splice_batches == {"live": 2, "store": 0}
+    assert [r.splice for r in auto.rows] == [r.splice for r in live.rows]
+    assert any("started from the store" in n for n in auto.notes)
+
+
+def test_python_api_matches(world):
+    # the same numbers come out of the Python entry point the CLI wraps
+    from routesae.evaluate.run import EvalConfig, run_eval
+
+    rep = run_eval(EvalConfig(saes=[str(world / "runs" / "topk-k8")], cache=str(world / "s.zarr"), progress=False,
+                              tokens=64))
+    assert rep.rows[0].cache.n_tokens == rep.n_tokens > 0
+    assert torch.isfinite(torch.tensor(rep.rows[0].cache.normmse))

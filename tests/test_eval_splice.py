@@ -1,0 +1,224 @@
+"""The splice engine on tiny random-weight Llama and GPT-2 models, checked against an independent
+path: a plain `model(input_ids)` whose decoder blocks are hooked to replace their outputs, and
+KL / CE computed in float64 numpy from its logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from routesae.errors import RouteSAEError
+from routesae.evaluate.splice import SpliceEvaluator, SpliceModel, SplicePlan
+from routesae.harvest.models import decoder_layers
+from tiny_models import tiny_model
+
+B, T = 3, 24
+
+
+class FnSplicer:
+    """Replaces, at each layer, the positions `layer_of` assigns to it by fn(x)."""
+
+    def __init__(self, name, layers, fn, layer_of=None):
+        self.name = name
+        self.layers = layers
+        self.fn = fn
+        self.layer_of = layer_of  # [B, T] -> hidden-state index per position (None: all at layers[0])
+        self.seen: list[tuple[int, torch.Tensor]] = []
+
+    def clean_layers(self):
+        return self.layers
+
+    def plan(self, clean, keep, token_ids):
+        if self.layer_of is None:
+            return SplicePlan({self.layers[0]: keep}, self._replace)
+        return SplicePlan({layer: keep & (self.layer_of == layer) for layer in self.layers}, self._replace)
+
+    def _replace(self, layer, x, idx):
+        self.seen.append((layer, idx.clone()))
+        return self.fn(x)
+
+
+def _model(kind, dtype=torch.float32):
+    return tiny_model(kind).to(dtype).requires_grad_(False)
+
+
+def _ids(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 500, (B, T), generator=g)
+    ids[:, 0] = 1  # BOS
+    ids[1, 10] = 2  # an EOS inside a context
+    keep = (ids != 1) & (ids != 2)
+    return ids, keep
+
+
+def _hooked_logits(model, ids, assignments, fn):
+    """Independent splice: a plain forward with forward hooks replacing block outputs.
+
+    assignments: hidden-state index -> [B, T] bool positions to replace there."""
+    blocks = decoder_layers(model)
+    handles = []
+
+    def make(mask):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h = h.clone()
+            h[mask] = fn(h[mask]).to(h.dtype)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+    for layer, mask in assignments.items():
+        handles.append(blocks[layer - 1].register_forward_hook(make(mask)))
+    try:
+        with torch.no_grad():
+            return model(ids).logits.double()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _np_metrics(clean_logits, spliced_logits, zero_logits, ids, keep):
+    def logp(x):
+        x = x.numpy()
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lc, ls, lz = logp(clean_logits), logp(spliced_logits), logp(zero_logits)
+    kl = (np.exp(lc) * (lc - ls)).sum(-1)  # [B, T]
+    k = keep.numpy()
+    has_next = k.copy()
+    has_next[:, -1] = False
+    tgt = np.roll(ids.numpy(), -1, axis=1)
+    pick = lambda lp: -np.take_along_axis(lp, tgt[..., None], -1)[..., 0]  # noqa: E731
+    ce = lambda lp: pick(lp)[has_next].mean()  # noqa: E731
+    per_ctx = (kl * k).sum(1).mean()
+    return kl[k].mean(), per_ctx, ce(lc), ce(ls), ce(lz)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clean_run_equals_the_plain_forward(kind, dtype):
+    model = _model(kind, dtype)
+    ids, _ = _ids()
+    sm = SpliceModel(model)
+    clean = sm.clean(ids, {1, 2}, 1)
+    got = sm.logits(clean.final.reshape(B * T, -1)).view(B, T, -1)
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_identity_splice_gives_kl_0_delta_ce_0_loss_recovered_1_and_zero_gives_0(kind):
+    model = _model(kind, torch.bfloat16)
+    ids, keep = _ids()
+    ident = FnSplicer("identity", [2], lambda x: x)
+    zero = FnSplicer("zero", [2], torch.zeros_like)
+    ev = SpliceEvaluator(model, [ident, zero], chunk_positions=16)
+    ev.add_batch(ids, keep)
+    r_id, r_zero = ev.results()
+    assert r_id.kl_per_token == 0.0 and r_id.kl_per_context == 0.0
+    assert r_id.delta_ce == 0.0
+    assert r_id.loss_recovered == 1.0
+    assert r_zero.loss_recovered == pytest.approx(0.0, abs=1e-5)  # CE(spliced) = CE(zero) up to float32 rounding
+    assert r_zero.kl_per_token > 0 and r_zero.delta_ce > 0
+    assert r_id.n_positions == int(keep.sum())
+    assert r_id.replaced_per_layer == {2: int(keep.sum())}
+    # the replacement only ever saw non-special positions
+    assert all(bool(keep.reshape(-1)[idx].all()) for _, idx in ident.seen)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_splice_metrics_equal_an_independent_hooked_forward(kind):
+    model = _model(kind)
+    ids, keep = _ids(1)
+    g = torch.Generator().manual_seed(3)
+    layer_of = torch.randint(1, 4, (B, T), generator=g)
+    affine = lambda x: 0.6 * x + 0.05  # noqa: E731
+    single = FnSplicer("single", [2], affine)
+    multi = FnSplicer("multi", [1, 2, 3], affine, layer_of)
+    ev = SpliceEvaluator(model, [single, multi], chunk_positions=20, sub_positions=7, group=1)
+    ev.add_batch(ids, keep)
+    r_single, r_multi = ev.results()
+    clean = _hooked_logits(model, ids, {}, affine)
+    for r, assign in (
+        (r_single, {2: keep}),
+        (r_multi, {layer: keep & (layer_of == layer) for layer in (1, 2, 3)}),
+    ):
+        spliced = _hooked_logits(model, ids, assign, affine)
+        zero = _hooked_logits(model, ids, assign, torch.zeros_like)
+        kl, per_ctx, ce_c, ce_s, ce_z = _np_metrics(clean, spliced, zero, ids, keep)
+        assert r.kl_per_token == pytest.approx(kl, rel=1e-4, abs=1e-7)
+        assert r.kl_per_context == pytest.approx(per_ctx, rel=1e-4, abs=1e-6)
+        assert r.ce_clean == pytest.approx(ce_c, rel=1e-5)
+        assert r.ce_spliced == pytest.approx(ce_s, rel=1e-5)
+        assert r.ce_zero == pytest.approx(ce_z, rel=1e-5)
+        assert r.loss_recovered == pytest.approx((ce_z - ce_s) / (ce_z - ce_c), rel=1e-4)
+        assert kl > 1e-4  # the splice did change something
+
+
+def test_prefix_is_computed_once_and_zero_ablations_are_shared():
+    model = _model("llama")
+    ids, keep = _ids()
+    blocks = decoder_layers(model)
+    calls = [0] * len(blocks)
+    handles = [b.register_forward_pre_hook(lambda m, a, j=j: calls.__setitem__(j, calls[j] + 1))
+               for j, b in enumerate(blocks)]
+    try:
+        a = FnSplicer("a", [3], lambda x: 0.5 * x)
+        b = FnSplicer("b", [3], lambda x: 0.9 * x)  # same layer and positions: one shared zero run
+        ev = SpliceEvaluator(model, [a, b])
+        ev.add_batch(ids, keep)
+    finally:
+        for h in handles:
+            h.remove()
+    # blocks 0..2 run only in the clean forward; block 3 in clean + 2 splices + 1 zero-ablation
+    assert calls == [1, 1, 1, 4]
+
+
+def test_plans_on_special_positions_and_the_last_hidden_state_are_refused():
+    model = _model("llama")
+    ids, keep = _ids()
+    everything = FnSplicer("bad", [2], lambda x: x)
+    everything.plan = lambda clean, k, t: SplicePlan({2: torch.ones_like(k)}, lambda layer, x, i: x)
+    with pytest.raises(RouteSAEError, match="special"):
+        SpliceEvaluator(model, [everything]).add_batch(ids, keep)
+    with pytest.raises(RouteSAEError, match="final norm"):
+        SpliceEvaluator(model, [FnSplicer("last", [4], lambda x: x)])
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_clean_runs_start_from_the_store_only_when_it_equals_the_live_forward(perturb):
+    model = _model("llama", torch.bfloat16)
+    batches = [_ids(seed) for seed in (4, 5, 6)]
+    g = torch.Generator().manual_seed(7)
+    layer_of = torch.randint(1, 4, (B, T), generator=g)
+
+    def splicers():
+        return [FnSplicer("single", [2], lambda x: 0.6 * x + 0.05),
+                FnSplicer("multi", [1, 2, 3], lambda x: 0.6 * x + 0.05, layer_of)]
+
+    def stored_of(ids):
+        def fn(layers):
+            hs = _hidden_states(model, ids)
+            return {layer: hs[layer] + (1.0 if perturb else 0.0) for layer in layers}
+        return fn
+
+    live = SpliceEvaluator(model, splicers(), prefix="live")
+    auto = SpliceEvaluator(model, splicers(), prefix="auto")
+    for ids, keep in batches:
+        live.add_batch(ids, keep)
+        auto.add_batch(ids, keep, stored=stored_of(ids))
+    assert live.batches == {"live": 3, "store": 0}
+    if perturb:
+        assert auto.batches == {"live": 3, "store": 0} and auto.store_matches is False and auto.store_diff > 0
+    else:
+        assert auto.batches == {"live": 1, "store": 2} and auto.store_matches
+    # either way the metrics are those of the live forward, bit for bit
+    assert auto.results() == live.results()
+
+
+def _hidden_states(model, ids):
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True).hidden_states

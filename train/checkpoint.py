@@ -1,0 +1,58 @@
+"""Files a fit writes, always whole: each goes to a temporary name in the same folder and is then
+renamed over the old one, so a kill at any moment leaves either the old file or the new one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+from routesae.errors import RouteSAEError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run write(tmp) then rename tmp over `path`; the tmp file is removed if write fails."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Model, optimizer and loader state of a fit, as one file."""
+    atomic_write(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, without a traceback
+        raise RouteSAEError(f"{path} is not a readable checkpoint ({type(e).__name__}); move it away to start over") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise RouteSAEError(f"{path} is not a routesae fit checkpoint of format {CHECKPOINT_FORMAT}")
+    return payload

@@ -1,0 +1,129 @@
+"""`routesae fit`: train RouteSAE and TopK SAEs from the activation cache."""
+
+from __future__ import annotations
+
+import click
+
+from routesae.errors import RouteSAEError
+from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_count(text: str, what: str) -> int:
+    """'20000', '20k', '1.5M' -> int."""
+    t = text.strip().lower().replace("_", "")
+    mult = _SUFFIXES.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    try:
+        value = float(t) * mult
+    except ValueError:
+        raise RouteSAEError(f"{what} must be a number such as 20000, 20k or 1.5M; got {text!r}") from None
+    if value != int(value):
+        raise RouteSAEError(f"{what} must be a whole number of tokens; got {text!r}")
+    return int(value)
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'32,64,128' or '7-22' or '7-10,12' -> [ints]."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise RouteSAEError(f"{what} must be integers such as 32,64 or a range such as 7-22; got {text!r}") from None
+    if not out:
+        raise RouteSAEError(f"{what} is empty")
+    return out
+
+
+@click.command("fit")
+@click.option("--cache", required=True, type=click.Path(), help="Activation store written by `routesae harvest`.")
+@click.option("--out", required=True, type=click.Path(), help="Output folder (several SAEs: one subfolder each, ARCH-kK).")
+@click.option("--arch", default="routesae", show_default=True, help="topk, routesae, or a list: topk,routesae.")
+@click.option("--k", "k", default="64", show_default=True, help="Active latents per token; a list such as 32,64,128 trains one SAE each on the same batches.")
+@click.option("--latents", default=None, help="Dictionary size (default: --expansion x d_model).")
+@click.option("--expansion", default=8.0, show_default=True, type=float, help="Dictionary size as a multiple of d_model.")
+@click.option("--layer", default=None, type=int, help="Layer (hidden_states index) of single-layer SAEs [default: 3/4 depth].")
+@click.option("--routed-layers", default=None, help="RouteSAE's layers, e.g. 7-22 [default: L/4 .. 3L/4].")
+@click.option("--routing", type=click.Choice(ROUTINGS), default="hard", show_default=True)
+@click.option("--aggregate", type=click.Choice(AGGREGATES), default="sum", show_default=True, help="Router input: sum or mean of the normalized routed layers.")
+@click.option("--normalization", type=click.Choice(NORMALIZATIONS), default="token", show_default=True, help="token: per-token zero mean, unit variance (the paper); dataset: sqrt(d_model)/mean norm.")
+@click.option("--tokens", default=None, help="Training budget in tokens (e.g. 50M) [default: --epochs passes over the training split].")
+@click.option("--epochs", default=None, type=float, help="Training budget in passes over the training split [default: 1].")
+@click.option("--batch-size", default="4096", show_default=True, help="Tokens per step.")
+@click.option("--lr", default=5e-4, show_default=True, type=float, help="Peak Adam learning rate (5% warm-up, linear decay over the last 20%).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+@click.option("--dtype", default="auto", show_default=True, help="Encoder matmul dtype: auto (bf16 where the hardware has it), bfloat16, float32.")
+@click.option("--eval-tokens", default="0.05", show_default=True, help="Held-out tail of the store, never trained on: a fraction (<1) or a token count.")
+@click.option("--buffer-tokens", default="65536", show_default=True, help="Tokens per shuffle buffer; RAM holds two (x layers x d_model x 2 bytes).")
+@click.option("--include-special", is_flag=True, help="Also train on BOS/EOS/pad tokens (left out by default).")
+@click.option("--auxk/--no-auxk", default=False, show_default=True, help="AuxK loss on dead latents (k_aux = d_model/2; the paper has none).")
+@click.option("--auxk-coef", default=1 / 32, show_default=True, type=float)
+@click.option("--dead-tokens", default=None, help="Tokens without firing before a latent counts as dead [default: 10M, or budget/4 if less].")
+@click.option("--log-every", default=20, show_default=True, type=int, help="Steps between lines of metrics.jsonl.")
+@click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Steps between checkpoints.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def fit(**kw) -> None:
+    """Train SAEs from the activation cache (the LLM is never run).
+
+    Rerunning the same command resumes from the last checkpoint in --out."""
+    from routesae.train.trainer import fit as run_fit
+
+    if kw["tokens"] is not None and kw["epochs"] is not None:
+        raise RouteSAEError("give --tokens or --epochs, not both")
+    eval_tokens = float(kw["eval_tokens"]) if _is_fraction(kw["eval_tokens"]) else parse_count(kw["eval_tokens"], "--eval-tokens")
+    cfg = FitConfig(
+        cache=kw["cache"],
+        out=kw["out"],
+        archs=[a.strip() for a in kw["arch"].split(",") if a.strip()],
+        ks=parse_int_list(kw["k"], "--k"),
+        latents=parse_count(kw["latents"], "--latents") if kw["latents"] is not None else None,
+        expansion=kw["expansion"],
+        layer=kw["layer"],
+        routed_layers=parse_int_list(kw["routed_layers"], "--routed-layers") if kw["routed_layers"] else None,
+        routing=kw["routing"],
+        aggregate=kw["aggregate"],
+        normalization=kw["normalization"],
+        tokens=parse_count(kw["tokens"], "--tokens") if kw["tokens"] is not None else None,
+        epochs=kw["epochs"] if kw["epochs"] is not None else 1.0,
+        batch_size=parse_count(kw["batch_size"], "--batch-size"),
+        lr=kw["lr"],
+        seed=kw["seed"],
+        device=kw["device"],
+        dtype=kw["dtype"],
+        eval_tokens=eval_tokens,
+        buffer_tokens=parse_count(kw["buffer_tokens"], "--buffer-tokens"),
+        include_special=kw["include_special"],
+        auxk=kw["auxk"],
+        auxk_coef=kw["auxk_coef"],
+        dead_tokens=parse_count(kw["dead_tokens"], "--dead-tokens") if kw["dead_tokens"] is not None else None,
+        log_every=kw["log_every"],
+        checkpoint_every=kw["checkpoint_every"],
+        progress=kw["progress"],
+    )
+    result = run_fit(cfg)
+    if result.already_done:
+        click.echo(f"{cfg.out} already holds this finished fit; nothing to do", err=True)
+        return
+    for path in result.outputs:
+        click.echo(str(path))
+    click.echo(
+        f"trained {len(result.outputs)} SAE(s) on {result.tokens:,} tokens in {result.steps} steps "
+        f"({result.steady_tokens_per_s:,.0f} tokens/s)",
+        err=True,
+    )
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        return float(text) < 1
+    except ValueError:
+        return False

@@ -1,0 +1,282 @@
+"""Training batches from the activation cache: chunks in random order, a RAM buffer of several
+chunks shuffled at the token level, the next buffer prepared in the background (prefetch.py)
+while the current one trains.
+
+Everything is a function of (seed, epoch, buffer index), so the same seed gives the same batches,
+and a position (epoch, tokens of the epoch already served) is all a resume needs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from routesae.errors import RouteSAEError
+from routesae.harvest.store import Cache
+
+
+class Position(NamedTuple):
+    """Where a loader stands: `offset` tokens of epoch `epoch` already served."""
+
+    epoch: int
+    offset: int
+
+
+class Batch(NamedTuple):
+    """One training batch."""
+
+    acts: Tensor
+    """[n, n_layers, d_model] activations in the storage dtype, layers in the loader's order
+    (a strided view into the loader's buffer; each layer's [n, d_model] slice is contiguous)."""
+    position: Position
+    """The loader's position after this batch (what a checkpoint stores)."""
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """Training tokens [0, train_stop) and the held-out tail [train_stop, n_tokens) of a store.
+
+    The boundary sits on a chunk boundary, so training reads whole chunks and the tail holds at
+    least the requested number of tokens."""
+
+    n_tokens: int
+    chunk_tokens: int
+    train_stop: int
+
+    @classmethod
+    def of(cls, cache: Cache, eval_tokens: float) -> "TokenSplit":
+        """eval_tokens: a fraction of the store if below 1, else a token count (0: no held-out tail)."""
+        n, chunk = cache.n_tokens, cache.layout.chunk_tokens
+        if eval_tokens < 0:
+            raise RouteSAEError(f"--eval-tokens must be non-negative, got {eval_tokens}")
+        held = math.ceil(eval_tokens * n) if eval_tokens < 1 else int(eval_tokens)
+        stop = n if held == 0 else (n - held) // chunk * chunk
+        if stop <= 0:
+            raise RouteSAEError(
+                f"the store's {n} tokens leave nothing to train on after a held-out tail of {held} tokens "
+                f"(the split falls on chunks of {chunk} tokens); lower --eval-tokens or harvest more"
+            )
+        return cls(n, chunk, stop)
+
+    @property
+    def n_chunks(self) -> int:
+        """Training chunks (the last one may be partial when there is no held-out tail)."""
+        return math.ceil(self.train_stop / self.chunk_tokens)
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.chunk_tokens
+        return start, min(start + self.chunk_tokens, self.train_stop)
+
+    @property
+    def eval_range(self) -> tuple[int, int]:
+        return self.train_stop, self.n_tokens
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(list(key))
+
+
+class BufferReader:
+    """Reads one shuffle buffer: a set of chunks, every layer, special tokens dropped, tokens shuffled.
+
+    Used in the trainer's process (thread prefetch) and in the loader process alike."""
+
+    def __init__(self, cache: Cache, layers: list[int], split: TokenSplit, seed: int, include_special: bool):
+        self.cache = cache
+        self.layers = list(layers)
+        self.split = split
+        self.seed = seed
+        self.include_special = include_special
+
+    def read(self, epoch: int, index: int, chunks: np.ndarray, out: Tensor | None = None) -> Tensor:
+        """Buffer `index` of `epoch`: [n_layers, T, d_model] in the storage dtype, each layer
+        contiguous, the same token order in all. With `out` ([n_layers, >= T, d_model]) it is
+        written there and a view of it is returned."""
+        runs = _contiguous_runs(np.sort(chunks))
+        ranges = [(self.split.chunk_range(a)[0], self.split.chunk_range(b - 1)[1]) for a, b in runs]
+        n_read = sum(b - a for a, b in ranges)
+        if self.include_special:
+            rows = np.arange(n_read)
+        else:
+            special = np.concatenate([self.cache.special(a, b).numpy() for a, b in ranges])
+            rows = np.flatnonzero(~special)
+        rows = rows[_rng(self.seed, 1, epoch, index).permutation(rows.size)]
+        probe = self.cache.acts_stored(self.layers[0], 0, 0)
+        shape = (len(self.layers), rows.size, probe.shape[1])
+        buf = torch.empty(shape, dtype=probe.dtype) if out is None else out[:, : rows.size]
+        staging = torch.empty((n_read, probe.shape[1]), dtype=probe.dtype)
+        for j, layer in enumerate(self.layers):
+            at = 0
+            for a, b in ranges:  # the buffer's chunks, one after the other
+                _read_into(self.cache, layer, a, b, staging[at : at + b - a])
+                at += b - a
+            # One gather drops the special tokens and shuffles; numpy runs it on one core.
+            np.take(_as_numpy(staging), rows, axis=0, out=_as_numpy(buf[j]))
+        return buf
+
+
+class ChunkLoader:
+    """Shuffled training batches from a Cache.
+
+    Per epoch: the training chunks in a random order, cut into buffers of `buffer_tokens // chunk_tokens`
+    chunks; each buffer holds every requested layer of its tokens (special tokens dropped unless
+    asked for), shuffled at the token level; batches are consecutive slices of the buffers, the
+    last batch of an epoch may be short. At most two buffers live in RAM: the one being served and
+    the one being filled, by a separate loader process (default: it does not compete with the
+    trainer for Python's GIL, which halved RouteSAE's throughput with a thread) or a thread.
+    """
+
+    def __init__(
+        self,
+        cache: Cache,
+        layers: list[int],
+        split: TokenSplit,
+        batch_size: int,
+        buffer_tokens: int,
+        seed: int,
+        include_special: bool = False,
+        workers: str = "process",
+    ):
+        for layer in layers:
+            if layer not in cache.layers:
+                raise RouteSAEError(f"layer {layer} is not in the store (it holds {cache.layers})")
+        if workers not in ("process", "thread"):
+            raise ValueError(f"workers must be 'process' or 'thread', got {workers!r}")
+        self.cache = cache
+        self.layers = list(layers)
+        self.split = split
+        self.batch_size = batch_size
+        self.seed = seed
+        self.include_special = include_special
+        self.workers = workers
+        self.chunks_per_buffer = max(1, buffer_tokens // split.chunk_tokens)
+        self.reader = BufferReader(cache, layers, split, seed, include_special)
+        self.chunk_counts = self._count_tokens()
+        self.epoch_tokens = int(self.chunk_counts.sum())
+        if self.epoch_tokens == 0:
+            raise RouteSAEError("the training split holds no non-special token")
+
+    def _count_tokens(self) -> np.ndarray:
+        """Tokens each training chunk contributes (its non-special tokens by default)."""
+        split = self.split
+        sizes = np.array([b - a for a, b in map(split.chunk_range, range(split.n_chunks))], dtype=np.int64)
+        if self.include_special:
+            return sizes
+        counts = np.zeros(split.n_chunks, dtype=np.int64)
+        step = max(split.chunk_tokens, self.cache.layout.shard_tokens // split.chunk_tokens * split.chunk_tokens)
+        for start in range(0, split.train_stop, step):
+            stop = min(start + step, split.train_stop)
+            keep = ~self.cache.special(start, stop).numpy()
+            per_chunk = np.add.reduceat(keep, np.arange(0, stop - start, split.chunk_tokens))
+            first = start // split.chunk_tokens
+            counts[first : first + len(per_chunk)] = per_chunk
+        return counts
+
+    @property
+    def buffer_capacity(self) -> int:
+        """Most tokens one buffer can hold."""
+        return self.chunks_per_buffer * self.split.chunk_tokens
+
+    # --- the plan ----------------------------------------------------------------------------------
+    def buffers_of_epoch(self, epoch: int) -> list[np.ndarray]:
+        """The chunk indices of each buffer of `epoch`, in serving order."""
+        order = _rng(self.seed, 0, epoch).permutation(self.split.n_chunks)
+        return [order[i : i + self.chunks_per_buffer] for i in range(0, len(order), self.chunks_per_buffer)]
+
+    def plan(self, start: Position) -> Iterator[tuple[int, int, np.ndarray, int]]:
+        """(epoch, buffer index, chunks, tokens of it to skip) from `start` on, forever."""
+        epoch, skip = start
+        while True:
+            for index, chunks in enumerate(self.buffers_of_epoch(epoch)):
+                size = int(self.chunk_counts[chunks].sum())
+                if skip >= size:
+                    skip -= size
+                    continue
+                yield epoch, index, chunks, skip
+                skip = 0
+            epoch += 1
+            skip = 0
+
+    def load_buffer(self, epoch: int, index: int, chunks: np.ndarray) -> Tensor:
+        """Buffer `index` of `epoch` read in this process: [n_layers, T, d_model]."""
+        return self.reader.read(epoch, index, chunks)
+
+    # --- serving ---------------------------------------------------------------------------------
+    def batches(self, start: Position = Position(0, 0)) -> Iterator[Batch]:
+        """Endless batches from `start` on, through as many epochs as the caller takes."""
+        from routesae.train.prefetch import start_prefetcher
+
+        prefetcher = start_prefetcher(self, start)
+        try:
+            yield from prefetcher.serve()
+        finally:
+            prefetcher.close()
+
+
+def _read_into(cache: Cache, layer: int, start: int, stop: int, out: Tensor) -> None:
+    """Store activations [start, stop) of `layer` into `out`, in place when the Cache can (saves a
+    copy of every byte)."""
+    if _CAN_READ_INTO.get(type(cache)) is None:
+        _CAN_READ_INTO[type(cache)] = "out" in inspect.signature(cache.acts_stored).parameters
+    if _CAN_READ_INTO[type(cache)]:
+        cache.acts_stored(layer, start, stop, out=out)
+    else:
+        np.copyto(_as_numpy(out), _as_numpy(cache.acts_stored(layer, start, stop)))
+
+
+_CAN_READ_INTO: dict[type, bool] = {}
+
+
+def _as_numpy(t: Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; bf16 (which numpy lacks) as its uint16 bits."""
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _contiguous_runs(sorted_chunks: np.ndarray) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9] -> [(3, 6), (9, 10)]: read neighbouring chunks in one call."""
+    runs: list[tuple[int, int]] = []
+    for c in sorted_chunks.tolist():
+        if runs and runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+    return runs
+
+
+class TensorLoader:
+    """Batches from activations already in RAM: the trainer's batch source without disk, for
+    benchmarks and tests. The tokens are served as given (shuffle them first, e.g. with
+    `ChunkLoader.load_buffer` over all chunks); each epoch serves the batch-sized blocks in a fresh
+    random order, as views, so serving a batch costs nothing."""
+
+    def __init__(self, acts: Tensor, layers: list[int], batch_size: int, seed: int):
+        """acts: [n_layers, N, d_model] in `layers` order."""
+        self.acts = acts
+        self.layers = list(layers)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch_tokens = acts.shape[1]
+        self.n_blocks = math.ceil(self.epoch_tokens / batch_size)
+
+    def batches(self, start: Position = Position(0, 0)) -> Iterator[Batch]:
+        epoch, skip = start
+        n = self.batch_size
+        while True:
+            offset = 0
+            for block in _rng(self.seed, 2, epoch).permutation(self.n_blocks).tolist():
+                acts = self.acts[:, block * n : (block + 1) * n].transpose(0, 1)
+                if skip >= acts.shape[0]:
+                    skip -= acts.shape[0]
+                    offset += acts.shape[0]
+                    continue
+                offset += acts.shape[0]
+                acts, skip = acts[skip:], 0
+                yield Batch(acts, Position(epoch, offset))
+            epoch += 1
+            skip = 0

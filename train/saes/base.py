@@ -1,0 +1,169 @@
+"""What every architecture is: a TopK dictionary (`TopKCoder`) behind a way of reading the model's
+layers, plus the registry that maps an architecture's name to its class.
+
+Spaces, as the docstrings use them:
+- model space: activations as the model produced them (what the store holds);
+- normalized space: after the SAE's normalization (see normalize.py); for RouteSAE the coder's
+  input is additionally the routed mixture (hard: p * x_norm of the chosen layer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from routesae.train.config import SAEConfig
+from routesae.train.normalize import apply_normalization
+from routesae.train.sparse_coder import Latents, TopKCoder
+from routesae.train.sparse_ops import SparseForward
+
+ARCHITECTURES: dict[str, type["SAE"]] = {}
+
+
+def register(cls: type["SAE"]) -> type["SAE"]:
+    """Class decorator: make an architecture available by its `arch` name."""
+    ARCHITECTURES[cls.arch] = cls
+    return cls
+
+
+class TrainOutput(NamedTuple):
+    """One training forward: the loss to minimise and what the trainer logs."""
+
+    loss: Tensor
+    """Scalar: NormMSE plus the weighted AuxK term."""
+    nmse: Tensor
+    """Scalar, detached: mean ||x_hat - x||^2 / ||x||^2 in the coder's input space."""
+    aux_loss: Tensor
+    """Scalar, detached: the AuxK NormMSE (0 when no latent is dead)."""
+    l0: Tensor
+    """Scalar, detached: mean number of non-zero latents per token."""
+    fired: Tensor
+    """[n_latents] bool: latents that were non-zero on some token of the batch."""
+    extra: dict[str, Tensor]
+    """Architecture-specific detached statistics (e.g. RouteSAE's share of tokens per layer)."""
+
+
+def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """mean over tokens of ||x_hat - x||^2 / ||x||^2."""
+    return ((x_hat - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+class SAE(nn.Module):
+    """Base class of the architectures. Subclasses set `arch` and implement `coder_input`,
+    `training_loss` and `reconstruct`; weights live in `self.coder` (+ any routing parameters)."""
+
+    arch: ClassVar[str]
+    multi_layer: ClassVar[bool] = False
+    """False: reads one layer, input [n, d_model]; True: reads the routed layers, [n, n_layers, d_model]."""
+
+    def __init__(self, config: SAEConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = config
+        """The SAEConfig the SAE was built from (saved as config.json)."""
+        self.coder = TopKCoder(config.d_model, config.n_latents, config.k, generator)
+        scale = config.dataset_scale if config.normalization == "dataset" else None
+        if config.normalization == "dataset" and (scale is None or len(scale) != len(config.layers)):
+            raise ValueError("dataset normalization needs one scale per layer")
+        # [n_layers, 1], broadcast over a stack of layers ([n, n_layers, d]) or one layer ([n, d]).
+        self.register_buffer(
+            "dataset_scale", torch.tensor(scale if scale else [1.0] * len(config.layers)).view(-1, 1), persistent=False
+        )
+
+    # --- shared helpers --------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        """hidden_states indices this SAE reads (in the order of the input's layer dimension)."""
+        return list(self.config.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.coder.W_enc.device
+
+    def normalize_input(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Model space -> (x_norm, mean, std) float32 on the SAE's device, with x = x_norm * std + mean."""
+        x = x.to(self.device)
+        scale = self.dataset_scale if x.dim() == 3 else self.dataset_scale[0]
+        return apply_normalization(x, self.config.normalization, scale)
+
+    def _train_output(
+        self, out: SparseForward, target: Tensor, dead: Tensor | None, auxk_coef: float, extra: dict[str, Tensor]
+    ) -> TrainOutput:
+        nmse = normalized_mse(out.x_hat, target)
+        loss = nmse
+        aux = torch.zeros((), device=target.device)
+        if out.aux_hat is not None and dead is not None:
+            # AuxK (OpenAI): the dead latents learn to explain what the live ones missed.
+            residual = (target - out.x_hat).detach()
+            aux = normalized_mse(out.aux_hat, residual)
+            k_aux = self.config.d_model // 2
+            weight = min(int(dead.sum()) / k_aux, 1.0)
+            loss = loss + auxk_coef * weight * aux
+        active = out.values > 0
+        fired = torch.zeros(self.config.n_latents, dtype=torch.bool, device=target.device)
+        fired[out.indices[active]] = True
+        return TrainOutput(loss, nmse.detach(), aux.detach(), active.sum(-1).float().mean(), fired, extra)
+
+    def _check_input(self, x: Tensor, n_layers: int | None) -> None:
+        want = (self.config.d_model,) if n_layers is None else (n_layers, self.config.d_model)
+        if tuple(x.shape[1:]) != want or x.dim() != len(want) + 1:
+            raise ValueError(f"{self.arch} SAE expects activations [n, {', '.join(map(str, want))}], got {list(x.shape)}")
+
+    # --- the architecture's part -----------------------------------------------------------------
+    def coder_input(self, x: Tensor) -> Tensor:
+        """Model space -> [n, d] float32: exactly what the coder encodes (normalized space)."""
+        raise NotImplementedError
+
+    def training_loss(
+        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0
+    ) -> TrainOutput:
+        """Training forward on a batch in model space (any float dtype; bf16 from the store)."""
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> Any:
+        """Model space in, reconstruction in model space out."""
+        raise NotImplementedError
+
+    # --- the public API --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Model space in (float [n, d_model], or [n, n_layers, d_model] for RouteSAE; the SAE
+        normalizes it itself) -> dense latent activations [n, n_latents], float32."""
+        return self.coder.encode(self.coder_input(x))
+
+    @torch.no_grad()
+    def encode_sparse(self, x: Tensor) -> Latents:
+        """As `encode`, but only the k kept latents per token: Latents(values [n, k], indices [n, k])."""
+        return self.coder.encode_sparse(self.coder_input(x))
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """Dense latents [n, n_latents] -> reconstruction [n, d_model] in the normalized space
+        (the coder's input space: for RouteSAE hard routing, an estimate of p * x_norm)."""
+        return self.coder.decode(z.to(self.device))
+
+    @torch.no_grad()
+    def decode_sparse(self, latents: Latents) -> Tensor:
+        """As `decode`, from Latents (values, indices)."""
+        return self.coder.decode_sparse(Latents(latents.values.to(self.device), latents.indices.to(self.device)))
+
+    # --- saving ----------------------------------------------------------------------------------
+    def export_tensors(self) -> dict[str, Tensor]:
+        """Weights under SAELens names: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]."""
+        c = self.coder
+        return {
+            "W_enc": c.W_enc.detach().T.contiguous(),
+            "b_enc": c.b_enc.detach().clone(),
+            "W_dec": c.W_dec.detach().clone(),
+            "b_dec": c.b_dec.detach().clone(),
+        }
+
+    @torch.no_grad()
+    def load_exported(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of export_tensors."""
+        c = self.coder
+        c.W_enc.copy_(tensors["W_enc"].T)
+        c.b_enc.copy_(tensors["b_enc"])
+        c.W_dec.copy_(tensors["W_dec"])
+        c.b_dec.copy_(tensors["b_dec"])

@@ -1,0 +1,36 @@
+"""TopK SAE on one layer (Gao et al. 2024; sparsify): the single-layer baseline."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from routesae.train.normalize import denormalize
+from routesae.train.saes.base import SAE, TrainOutput, register
+
+
+@register
+class TopKSAE(SAE):
+    """Reads one layer, `config.layers[0]`; input and output are [n, d_model]."""
+
+    arch = "topk"
+
+    def coder_input(self, x: Tensor) -> Tensor:
+        """Model space [n, d_model] -> the normalized input the coder encodes."""
+        self._check_input(x, None)
+        return self.normalize_input(x)[0]
+
+    def training_loss(
+        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0
+    ) -> TrainOutput:
+        x_norm = self.coder_input(x)
+        out = self.coder.forward_train(x_norm, compute_dtype, dead, self.config.d_model // 2)
+        return self._train_output(out, x_norm, dead, auxk_coef, {})
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Model space [n, d_model] -> reconstruction [n, d_model] in model space (the per-token
+        normalization is undone with x's own mean and std)."""
+        self._check_input(x, None)
+        x_norm, mean, std = self.normalize_input(x)
+        return denormalize(self.coder.decode_sparse(self.coder.encode_sparse(x_norm)), mean, std)

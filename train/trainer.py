@@ -1,0 +1,586 @@
+"""`fit`: train one or several SAEs on the same batches from the activation cache, never the LLM.
+
+An output folder OUT holds fit.json (the fit's arguments and store), checkpoint.pt while training,
+and per SAE sae.safetensors, config.json and metrics.jsonl: in OUT itself for one SAE, in
+OUT/ARCH-kK/ for several. config.json is written last: its presence marks a finished SAE.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from routesae.errors import RouteSAEError
+from routesae.harvest.store import Cache
+from routesae.train.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+    write_safetensors,
+    write_text,
+)
+from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig, SAEConfig
+from routesae.train.cpu_memory import keep_freed_memory
+from routesae.train.data import Batch, ChunkLoader, Position, TokenSplit
+from routesae.train.normalize import dataset_scale
+from routesae.train.saes import ARCHITECTURES, SAE, TrainOutput, build_sae
+from routesae.train.schedule import lr_factor
+
+MANIFEST_NAME = "fit.json"
+DEFAULT_DEAD_TOKENS = 10_000_000
+
+
+class BatchSource(Protocol):
+    """What the trainer reads batches from: ChunkLoader (the store) or TensorLoader (RAM)."""
+
+    layers: list[int]
+    epoch_tokens: int
+
+    def batches(self, start: Position = Position(0, 0)) -> Iterator[Batch]: ...
+
+
+class FitResult(NamedTuple):
+    """What a finished fit reports."""
+
+    outputs: list[Path]
+    """The SAE folders, one per (architecture, k)."""
+    tokens: int
+    """Tokens trained on, in total."""
+    steps: int
+    """Optimizer steps taken (by each SAE)."""
+    seconds: float
+    """Wall time of the training loop in this process (data waits included)."""
+    steady_tokens_per_s: float
+    """Throughput after this process's first step (the first buffer's read excluded)."""
+    already_done: bool = False
+    """True when the output folder already held this finished fit (nothing was trained)."""
+
+
+# --- planning: every check before anything is written -------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RouteSAEError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RouteSAEError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether the hardware multiplies bf16 natively (CPU: AVX512-BF16 or AMX; CUDA: Ampere on)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    if name not in dtypes:
+        raise RouteSAEError(f"unknown --dtype {name!r}; use auto, bfloat16 or float32")
+    return dtypes[name]
+
+
+def sae_name(arch: str, k: int) -> str:
+    return f"{arch}-k{k}"
+
+
+@dataclass
+class FitPlan:
+    """A validated fit: what to train, on what, where."""
+
+    cfg: FitConfig
+    cache: Cache
+    split: TokenSplit
+    read_layers: list[int]
+    """The union of the SAEs' layers, the order of the loader's layer dimension."""
+    sae_configs: dict[str, SAEConfig]
+    """Name (ARCH-kK) -> config, in training order."""
+    out_dirs: dict[str, Path]
+    budget: int
+    """Training tokens in total."""
+    dead_tokens: int
+    device: torch.device
+    compute_dtype: torch.dtype
+    epoch_tokens: int = 0
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise RouteSAEError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
+    """Check the arguments against the store; raises RouteSAEError, writes nothing."""
+    cache = cache or Cache.open(cfg.cache, require_complete=True)
+    if not cfg.archs:
+        raise RouteSAEError("no architecture given")
+    for arch in cfg.archs:
+        if arch not in ARCHITECTURES:
+            raise RouteSAEError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    if len(set(cfg.archs)) != len(cfg.archs) or len(set(cfg.ks)) != len(cfg.ks):
+        raise RouteSAEError("--arch and --k must not repeat a value")
+    _check_choice(cfg.routing, ROUTINGS, "--routing")
+    _check_choice(cfg.aggregate, AGGREGATES, "--aggregate")
+    _check_choice(cfg.normalization, NORMALIZATIONS, "--normalization")
+    d_model = cache.d_model
+    n_latents = cfg.latents if cfg.latents is not None else round(cfg.expansion * d_model)
+    if n_latents < 1:
+        raise RouteSAEError(f"the latent count must be positive, got {n_latents}")
+    if not cfg.ks or min(cfg.ks) < 1:
+        raise RouteSAEError("--k must be positive")
+    if max(cfg.ks) > n_latents:
+        raise RouteSAEError(f"k={max(cfg.ks)} is larger than the latent count {n_latents}")
+    if cfg.batch_size < 1:
+        raise RouteSAEError("--batch-size must be at least 1")
+    if not cfg.lr > 0:
+        raise RouteSAEError("--lr must be positive")
+    if cfg.tokens is not None and cfg.tokens < 1:
+        raise RouteSAEError("--tokens must be positive")
+    if not cfg.epochs > 0:
+        raise RouteSAEError("--epochs must be positive")
+    if cfg.buffer_tokens < 1:
+        raise RouteSAEError("--buffer-tokens must be positive")
+    if cfg.log_every < 1 or cfg.checkpoint_every < 1:
+        raise RouteSAEError("--log-every and --checkpoint-every must be at least 1")
+    if not (0 <= cfg.warmup and 0 <= cfg.decay and cfg.warmup + cfg.decay <= 1):
+        raise RouteSAEError("warm-up and decay fractions must be non-negative and sum to at most 1")
+
+    layer = cfg.layer if cfg.layer is not None else cache.default_layer()
+    if layer not in cache.layers:
+        raise RouteSAEError(f"layer {layer} is not in the store (it holds {_ranges(cache.layers)})")
+    if cfg.routed_layers is not None:
+        routed = list(cfg.routed_layers)
+    else:
+        n = cache.n_model_layers
+        routed = list(range(n // 4, 3 * n // 4 + 1))
+    if any(ARCHITECTURES[arch].multi_layer for arch in cfg.archs):
+        missing = [x for x in routed if x not in cache.layers]
+        if missing:
+            raise RouteSAEError(
+                f"routed layers {_ranges(missing)} are not in the store (it holds {_ranges(cache.layers)}); "
+                "harvest them or pass --routed-layers"
+            )
+        if len(routed) < 2 or len(set(routed)) != len(routed):
+            raise RouteSAEError(f"routing needs at least two distinct routed layers, got {routed}")
+
+    configs: dict[str, SAEConfig] = {}
+    for arch in cfg.archs:
+        layers = routed if ARCHITECTURES[arch].multi_layer else [layer]
+        scales = None
+        if cfg.normalization == "dataset":
+            scales = [dataset_scale(d_model, cache.stats(x).mean_norm) for x in layers]
+        for k in cfg.ks:
+            configs[sae_name(arch, k)] = SAEConfig(
+                arch=arch,
+                d_model=d_model,
+                n_latents=n_latents,
+                k=k,
+                layers=list(layers),
+                routing=cfg.routing,
+                aggregate=cfg.aggregate,
+                normalization=cfg.normalization,
+                dataset_scale=scales,
+                cache_fingerprint=cache.fingerprint,
+                model=cache.model,
+            )
+    read_layers = sorted({x for c in configs.values() for x in c.layers})
+    out = Path(cfg.out)
+    out_dirs = {name: out if len(configs) == 1 else out / name for name in configs}
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_compute_dtype(cfg.dtype, device)
+    split = TokenSplit.of(cache, cfg.eval_tokens)
+    return FitPlan(cfg, cache, split, read_layers, configs, out_dirs, 0, 0, device, compute_dtype)
+
+
+def _ranges(layers: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    parts, run = [], []
+    for x in sorted(layers):
+        if run and x == run[-1] + 1:
+            run.append(x)
+        else:
+            if run:
+                parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = [x]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(parts) or "none"
+
+
+def size_budget(plan: FitPlan, source: BatchSource) -> None:
+    """Fill in the plan's token budget and dead-latent threshold from the source's epoch size."""
+    cfg = plan.cfg
+    plan.epoch_tokens = source.epoch_tokens
+    plan.budget = cfg.tokens if cfg.tokens is not None else max(1, round(cfg.epochs * source.epoch_tokens))
+    plan.dead_tokens = cfg.dead_tokens if cfg.dead_tokens is not None else min(DEFAULT_DEAD_TOKENS, max(1, plan.budget // 4))
+
+
+# --- the output folder ---------------------------------------------------------------------------
+
+
+def _manifest(plan: FitPlan) -> dict[str, Any]:
+    return {
+        "fit": plan.cfg.result_fields(),
+        "cache_fingerprint": plan.cache.fingerprint,
+        "cache_tokens": plan.cache.n_tokens,
+        "model": plan.cache.model,
+        "saes": list(plan.sae_configs),
+    }
+
+
+def _check_same_source(saved: dict[str, Any], plan: FitPlan, what: str) -> None:
+    out = plan.cfg.out
+    if saved.get("cache_fingerprint") != plan.cache.fingerprint:
+        before = (saved.get("model") or {}).get("id")
+        raise RouteSAEError(
+            f"{out} holds a {what} from another cache (model {before!r}, fingerprint {saved.get('cache_fingerprint')}); "
+            f"this cache is model {plan.cache.model.get('id')!r}, fingerprint {plan.cache.fingerprint}: use another --out"
+        )
+    if saved.get("cache_tokens") != plan.cache.n_tokens:
+        raise RouteSAEError(
+            f"{out} holds a {what} from this cache when it had {saved.get('cache_tokens')} tokens (now {plan.cache.n_tokens}); "
+            "its split would differ: use another --out"
+        )
+    mine = plan.cfg.result_fields()
+    theirs = saved.get("fit", {})
+    changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in changed)
+        raise RouteSAEError(f"{out} holds a {what} with other settings ({diffs}); use another --out or the same arguments")
+
+
+def _prepare_out(plan: FitPlan) -> tuple[dict[str, Any] | None, bool]:
+    """-> (checkpoint to resume from or None, whether the fit is already finished)."""
+    out = Path(plan.cfg.out)
+    manifest_path = out / MANIFEST_NAME
+    if out.exists() and not out.is_dir():
+        raise RouteSAEError(f"--out {out} exists and is not a folder")
+    if manifest_path.is_file():
+        try:
+            saved = json.loads(manifest_path.read_text())
+        except ValueError:
+            raise RouteSAEError(f"{manifest_path} is unreadable; move {out} away to start over") from None
+        _check_same_source(saved, plan, "fit")
+        ckpt_path = out / CHECKPOINT_NAME
+        if ckpt_path.is_file():
+            ckpt = load_checkpoint(ckpt_path)
+            _check_same_source(ckpt["manifest"], plan, "checkpoint")
+            return ckpt, False
+        if all((d / "config.json").is_file() for d in plan.out_dirs.values()):
+            return None, True
+        return None, False  # killed before its first checkpoint: start again
+    if out.exists() and any(out.iterdir()):
+        raise RouteSAEError(f"--out {out} exists, is not empty and holds no routesae fit; choose another folder")
+    return None, False
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Meter:
+    """Token-weighted averages between two lines of metrics.jsonl."""
+
+    tokens: int = 0
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    """Sums stay on the device until a line is written: no host sync per step."""
+
+    def add(self, out: TrainOutput, n: int) -> None:
+        self.tokens += n
+        values = {"loss": out.loss, "nmse": out.nmse, "aux_loss": out.aux_loss, "l0": out.l0, **out.extra}
+        for key, value in values.items():
+            v = value.detach().float() * n
+            self.sums[key] = self.sums[key] + v if key in self.sums else v
+
+    def means(self) -> dict[str, Any]:
+        t = max(self.tokens, 1)
+        row: dict[str, Any] = {}
+        for key, value in self.sums.items():
+            mean = (value / t).cpu()
+            row[key] = float(mean) if mean.dim() == 0 else [round(x, 6) for x in mean.tolist()]
+        return row
+
+
+@dataclass
+class _Run:
+    """One SAE being trained."""
+
+    name: str
+    out: Path
+    sae: SAE
+    opt: torch.optim.Optimizer
+    layer_pos: list[int]
+    since_fired: Tensor
+    """[n_latents] int64: tokens since each latent last fired."""
+    metrics_lines: int = 0
+    meter: _Meter = field(default_factory=_Meter)
+
+    def select(self, acts: Tensor) -> Tensor:
+        """This SAE's layers out of the loader's [n, n_layers, d]."""
+        if not self.sae.multi_layer:
+            return acts[:, self.layer_pos[0]]
+        if self.layer_pos == list(range(acts.shape[1])):
+            return acts
+        return acts[:, self.layer_pos]
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    """Each SAE's initial weights depend on the seed and its name only, so an SAE trained beside
+    others ends with the weights it would have had alone."""
+    state = np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def _make_optimizer(sae: SAE, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = {"lr": lr, "betas": (0.9, 0.999)}
+    if device.type in ("cpu", "cuda"):
+        kwargs["fused"] = True  # one kernel for all parameters; fp32 state
+    return torch.optim.Adam(sae.parameters(), **kwargs)
+
+
+def _build_runs(plan: FitPlan) -> list[_Run]:
+    runs = []
+    for name, sae_cfg in plan.sae_configs.items():
+        sae = build_sae(sae_cfg, _generator(plan.cfg.seed, name)).to(plan.device)
+        runs.append(
+            _Run(
+                name=name,
+                out=plan.out_dirs[name],
+                sae=sae,
+                opt=_make_optimizer(sae, plan.cfg.lr, plan.device),
+                layer_pos=[plan.read_layers.index(x) for x in sae_cfg.layers],
+                since_fired=torch.zeros(sae_cfg.n_latents, dtype=torch.int64, device=plan.device),
+            )
+        )
+    return runs
+
+
+def _truncate_metrics(path: Path, lines: int) -> None:
+    """Keep the first `lines` lines: those written before the checkpoint being resumed."""
+    if not path.exists():
+        if lines:
+            raise RouteSAEError(f"{path} is missing; it should hold {lines} lines of metrics")
+        return
+    kept = path.read_text().splitlines(keepends=True)[:lines]
+    write_text(path, "".join(kept))
+
+
+class Trainer:
+    """Runs a planned fit: the loop, logging, checkpoints, outputs."""
+
+    def __init__(self, plan: FitPlan, source: BatchSource):
+        if plan.device.type == "cpu":
+            keep_freed_memory()
+        self.plan = plan
+        self.source = source
+        self.runs = _build_runs(plan)
+        self.step = 0
+        self.tokens = 0
+        self.position = Position(0, 0)
+
+    # --- state ---------------------------------------------------------------------------------
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "manifest": _manifest(self.plan),
+            "step": self.step,
+            "tokens": self.tokens,
+            "position": list(self.position),
+            "runs": {
+                run.name: {
+                    "sae": run.sae.state_dict(),
+                    "optimizer": run.opt.state_dict(),
+                    "since_fired": run.since_fired,
+                    "metrics_lines": run.metrics_lines,
+                    "meter": {"tokens": run.meter.tokens, "sums": dict(run.meter.sums)},
+                }
+                for run in self.runs
+            },
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.step = int(ckpt["step"])
+        self.tokens = int(ckpt["tokens"])
+        self.position = Position(*ckpt["position"])
+        for run in self.runs:
+            state = ckpt["runs"][run.name]
+            run.sae.load_state_dict(state["sae"])
+            run.opt.load_state_dict(state["optimizer"])
+            run.since_fired.copy_(state["since_fired"])
+            run.metrics_lines = int(state["metrics_lines"])
+            meter = state["meter"]
+            run.meter = _Meter(int(meter["tokens"]), {k: v.to(self.plan.device) for k, v in meter["sums"].items()})
+
+    # --- one step --------------------------------------------------------------------------------
+    def train_step(self, acts: Tensor) -> None:
+        plan, cfg = self.plan, self.plan.cfg
+        n = acts.shape[0]
+        lr = cfg.lr * lr_factor((self.tokens + n / 2) / plan.budget, cfg.warmup, cfg.decay)
+        acts = acts.to(plan.device, non_blocking=True)
+        for run in self.runs:
+            dead = None
+            if cfg.auxk:
+                dead = run.since_fired >= plan.dead_tokens
+                if not bool(dead.any()):
+                    dead = None
+            out = run.sae.training_loss(run.select(acts), plan.compute_dtype, dead, cfg.auxk_coef)
+            out.loss.backward()
+            run.sae.coder.remove_parallel_grad_()
+            for group in run.opt.param_groups:
+                group["lr"] = lr
+            run.opt.step()
+            run.opt.zero_grad(set_to_none=True)
+            run.sae.coder.normalize_decoder_()
+            run.since_fired += n
+            run.since_fired[out.fired] = 0
+            run.meter.add(out, n)
+        self.tokens += n
+        self.step += 1
+        self._lr = lr
+
+    def dead_fraction(self, run: _Run) -> float:
+        return float((run.since_fired >= self.plan.dead_tokens).float().mean())
+
+    def log(self, tokens_per_s: float, epoch: int) -> list[dict[str, Any]]:
+        """Append one line per SAE to its metrics.jsonl; returns the lines."""
+        rows = []
+        for run in self.runs:
+            row = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "epoch": epoch,
+                "lr": self._lr,
+                **run.meter.means(),
+                "dead_frac": self.dead_fraction(run),
+                "tokens_per_s": tokens_per_s,
+            }
+            with open(run.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            run.metrics_lines += 1
+            run.meter = _Meter()
+            rows.append(row)
+        return rows
+
+    # --- the loop --------------------------------------------------------------------------------
+    def run(self) -> FitResult:
+        plan, cfg = self.plan, self.plan.cfg
+        bar = tqdm(
+            total=plan.budget, initial=self.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+            disable=not cfg.progress, desc="fit", smoothing=0.1,
+        )
+        start = time.perf_counter()
+        first_step_done = None
+        tokens_at_first = self.tokens
+        last_log_time, last_log_tokens = start, self.tokens
+        batches = self.source.batches(self.position)
+        try:
+            while self.tokens < plan.budget:
+                batch = next(batches)
+                acts = batch.acts
+                if self.tokens + acts.shape[0] > plan.budget:
+                    acts = acts[: plan.budget - self.tokens]
+                self.train_step(acts)
+                self.position = batch.position
+                now = time.perf_counter()
+                if first_step_done is None:
+                    first_step_done, tokens_at_first = now, self.tokens
+                finished = self.tokens >= plan.budget
+                if self.step % cfg.log_every == 0 or finished:
+                    rate = (self.tokens - last_log_tokens) / max(now - last_log_time, 1e-9)
+                    rows = self.log(rate, batch.position.epoch)
+                    last_log_time, last_log_tokens = now, self.tokens
+                    bar.set_postfix_str(_postfix(self.runs, rows), refresh=False)
+                bar.update(acts.shape[0])
+                if self.step % cfg.checkpoint_every == 0 and not finished:
+                    save_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, self.checkpoint_payload())
+        finally:
+            batches.close()
+            bar.close()
+        end = time.perf_counter()
+        steady = (self.tokens - tokens_at_first) / (end - first_step_done) if first_step_done and end > first_step_done else 0.0
+        self.write_outputs(end - start)
+        return FitResult([run.out for run in self.runs], self.tokens, self.step, end - start, steady)
+
+    def write_outputs(self, seconds: float) -> None:
+        plan, cfg = self.plan, self.plan.cfg
+        split = plan.split
+        for run in self.runs:
+            training = {
+                "fit": cfg.to_dict(),
+                "tokens_seen": self.tokens,
+                "steps": self.step,
+                "epochs_seen": self.tokens / plan.epoch_tokens,
+                "train_range": [0, split.train_stop],
+                "eval_range": list(split.eval_range),
+                "special_tokens_excluded": not cfg.include_special,
+                "dead_tokens": plan.dead_tokens,
+                "dead_frac": self.dead_fraction(run),
+                "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+                "device": str(plan.device),
+                "relu_after_topk": True,
+            }
+            meta = {"arch": run.sae.arch, "format": "routesae-sae-1"}
+            write_safetensors(run.out / "sae.safetensors", run.sae.export_tensors(), meta)
+            write_json(run.out / "config.json", {**run.sae.config.to_dict(), "training": training})
+        ckpt = Path(cfg.out) / CHECKPOINT_NAME
+        if ckpt.exists():
+            ckpt.unlink()
+
+
+def _postfix(runs: list[_Run], rows: list[dict[str, Any]]) -> str:
+    if len(runs) == 1:
+        return f"loss={rows[0]['loss']:.4f} nmse={rows[0]['nmse']:.4f} dead={rows[0]['dead_frac']:.1%}"
+    return " ".join(f"{run.name}:{row['nmse']:.3f}/{row['dead_frac']:.0%}" for run, row in zip(runs, rows))
+
+
+def fit(cfg: FitConfig, source: BatchSource | None = None) -> FitResult:
+    """Train the SAEs `cfg` asks for; resumes from OUT/checkpoint.pt when there is one.
+
+    source: batches to train on instead of the store's (benchmarks); the store is still opened for
+    its metadata and split. The store is read by a loader process (cfg.loader = 'process'): as
+    with a PyTorch DataLoader's workers, a Python script calling fit() must do so under
+    `if __name__ == "__main__":` (or set cfg.loader = 'thread')."""
+    plan = plan_fit(cfg)
+    if source is None:
+        source = ChunkLoader(
+            plan.cache, plan.read_layers, plan.split, cfg.batch_size, cfg.buffer_tokens, cfg.seed,
+            include_special=cfg.include_special, workers=cfg.loader,
+        )
+    elif list(source.layers) != plan.read_layers:
+        raise ValueError(f"the batch source serves layers {source.layers}, the fit needs {plan.read_layers}")
+    size_budget(plan, source)
+    ckpt, done = _prepare_out(plan)
+    if done:
+        return FitResult(list(plan.out_dirs.values()), 0, 0, 0.0, 0.0, already_done=True)
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(plan, source)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MANIFEST_NAME, _manifest(plan))
+    for run in trainer.runs:
+        run.out.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    for run in trainer.runs:
+        _truncate_metrics(run.out / "metrics.jsonl", run.metrics_lines)
+    return trainer.run()
