@@ -39,5 +39,5 @@ def test_info_command(smollm2_store):
     r = CliRunner().invoke(main, ["info", "--json", str(smollm2_store)])
     import json
     summary = json.loads(r.output)
-    assert summary["n_tokens"] == 4096 and summary["compression_ratio"] > 1.0
+    assert summary["n_tokens"] == 4096 and 0.99 < summary["compression_ratio"] <= 1.0  # uncompressed by default
     assert set(summary["layer_stats"]) == {str(i) for i in range(7, 23)}
