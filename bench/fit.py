@@ -138,7 +138,7 @@ def child_llm(store: str, arch: str, steps: int) -> dict:
             layers, epoch_tokens = plan.read_layers, plan.split.train_stop
 
             def batches(self, start=Position(0, 0)):
-                raise NotImplementedError
+                raise RuntimeError("sizing reads only layers and epoch_tokens; it never draws batches")
 
         size_budget(plan, _NoSource())
         trainer = Trainer(plan, _NoSource())

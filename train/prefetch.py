@@ -12,6 +12,7 @@ Either way at most two buffers exist: the one being served and the one being fil
 
 from __future__ import annotations
 
+import abc
 import os
 import queue
 import sys
@@ -29,23 +30,24 @@ if TYPE_CHECKING:
     from routesae.train.data import ChunkLoader
 
 
-class _Prefetcher:
+class _Prefetcher(abc.ABC):
     """Cuts batches out of the buffers a subclass delivers, in serving order."""
 
     def __init__(self, loader: ChunkLoader, start: Position):
         self.loader = loader
         self.start = start
 
+    @abc.abstractmethod
     def next_buffer(self) -> tuple[int, Tensor, int]:
         """-> (epoch, buffer [n_layers, T, d_model], tokens to skip at its start)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def release(self) -> None:
         """The last buffer delivered is no longer used; its memory may be refilled."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Stop the reader and free its memory."""
 
     def serve(self) -> Iterator[Batch]:
         n = self.loader.batch_size

@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from routesae.errors import RouteSAEError
+from routesae.harvest.models import resolve_device
 from routesae.harvest.store import Cache
 from routesae.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -67,18 +68,6 @@ class FitResult(NamedTuple):
 
 
 # --- planning: every check before anything is written -------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RouteSAEError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RouteSAEError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
 
 
 def bf16_is_fast(device: torch.device) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, NamedTuple
 
+import abc
+
 import torch
 from torch import Tensor, nn
 
@@ -50,7 +52,7 @@ def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
     return ((x_hat - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-12)).mean()
 
 
-class SAE(nn.Module):
+class SAE(nn.Module, abc.ABC):
     """Base class of the architectures. Subclasses set `arch` and implement `coder_input`,
     `training_loss` and `reconstruct`; weights live in `self.coder` (+ any routing parameters)."""
 
@@ -111,19 +113,19 @@ class SAE(nn.Module):
             raise ValueError(f"{self.arch} SAE expects activations [n, {', '.join(map(str, want))}], got {list(x.shape)}")
 
     # --- the architecture's part -----------------------------------------------------------------
+    @abc.abstractmethod
     def coder_input(self, x: Tensor) -> Tensor:
         """Model space -> [n, d] float32: exactly what the coder encodes (normalized space)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def training_loss(
         self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0
     ) -> TrainOutput:
         """Training forward on a batch in model space (any float dtype; bf16 from the store)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def reconstruct(self, x: Tensor) -> Any:
         """Model space in, reconstruction in model space out."""
-        raise NotImplementedError
 
     # --- the public API --------------------------------------------------------------------------
     @torch.no_grad()
