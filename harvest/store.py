@@ -17,9 +17,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 from zarr.codecs import BloscCodec
 
 from routesae.errors import RouteSAEError
+from routesae.harvest.shard_files import ShardFileReader
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "routesae"
@@ -268,6 +270,10 @@ class Cache:
         self._group = zarr.open_group(str(path), mode="r", zarr_format=3)
         self._arrays = {layer: self._group[_act_name(layer)] for layer in attrs["layers"]}
         self.storage_dtype: str = attrs["storage_dtype"]
+        # Uncompressed arrays are read from their shard files directly (shard_files.py says why).
+        self._raw = {
+            layer: ShardFileReader.for_array(arr, path / _act_name(layer)) for layer, arr in self._arrays.items()
+        }
 
     @classmethod
     def open(cls, path: str | os.PathLike, require_complete: bool = False) -> "Cache":
@@ -367,13 +373,26 @@ class Cache:
         self._check_range(start, stop)
         return torch.from_numpy(self._group["special"][start:stop])
 
-    def acts_stored(self, layer: int, start: int, stop: int) -> torch.Tensor:
-        """Activations in the storage dtype (bf16 for a bf16 model), [stop-start, d_model]."""
+    def acts_stored(self, layer: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations in the storage dtype (bf16 for a bf16 model), [stop-start, d_model].
+
+        With `out` (a contiguous CPU tensor of that shape and dtype) they are read into it and it
+        is returned: no other copy is made."""
         self._check_layer(layer)
         self._check_range(start, stop)
-        raw = self._arrays[layer][start:stop]
-        t = torch.from_numpy(raw)
-        return t.view(torch.bfloat16) if self.storage_dtype == "bfloat16" else t
+        dtype = TORCH_DTYPES[self.storage_dtype]
+        shape = (stop - start, self.d_model)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif out.shape != shape or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"out must be a contiguous CPU {dtype} tensor of shape {shape}")
+        bits = (out.view(torch.uint16) if dtype == torch.bfloat16 else out).numpy()
+        raw = self._raw[layer]
+        if raw is not None:
+            raw.read_into(start, stop, bits)
+        else:
+            self._arrays[layer].get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(bits))
+        return out
 
     def acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Activations as float32, [stop-start, d_model]."""

@@ -65,6 +65,7 @@ def make_store(
     bos_at_start: bool = True,
     model_id: str = "synthetic",
     finish: bool = True,
+    compression: str = "blosc-zstd",
 ) -> Cache:
     """Write a complete store of n_tokens (a multiple of context_len) and open it.
 
@@ -72,7 +73,7 @@ def make_store(
     layers = list(range(n_model_layers + 1)) if layers is None else list(layers)
     acts_fn = acts_fn or gaussian_acts(d_model)
     assert n_tokens % context_len == 0
-    layout = StoreLayout(chunk_contexts * context_len, shard_chunks * chunk_contexts * context_len, "blosc-zstd")
+    layout = StoreLayout(chunk_contexts * context_len, shard_chunks * chunk_contexts * context_len, compression)
     provenance = {
         "model": {"id": model_id, "revision": None, "dtype": storage_dtype, "n_layers": n_model_layers},
         "context_len": context_len,

@@ -1,0 +1,119 @@
+"""Reading uncompressed activation chunks straight from their Zarr v3 shard files.
+
+Going through zarr costs three copies of every byte (shard bytes, decoded chunk, assembled
+result) plus Python work per chunk; for the fit loader, which reads 16 layers x 1152 bytes per
+token, that was most of the time (bench/fit.py). When an array is stored uncompressed (the
+default, see cache_schema.md), each chunk is its rows in C order at an offset the shard's index
+gives, so a row range of a chunk is one contiguous byte range: `os.preadv` puts it where the
+caller wants it, one copy. Arrays with any other codec chain are read through zarr.
+
+The shard format is the Zarr v3 `sharding_indexed` codec's: the index sits at the end of the shard
+file, one (offset, nbytes) pair of little-endian uint64 per inner chunk in C order, followed by a
+crc32c of the index (checked here).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from numcodecs import CRC32C
+
+from routesae.errors import RouteSAEError
+
+_EMPTY = np.uint64(2**64 - 1)  # the index's marker for a chunk never written
+
+
+class ShardFileReader:
+    """Row ranges of one 2-D [tokens, d_model] sharded array, read from its shard files."""
+
+    def __init__(self, array_dir: Path, shard_rows: int, chunk_rows: int, row_bytes: int, dtype: np.dtype):
+        self.array_dir = array_dir
+        self.shard_rows = shard_rows
+        self.chunk_rows = chunk_rows
+        self.row_bytes = row_bytes
+        self.dtype = dtype
+        self.chunks_per_shard = shard_rows // chunk_rows
+        self._index: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
+
+    @classmethod
+    def for_array(cls, array: zarr.Array, array_dir: Path) -> "ShardFileReader | None":
+        """A reader when `array` has the plain layout this module understands, else None."""
+        meta = array.metadata
+        if len(array.shape) != 2 or len(meta.codecs) != 1:
+            return None
+        shard_codec: Any = meta.codecs[0]
+        if type(shard_codec).__name__ != "ShardingCodec" or shard_codec.index_location.value != "end":
+            return None
+        inner = [type(c).__name__ for c in shard_codec.codecs]
+        index_codecs = [type(c).__name__ for c in shard_codec.index_codecs]
+        if inner != ["BytesCodec"] or index_codecs != ["BytesCodec", "Crc32cCodec"]:
+            return None
+        little = getattr(shard_codec.codecs[0].endian, "value", None) == "little"
+        dtype = np.dtype(array.dtype)
+        if not little and dtype.itemsize > 1:
+            return None
+        shard_shape = tuple(meta.chunk_grid.chunk_shape)
+        chunk_shape = tuple(shard_codec.chunk_shape)
+        width = array.shape[1]
+        if shard_shape[1] != width or chunk_shape[1] != width or shard_shape[0] % chunk_shape[0]:
+            return None
+        encoding = meta.chunk_key_encoding
+        if getattr(encoding, "name", None) != "default" or getattr(encoding, "separator", None) != "/":
+            return None
+        return cls(array_dir, shard_shape[0], chunk_shape[0], width * dtype.itemsize, dtype)
+
+    def _shard_index(self, fd: int, shard: int) -> np.ndarray:
+        """[chunks_per_shard, 2] (offset, nbytes); cached until the file changes."""
+        st = os.fstat(fd)
+        key = (st.st_mtime_ns, st.st_size)
+        hit = self._index.get(shard)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        size = 16 * self.chunks_per_shard + 4
+        raw = os.pread(fd, size, st.st_size - size) if st.st_size >= size else b""
+        if len(raw) != size:
+            raise RouteSAEError(f"{self._shard_path(shard)}: shard file too short for its index")
+        try:
+            body = CRC32C(location="end").decode(raw)
+        except RuntimeError as e:
+            raise RouteSAEError(f"{self._shard_path(shard)}: corrupt shard index ({e})") from None
+        index = np.frombuffer(body, dtype="<u8").reshape(self.chunks_per_shard, 2)
+        self._index[shard] = (key, index)
+        return index
+
+    def _shard_path(self, shard: int) -> Path:
+        return self.array_dir / "c" / str(shard) / "0"
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) into `out` (C-contiguous, [stop-start, width] of this dtype's size)."""
+        if out.shape[0] != stop - start or not out.flags.c_contiguous or out.nbytes != (stop - start) * self.row_bytes:
+            raise ValueError("out must be C-contiguous with exactly the requested rows")
+        dest = memoryview(out.reshape(-1).view(np.uint8))
+        row = start
+        while row < stop:
+            shard = row // self.shard_rows
+            shard_stop = min(stop, (shard + 1) * self.shard_rows)
+            path = self._shard_path(shard)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise RouteSAEError(f"cannot read {path}: {e.strerror}") from None
+            try:
+                index = self._shard_index(fd, shard)
+                while row < shard_stop:
+                    chunk = row // self.chunk_rows
+                    piece_stop = min(shard_stop, (chunk + 1) * self.chunk_rows)
+                    offset, nbytes = index[chunk - shard * self.chunks_per_shard]
+                    if offset == _EMPTY or nbytes != self.chunk_rows * self.row_bytes:
+                        raise RouteSAEError(f"{path}: chunk {chunk} missing or not stored raw")
+                    first = int(offset) + (row - chunk * self.chunk_rows) * self.row_bytes
+                    at, n = (row - start) * self.row_bytes, (piece_stop - row) * self.row_bytes
+                    if os.preadv(fd, [dest[at : at + n]], first) != n:
+                        raise RouteSAEError(f"{path}: shard file shorter than its index says")
+                    row = piece_stop
+            finally:
+                os.close(fd)
