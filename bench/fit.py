@@ -259,7 +259,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, help="store of SmolLM2 layers 7..22 (default: harvest one)")
     ap.add_argument("--harvest-tokens", type=int, default=131_072)
-    ap.add_argument("--steps", type=int, default=32, help="timed steps of each run (the loader reads a buffer every 16)")
+    ap.add_argument("--steps", type=int, default=96, help="timed steps of each run (the loader reads a buffer "
+                    "every 16; fewer than ~64 times mostly the start, while the second buffer is read)")
     ap.add_argument("--llm-steps", type=int, default=2, help="timed batches of the on-the-fly baseline")
     ap.add_argument("--rounds", type=int, default=2, help="runs of every variant, interleaved; the best is kept "
                     "(the machine may be shared: the best run is the least disturbed)")

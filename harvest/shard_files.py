@@ -5,7 +5,10 @@ result) plus Python work per chunk; for the fit loader, which reads 16 layers x 
 token, that was most of the time (bench/fit.py). When an array is stored uncompressed (the
 default, see cache_schema.md), each chunk is its rows in C order at an offset the shard's index
 gives, so a row range of a chunk is one contiguous byte range: `os.preadv` puts it where the
-caller wants it, one copy. Arrays with any other codec chain are read through zarr.
+caller wants it, one copy. For the fit loader's shuffle, a vectored read with one buffer per row
+sends every row to its shuffled place in the same single copy (`scatter_into`; on Linux, through
+the C library's preadv, since Python's own takes one Python buffer per row). Arrays with any other
+codec chain are read through zarr.
 
 The shard format is the Zarr v3 `sharding_indexed` codec's: the index sits at the end of the shard
 file, one (offset, nbytes) pair of little-endian uint64 per inner chunk in C order, followed by a
@@ -14,9 +17,12 @@ crc32c of the index (checked here).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import zarr
@@ -88,11 +94,9 @@ class ShardFileReader:
     def _shard_path(self, shard: int) -> Path:
         return self.array_dir / "c" / str(shard) / "0"
 
-    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
-        """Rows [start, stop) into `out` (C-contiguous, [stop-start, width] of this dtype's size)."""
-        if out.shape[0] != stop - start or not out.flags.c_contiguous or out.nbytes != (stop - start) * self.row_bytes:
-            raise ValueError("out must be C-contiguous with exactly the requested rows")
-        dest = memoryview(out.reshape(-1).view(np.uint8))
+    def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+        """Rows [start, stop) as pieces contiguous in one shard file: (fd, byte offset, first row, rows).
+        The fd is open while its pieces are handed out."""
         row = start
         while row < stop:
             shard = row // self.shard_rows
@@ -110,10 +114,75 @@ class ShardFileReader:
                     offset, nbytes = index[chunk - shard * self.chunks_per_shard]
                     if offset == _EMPTY or nbytes != self.chunk_rows * self.row_bytes:
                         raise RouteSAEError(f"{path}: chunk {chunk} missing or not stored raw")
-                    first = int(offset) + (row - chunk * self.chunk_rows) * self.row_bytes
-                    at, n = (row - start) * self.row_bytes, (piece_stop - row) * self.row_bytes
-                    if os.preadv(fd, [dest[at : at + n]], first) != n:
-                        raise RouteSAEError(f"{path}: shard file shorter than its index says")
+                    yield fd, int(offset) + (row - chunk * self.chunk_rows) * self.row_bytes, row, piece_stop - row
                     row = piece_stop
             finally:
                 os.close(fd)
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) into `out` (C-contiguous, [stop-start, width] of this dtype's size)."""
+        if out.shape[0] != stop - start or not out.flags.c_contiguous or out.nbytes != (stop - start) * self.row_bytes:
+            raise ValueError("out must be C-contiguous with exactly the requested rows")
+        dest = memoryview(out.reshape(-1).view(np.uint8))
+        for fd, offset, row, n in self._pieces(start, stop):
+            at, size = (row - start) * self.row_bytes, n * self.row_bytes
+            if os.preadv(fd, [dest[at : at + size]], offset) != size:
+                raise RouteSAEError(f"{self._shard_path(row // self.shard_rows)}: shard file shorter than its index says")
+
+    def scatter_into(self, start: int, stop: int, out: np.ndarray, dest: np.ndarray) -> bool:
+        """Row start+i into out[dest[i]], for rows [start, stop): the kernel copies each row from the
+        page cache straight to its place (one vectored read per piece of up to IOV_MAX rows), so a
+        shuffle costs no copy of its own. `out` is C-contiguous [R, width]; dest int64, within [0, R).
+        Returns False, having read nothing, where the C library's preadv cannot be called."""
+        if _preadv is None:
+            return False
+        if not out.flags.c_contiguous or out.ndim != 2 or out.shape[1] * out.itemsize != self.row_bytes:
+            raise ValueError("out must be C-contiguous rows of this array's width and item size")
+        dest = np.ascontiguousarray(dest, dtype=np.int64)
+        if dest.shape != (stop - start,):
+            raise ValueError(f"dest must hold one row index per row read ({stop - start}), got shape {dest.shape}")
+        # a wrong index would make the kernel write outside `out`: every one is checked first
+        if dest.size and (int(dest.min()) < 0 or int(dest.max()) >= out.shape[0]):
+            raise ValueError(f"dest indices must lie in [0, {out.shape[0]})")
+        base = out.ctypes.data
+        for fd, offset, row, n in self._pieces(start, stop):
+            for lo in range(0, n, _IOV_MAX):
+                m = min(_IOV_MAX, n - lo)
+                iov = np.empty((m, 2), dtype=np.uint64)  # struct iovec {void *base; size_t len;}
+                iov[:, 0] = base + dest[row - start + lo : row - start + lo + m] * self.row_bytes
+                iov[:, 1] = self.row_bytes
+                want = m * self.row_bytes
+                while True:
+                    got = _preadv(fd, iov.ctypes.data, m, offset + lo * self.row_bytes)
+                    if got >= 0 or ctypes.get_errno() != errno.EINTR:
+                        break
+                if got != want:
+                    err = os.strerror(ctypes.get_errno()) if got < 0 else "shard file shorter than its index says"
+                    raise RouteSAEError(f"{self._shard_path(row // self.shard_rows)}: {err}")
+        return True
+
+
+def _load_preadv() -> Callable[[int, int, int, int], int] | None:
+    """The C library's preadv(fd, iov, iovcnt, offset), or None where it cannot be had."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).preadv
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    fn.restype = ctypes.c_ssize_t
+    return fn
+
+
+_preadv = _load_preadv() if sys.platform.startswith("linux") else None
+
+
+def _iov_max() -> int:
+    """Buffers one vectored read may take (POSIX guarantees 16; Linux has 1024)."""
+    try:
+        n = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        return 16
+    return n if 0 < n <= 1024 else 16
+
+
+_IOV_MAX = _iov_max()

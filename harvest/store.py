@@ -394,6 +394,24 @@ class Cache:
             self._arrays[layer].get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(bits))
         return out
 
+    def acts_scattered(self, layer: int, start: int, stop: int, out: torch.Tensor, dest: torch.Tensor) -> None:
+        """Token start+i's activations into out[dest[i]], for tokens [start, stop): a read and a
+        row shuffle in one copy (uncompressed stores on Linux; otherwise a read, then a copy).
+
+        out: contiguous CPU tensor [R, d_model] in the storage dtype; dest: int64 [stop-start] in [0, R)."""
+        self._check_layer(layer)
+        self._check_range(start, stop)
+        dtype = TORCH_DTYPES[self.storage_dtype]
+        if out.dim() != 2 or out.shape[1] != self.d_model or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"out must be a contiguous CPU {dtype} tensor of shape [rows, {self.d_model}]")
+        raw = self._raw[layer]
+        bits = (out.view(torch.uint16) if dtype == torch.bfloat16 else out).numpy()
+        if raw is not None and raw.scatter_into(start, stop, bits, dest.numpy()):
+            return
+        if dest.shape != (stop - start,) or (dest.numel() and not 0 <= int(dest.min()) <= int(dest.max()) < out.shape[0]):
+            raise ValueError(f"dest must hold {stop - start} row indices in [0, {out.shape[0]})")
+        out.index_copy_(0, dest, self.acts_stored(layer, start, stop))
+
     def acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Activations as float32, [stop-start, d_model]."""
         return self.acts_stored(layer, start, stop).float()

@@ -86,3 +86,20 @@ def test_an_unfinished_store_reads_only_committed_shards(tmp_path):
     cache = make_store(tmp_path / "s.zarr", compression="none", finish=False, **KW)
     assert cache.n_tokens == 224
     torch.testing.assert_close(cache.acts(1, 192, 224), _zarr_read(cache, 1, 192, 224).float())
+
+
+@pytest.mark.parametrize("compression", ["none", "blosc-zstd"])
+def test_scattered_reads_put_each_row_at_its_place(tmp_path, compression):
+    cache = make_store(tmp_path / "s.zarr", storage_dtype="bfloat16", compression=compression, **KW)
+    a, b = 20, 150  # crosses chunk and shard boundaries
+    dest = torch.from_numpy(np.random.default_rng(1).permutation(200)[: b - a].copy())
+    out = torch.zeros(200, 8, dtype=torch.bfloat16)
+    cache.acts_scattered(3, a, b, out=out, dest=dest)
+    ref = _zarr_read(cache, 3, a, b)
+    assert torch.equal(_bits(out[dest]), _bits(ref))
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[dest] = False
+    assert (out[untouched] == 0).all()
+    for bad in (dest.clone().fill_(200), dest.clone().fill_(-1), dest[:-1]):  # outside `out`, or too few
+        with pytest.raises(ValueError):
+            cache.acts_scattered(3, a, b, out=out, dest=bad)

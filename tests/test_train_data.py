@@ -33,11 +33,13 @@ def token_ids(acts: torch.Tensor) -> torch.Tensor:
     return (a[:, 0] * 128 + a[:, 2]).long()
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+# uncompressed stores are read by scattered reads from the shard files, compressed ones by zarr
+@pytest.fixture(scope="module", params=[("float32", "none"), ("bfloat16", "none"), ("bfloat16", "blosc-zstd")])
 def cache(request, tmp_path_factory):
+    dtype, compression = request.param
     return make_store(tmp_path_factory.mktemp("data") / "s.zarr", 1600, d_model=D, layers=[2, 3, 4],
                       n_model_layers=8, context_len=CTX, chunk_contexts=2, acts_fn=id_acts,
-                      storage_dtype=request.param)
+                      storage_dtype=dtype, compression=compression)
 
 
 def epoch_ids(loader: ChunkLoader, epoch: int, start: Position | None = None) -> tuple[list[int], list[int]]:

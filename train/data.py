@@ -95,8 +95,8 @@ class BufferReader:
 
     def read(self, epoch: int, index: int, chunks: np.ndarray, out: Tensor | None = None) -> Tensor:
         """Buffer `index` of `epoch`: [n_layers, T, d_model] in the storage dtype, each layer
-        contiguous, the same token order in all. With `out` ([n_layers, >= T, d_model]) it is
-        written there and a view of it is returned."""
+        contiguous, the same token order in all. With `out` ([n_layers, R, d_model], R at least the
+        chunks' token count, special tokens included) it is written there and a view of it is returned."""
         runs = _contiguous_runs(np.sort(chunks))
         ranges = [(self.split.chunk_range(a)[0], self.split.chunk_range(b - 1)[1]) for a, b in runs]
         n_read = sum(b - a for a, b in ranges)
@@ -106,19 +106,24 @@ class BufferReader:
             special = np.concatenate([self.cache.special(a, b).numpy() for a, b in ranges])
             rows = np.flatnonzero(~special)
         rows = rows[_rng(self.seed, 1, epoch, index).permutation(rows.size)]
+        # Token rows[i] of the read goes to row i; the special tokens go past the kept ones, where
+        # the returned view does not reach. Each row is read straight to its place (one copy).
+        dest = np.empty(n_read, dtype=np.int64)
+        dest[rows] = np.arange(rows.size)
+        if rows.size < n_read:
+            dropped = np.ones(n_read, dtype=bool)
+            dropped[rows] = False
+            dest[dropped] = np.arange(rows.size, n_read)
+        dest_t = torch.from_numpy(dest)
         dtype = TORCH_DTYPES[self.cache.storage_dtype]
-        shape = (len(self.layers), rows.size, self.cache.d_model)
-        buf = torch.empty(shape, dtype=dtype) if out is None else out[:, : rows.size]
-        staging = torch.empty((n_read, self.cache.d_model), dtype=dtype)
-        order = torch.from_numpy(rows)
+        shape = (len(self.layers), n_read, self.cache.d_model)
+        full = torch.empty(shape, dtype=dtype) if out is None else out[:, :n_read]
         for j, layer in enumerate(self.layers):
             at = 0
             for a, b in ranges:  # the buffer's chunks, one after the other
-                self.cache.acts_stored(layer, a, b, out=staging[at : at + b - a])
+                self.cache.acts_scattered(layer, a, b, out=full[j], dest=dest_t[at : at + b - a])
                 at += b - a
-            # One gather drops the special tokens and shuffles (torch's is ~3x numpy's take).
-            torch.index_select(staging, 0, order, out=buf[j])
-        return buf
+        return full[:, : rows.size]
 
 
 class ChunkLoader:

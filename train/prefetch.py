@@ -13,6 +13,7 @@ Either way at most two buffers exist: the one being served and the one being fil
 from __future__ import annotations
 
 import abc
+import mmap
 import os
 import queue
 import sys
@@ -150,6 +151,8 @@ def _worker(
     slot = -1
     try:
         reader = BufferReader(Cache.open(store), layers, split, seed, include_special)
+        for buf in slots:  # map every page of the slots now, not in the middle of training
+            buf.view(-1).view(torch.uint8)[:: mmap.PAGESIZE].zero_()
         while True:
             try:
                 item = requests.get(timeout=1.0)
