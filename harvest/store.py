@@ -21,7 +21,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from zarr.codecs import BloscCodec
 
 from routesae.errors import RouteSAEError
-from routesae.harvest.shard_files import ShardFileReader
+from routesae.harvest.shard_files import ShardFiles
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "routesae"
@@ -144,6 +144,8 @@ class StoreWriter:
         self.layers: list[int] = attrs["layers"]
         self.layout = StoreLayout(**attrs["layout"])
         self.arrays = {layer: group[_act_name(layer)] for layer in self.layers}
+        # Uncompressed activations are written as shard files directly (shard_files.py says why).
+        self.files = {layer: ShardFiles.for_array(arr, path / _act_name(layer)) for layer, arr in self.arrays.items()}
         self.token_ids = group["token_ids"]
         self.positions = group["positions"]
         self.special = group["special"]
@@ -234,7 +236,11 @@ class StoreWriter:
         if n > self.layout.shard_tokens or start + n > self.attrs["capacity_tokens"]:
             raise ValueError(f"shard {shard_index} of {n} tokens does not fit the store")
         for i, layer in enumerate(self.layers):
-            self.arrays[layer][start : start + n] = acts[i]
+            files = self.files[layer]
+            if files is not None:
+                files.write_shard(shard_index, np.ascontiguousarray(acts[i]))
+            else:
+                self.arrays[layer][start : start + n] = acts[i]
         self.token_ids[start : start + n] = token_ids
         self.positions[start : start + n] = positions
         self.special[start : start + n] = special
@@ -272,7 +278,7 @@ class Cache:
         self.storage_dtype: str = attrs["storage_dtype"]
         # Uncompressed arrays are read from their shard files directly (shard_files.py says why).
         self._raw = {
-            layer: ShardFileReader.for_array(arr, path / _act_name(layer)) for layer, arr in self._arrays.items()
+            layer: ShardFiles.for_array(arr, path / _act_name(layer)) for layer, arr in self._arrays.items()
         }
 
     @classmethod

@@ -103,3 +103,26 @@ def test_scattered_reads_put_each_row_at_its_place(tmp_path, compression):
     for bad in (dest.clone().fill_(200), dest.clone().fill_(-1), dest[:-1]):  # outside `out`, or too few
         with pytest.raises(ValueError):
             cache.acts_scattered(3, a, b, out=out, dest=bad)
+
+
+@pytest.mark.parametrize("n_tokens", [208, 224, 192])  # last shard ends mid-chunk, on a chunk, on the shard
+def test_direct_shard_writes_are_byte_identical_to_zarrs(tmp_path, n_tokens):
+    import routesae.harvest.store as store_mod
+
+    kw = {**KW, "n_tokens": n_tokens, "storage_dtype": "bfloat16", "compression": "none", "context_len": 16}
+    direct = make_store(tmp_path / "direct.zarr", **kw)
+    assert all(f is not None for f in store_mod.StoreWriter.open(tmp_path / "direct.zarr").files.values())
+    real = store_mod.ShardFiles.for_array
+    store_mod.ShardFiles.for_array = classmethod(lambda cls, array, array_dir: None)  # zarr writes everything
+    try:
+        via_zarr = make_store(tmp_path / "zarr.zarr", **kw)
+    finally:
+        store_mod.ShardFiles.for_array = real
+    files = sorted(p.relative_to(tmp_path / "zarr.zarr") for p in (tmp_path / "zarr.zarr" / "acts").rglob("*") if p.is_file())
+    assert files and files == sorted(
+        p.relative_to(tmp_path / "direct.zarr") for p in (tmp_path / "direct.zarr" / "acts").rglob("*") if p.is_file()
+    )
+    for rel in files:
+        assert (tmp_path / "direct.zarr" / rel).read_bytes() == (tmp_path / "zarr.zarr" / rel).read_bytes(), rel
+    for layer in direct.layers:
+        assert torch.equal(_bits(direct.acts_stored(layer, 0, n_tokens)), _bits(via_zarr.acts_stored(layer, 0, n_tokens)))
