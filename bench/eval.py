@@ -1,15 +1,17 @@
 """Throughput of `routesae eval --splice` for one SAE against a plain forward of the same contexts.
 
     python bench/eval.py                                   # builds a small SmolLM2 store and a TopK SAE first
-    python bench/eval.py --cache demo/store.zarr --sae demo/runs/topk-k64 --contexts 32
+    python bench/eval.py --cache demo/store.zarr --sae demo/runs/topk-k64 --contexts 48
 
 Both sides run the same contexts in batches of --batch-size: the plain side is `model(input_ids)`
 (full logits, what any forward over the contexts costs); the eval side is the splice engine exactly
 as `eval --splice` runs it (clean, spliced and zero-ablated runs, KL / CE over every non-special
-position), once with --prefix auto (the default: clean runs start from the store's activations
-once they prove bit-identical to the live forward) and once with --prefix live. Runs alternate and
-the best of --repeats is kept, since other processes share the CPU. Prints tokens/s and the ratio
-eval / plain (the issue asks for at least 0.8).
+position) with the default --prefix auto: the first batch runs live and proves the store's
+activations bit-identical to this machine's forward, later batches start their clean run from the
+store at the first spliced layer. Printed: the whole run's ratio eval / plain (the issue asks for
+at least 0.8), and apart, the first batch and the steady state of the later ones (what an eval of
+millions of tokens converges to), from a run of the first batch alone. --compare-live also times
+--prefix live. Runs alternate and the best of --repeats is kept, since other processes share the CPU.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", help="store to read contexts from (default: build one)")
     ap.add_argument("--sae", help="SAE folder (default: build one)")
-    ap.add_argument("--contexts", type=int, default=32, help="contexts to run (from the store's start)")
+    ap.add_argument("--contexts", type=int, default=48, help="contexts to run (from the store's start)")
     ap.add_argument("--batch-size", type=int, default=8, help="contexts per forward (both sides)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compare-live", action="store_true", help="also time --prefix live (every clean run in full)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
@@ -82,7 +85,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    def splice(prefix: str):
+    def splice(prefix: str, stop: int = stop):
         t = time.perf_counter()
         run = splice_metrics(model, cache, [target], start, stop, args.batch_size, prefix=prefix, progress=False)
         if device.type == "cuda":
@@ -90,31 +93,47 @@ def main() -> None:
         return time.perf_counter() - t, run
 
     plain()  # warm-up
-    times: dict[str, list[float]] = {"plain": [], "auto": [], "live": []}
+    b = min(args.batch_size, n_ctx)
+    modes = ["plain", "auto", "first"] + (["live"] if args.compare_live else [])
+    times: dict[str, list[float]] = {m: [] for m in modes}
     runs = {}
     for _ in range(args.repeats):
         times["plain"].append(plain())
-        for prefix in ("auto", "live"):
+        for prefix in ("auto", "live") if args.compare_live else ("auto",):
             dt, runs[prefix] = splice(prefix)
             times[prefix].append(dt)
+        # the first batch alone: always live (it proves the store equal to this machine's forward)
+        dt, _ = splice("auto", stop=start + b * ctx)
+        times["first"].append(dt)
 
     tokens = stop - start
+    n_batches = -(-n_ctx // b)
     best = {k: min(v) for k, v in times.items()}
+    cfg = sae.sae.config
     print(f"\nmodel {cache.model['id']} ({cache.model['dtype']}, {device}), SAE {sae.name} "
-          f"({sae.sae.config.arch}, layer(s) {sae.sae.config.layers}, k {sae.sae.config.k}, {sae.sae.config.n_latents} latents)")
-    print(f"{n_ctx} contexts x {ctx} tokens = {tokens:,} tokens, batches of {args.batch_size}, "
+          f"({cfg.arch}, layer(s) {cfg.layers[0]}..{cfg.layers[-1]}, k {cfg.k}, {cfg.n_latents} latents)")
+    print(f"{n_ctx} contexts x {ctx} tokens = {tokens:,} tokens, {n_batches} batches of {b}, "
           f"{torch.get_num_threads()} CPU threads, best of {args.repeats}")
-    print(f"{'':28}{'seconds':>9}{'tokens/s':>10}{'ratio':>7}   (median s)")
-    print(f"{'plain forward':28}{best['plain']:9.2f}{tokens / best['plain']:10.0f}{1.0:7.2f}   "
-          f"({statistics.median(times['plain']):.2f})")
-    for prefix in ("auto", "live"):
-        r = runs[prefix]
-        how = f"{r.batches['store']}/{r.batches['live'] + r.batches['store']} batches from store"
-        print(f"{'eval --splice --prefix ' + prefix:28}{best[prefix]:9.2f}{tokens / best[prefix]:10.0f}"
-              f"{best['plain'] / best[prefix]:7.2f}   ({statistics.median(times[prefix]):.2f}; {how})")
-    same = runs["auto"].results[0].kl_per_token, runs["live"].results[0].kl_per_token
-    print(f"KL/token: auto {same[0]:.6f}, live {same[1]:.6f}")
-    print(f"ratio (eval --splice, default prefix auto, vs plain forward): {best['plain'] / best['auto']:.2f}")
+    print(f"{'':44}{'seconds':>9}{'tokens/s':>10}{'ratio':>7}   (median s)")
+
+    def line(label: str, secs: float, n_tok: int, plain_secs: float, med: float) -> None:
+        print(f"{label:44}{secs:9.2f}{n_tok / secs:10.0f}{plain_secs / secs:7.2f}   ({med:.2f})")
+
+    line("plain forward", best["plain"], tokens, best["plain"], statistics.median(times["plain"]))
+    r = runs["auto"]
+    line(f"eval --splice, whole run ({r.batches['store']}/{n_batches} from store)", best["auto"], tokens,
+         best["plain"], statistics.median(times["auto"]))
+    if args.compare_live:
+        line("eval --splice --prefix live", best["live"], tokens, best["plain"], statistics.median(times["live"]))
+    per_plain = best["plain"] / n_batches
+    line("  first batch (live, checks the store)", best["first"], b * ctx, per_plain, statistics.median(times["first"]))
+    if n_batches > 1 and r.batches["store"]:
+        steady = (best["auto"] - best["first"]) / (n_batches - 1)
+        line("  each later batch (from the store)", steady, b * ctx, per_plain, steady)
+        print(f"ratio, steady state (what a long eval converges to): {per_plain / steady:.2f}")
+    print(f"ratio, whole run of {n_batches} batches: {best['plain'] / best['auto']:.2f}   (target >= 0.8)")
+    if args.compare_live:
+        print(f"KL/token: auto {runs['auto'].results[0].kl_per_token:.6f}, live {runs['live'].results[0].kl_per_token:.6f}")
     if tmp is not None:
         tmp.cleanup()
 

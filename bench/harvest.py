@@ -1,6 +1,6 @@
 """Harvest throughput, side by side in one run, on the offline SmolLM2 and the built-in corpus.
 
-    python bench/harvest.py [--tokens 16384] [--context-len 512] [--batch-size 8]
+    python bench/harvest.py [--tokens 65536] [--rounds 3] [--context-len 512] [--batch-size 8]
 
 Prints tokens/s of `routesae harvest` (routed layers, writing the Zarr store) against
  (a) a plain transformers loop with output_hidden_states=True over the whole model (the original
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,11 +73,12 @@ def codec_table(cache: Cache, layer: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--tokens", type=int, default=65536, help="per run; 8 shards, so the last shard's "
+                    "write (which nothing overlaps) is a small part")
     ap.add_argument("--context-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; each mode keeps its best time")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; each mode keeps its best time")
     args = ap.parse_args()
 
     loaded = load_model("smollm2", args.dtype, "cpu")
@@ -113,12 +115,14 @@ def main() -> None:
         model(data[0][:1, :16])  # warm-up
     # Modes alternate over rounds and each keeps its best time, so a busy moment of the machine
     # does not land on one mode only.
-    best = {"plain": float("inf"), "trunc": float("inf"), "none": float("inf"), "blosc-zstd": float("inf")}
-    for _ in range(args.rounds):
-        best["plain"] = min(best["plain"], timed(plain))
-        best["trunc"] = min(best["trunc"], timed(truncated))
+    times: dict[str, list[float]] = {"plain": [], "trunc": [], "none": [], "blosc-zstd": []}
+    for r in range(args.rounds):
+        times["plain"].append(timed(plain))
+        times["trunc"].append(timed(truncated))
         for comp in ("none", "blosc-zstd"):
-            best[comp] = min(best[comp], timed(lambda: harvest(comp)))
+            times[comp].append(timed(lambda: harvest(comp)))
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {n / v[-1]:.0f} tok/s" for k, v in times.items()), flush=True)
+    best = {k: min(v) for k, v in times.items()}
     caches = {comp: Cache.open(f"{tmp}/bench-{comp}.zarr") for comp in ("none", "blosc-zstd")}
     assert all(c.n_tokens == n for c in caches.values())
 
@@ -128,8 +132,14 @@ def main() -> None:
     print(f"  {'routesae harvest --compression blosc-zstd':52s} {rate['blosc-zstd']:9.0f}")
     print(f"  {'(a) plain forward, output_hidden_states=True':52s} {rate['plain']:9.0f}")
     print(f"  {'(b) truncated forward alone, no I/O':52s} {rate['trunc']:9.0f}")
-    print(f"\n  harvest / (a) = {rate['none'] / rate['plain']:.2f}x   (target >= 1.3x)")
-    print(f"  harvest / (b) = {rate['none'] / rate['trunc']:.2f}x   (target >= 0.95x)")
+    # The machine's speed drifts by several percent between minutes (other tenants); the ratio of
+    # two runs taken one after the other in the same round is steadier than a ratio of best runs.
+    paired = {k: statistics.median(times[ref][i] / times["none"][i] for i in range(args.rounds))
+              for k, ref in (("a", "plain"), ("b", "trunc"))}
+    print(f"\n  harvest / (a) = {rate['none'] / rate['plain']:.2f}x best of each, {paired['a']:.2f}x median "
+          f"of the rounds' paired ratios   (target >= 1.3x)")
+    print(f"  harvest / (b) = {rate['none'] / rate['trunc']:.2f}x best of each, {paired['b']:.2f}x median "
+          f"of the rounds' paired ratios   (target >= 0.95x)")
     print(f"  harvest --compression blosc-zstd / (b) = {rate['blosc-zstd'] / rate['trunc']:.2f}x")
     for c in caches.values():
         disk, raw = c.nbytes_acts_on_disk(), c.nbytes_raw_acts()
