@@ -166,6 +166,11 @@ class ShardFiles:
                     raise RouteSAEError(f"{self._shard_path(row // self.shard_rows)}: {err}")
         return True
 
+    def remove_partial_writes(self) -> None:
+        """Delete the temporary files of shard writes that were killed before their rename."""
+        for path in self.array_dir.glob("c/*/.*.partial"):
+            path.unlink(missing_ok=True)
+
     def write_shard(self, shard: int, rows: np.ndarray) -> None:
         """Write shard `shard` whole: `rows` (C-contiguous [n <= shard_rows, width]) are its first n
         rows; chunks past them are left unwritten. The file appears complete or not at all (written

@@ -214,7 +214,11 @@ class StoreWriter:
     def open(cls, path: str | os.PathLike) -> "StoreWriter":
         path = Path(path)
         attrs = _read_attrs(path)
-        return cls(path, zarr.open_group(str(path), mode="r+", zarr_format=3), attrs)
+        writer = cls(path, zarr.open_group(str(path), mode="r+", zarr_format=3), attrs)
+        for files in writer.files.values():  # a harvest killed mid-write left these
+            if files is not None:
+                files.remove_partial_writes()
+        return writer
 
     @property
     def progress(self) -> dict[str, Any]:

@@ -126,3 +126,14 @@ def test_direct_shard_writes_are_byte_identical_to_zarrs(tmp_path, n_tokens):
         assert (tmp_path / "direct.zarr" / rel).read_bytes() == (tmp_path / "zarr.zarr" / rel).read_bytes(), rel
     for layer in direct.layers:
         assert torch.equal(_bits(direct.acts_stored(layer, 0, n_tokens)), _bits(via_zarr.acts_stored(layer, 0, n_tokens)))
+
+
+def test_reopening_a_store_for_writing_removes_killed_writes(tmp_path):
+    from routesae.harvest.store import StoreWriter
+
+    make_store(tmp_path / "s.zarr", compression="none", finish=False, **KW)
+    debris = tmp_path / "s.zarr" / "acts" / "1" / "c" / "2" / ".0.12345.partial"
+    debris.write_bytes(b"half a shard")
+    StoreWriter.open(tmp_path / "s.zarr")
+    assert not debris.exists()
+    assert (tmp_path / "s.zarr" / "acts" / "1" / "c" / "2" / "0").is_file()
