@@ -21,7 +21,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from zarr.codecs import BloscCodec
 
 from routesae.errors import RouteSAEError
-from routesae.harvest.shard_files import ShardFiles
+from routesae.harvest.shard_files import ShardFiles, check_row_indices
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "routesae"
@@ -418,9 +418,8 @@ class Cache:
         bits = (out.view(torch.uint16) if dtype == torch.bfloat16 else out).numpy()
         if raw is not None and raw.scatter_into(start, stop, bits, dest.numpy()):
             return
-        if dest.shape != (stop - start,) or (dest.numel() and not 0 <= int(dest.min()) <= int(dest.max()) < out.shape[0]):
-            raise ValueError(f"dest must hold {stop - start} row indices in [0, {out.shape[0]})")
-        out.index_copy_(0, dest, self.acts_stored(layer, start, stop))
+        rows = torch.from_numpy(check_row_indices(dest.numpy(), stop - start, out.shape[0]))
+        out.index_copy_(0, rows, self.acts_stored(layer, start, stop))
 
     def acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Activations as float32, [stop-start, d_model]."""
