@@ -49,8 +49,8 @@ def _baselines(text: str) -> list[str]:
 @click.option("--tokens", default=None, help="At most this many tokens (whole contexts): 100k, 1M, 20000.")
 @click.option("--baselines", default=",".join(BASELINES), show_default=True,
               help="Random-routing baselines for RouteSAEs: uniform, random-layer, both (comma list) or none.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Contexts per LLM forward (splice); the harvest's batch size (8 by default) lets clean runs start "
-                   "from the store (see --prefix).")
+@click.option("--batch-size", default=None, type=int, help="Contexts per LLM forward (splice). Default: the harvest's, as the "
+                   "store records it (else 8), which lets clean runs start from the store (see --prefix).")
 @click.option("--model", default=None, help="Load the LLM from here instead of the store's model id (same revision).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--prefix", type=click.Choice(["auto", "live"]), default="auto", show_default=True,

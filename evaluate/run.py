@@ -38,8 +38,9 @@ class EvalConfig:
     """At most this many tokens (rounded down to whole contexts)."""
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     """Random-routing baselines evaluated with each RouteSAE's dictionary: 'uniform', 'random-layer'."""
-    batch_size: int = 8
-    """Contexts per LLM forward (splice)."""
+    batch_size: int | None = None
+    """Contexts per LLM forward (splice); None: the harvest's (as the store records it, else 8), so
+    that clean runs can start from the stored activations."""
     batch_tokens: int = 8192
     """Tokens per batch of the cache metrics."""
     model: str | None = None
@@ -235,7 +236,7 @@ def _prefix_note(run: SpliceRun) -> str:
 
 def run_eval(cfg: EvalConfig) -> Report:
     """Evaluate cfg.saes on cfg.cache; returns the report (the CLI prints and writes it)."""
-    if cfg.batch_size < 1 or cfg.batch_tokens < 1:
+    if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.batch_tokens < 1:
         raise RouteSAEError("--batch-size must be at least 1")
     if cfg.prefix not in PREFIXES:
         raise RouteSAEError(f"--prefix {cfg.prefix!r}: use {' or '.join(PREFIXES)}")
@@ -281,7 +282,7 @@ def run_eval(cfg: EvalConfig) -> Report:
                 report.notes.append(t.cannot_splice_reason)
         if spliceable:
             run = splice_metrics(loaded.model, cache, [targets[i] for i in spliceable], start, stop,
-                                 cfg.batch_size, cfg.prefix, cfg.progress)
+                                 cfg.batch_size or cache.harvest_batch_size or 8, cfg.prefix, cfg.progress)
             for i, r in zip(spliceable, run.results):
                 rows[i].splice = r
             report.notes.extend(n.format(ctx=cache.context_len) for n in SPLICE_NOTES)

@@ -76,7 +76,8 @@ class HarvestConfig:
 
 
 # Settings that must match for a harvest to continue an existing store.
-_RESUME_KEYS = ("model.id", "model.revision", "model.dtype", "dataset", "context_len", "seed", "layers", "capacity_tokens")
+_RESUME_KEYS = ("model.id", "model.revision", "model.dtype", "dataset", "context_len", "seed", "batch_size", "layers",
+                "capacity_tokens")
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -176,6 +177,9 @@ def _provenance(cfg: HarvestConfig, info: dict[str, Any]) -> dict[str, Any]:
         "dataset": {"id": cfg.dataset, "split": cfg.split, "text_field": cfg.text_field, "shuffle_buffer": cfg.shuffle_buffer},
         "context_len": cfg.context_len,
         "seed": cfg.seed,
+        # bf16 matmuls round differently with the batch's size: eval's clean runs can start from
+        # the stored activations when its batches line up with these
+        "batch_size": cfg.batch_size,
         "package_version": __version__,
     }
 

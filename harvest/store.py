@@ -300,6 +300,12 @@ class Cache:
 
     # --- description ---------------------------------------------------------------------------
     @property
+    def harvest_batch_size(self) -> int | None:
+        """Contexts per forward of the harvest that wrote the store (None: not recorded)."""
+        value = self.attrs.get("batch_size")
+        return int(value) if value is not None else None
+
+    @property
     def n_tokens(self) -> int:
         return int(self.attrs["progress"]["tokens"])
 

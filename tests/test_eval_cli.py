@@ -180,3 +180,22 @@ def test_python_api_matches(world):
                               tokens=64))
     assert rep.rows[0].cache.n_tokens == rep.n_tokens > 0
     assert torch.isfinite(torch.tensor(rep.rows[0].cache.normmse))
+
+
+def test_eval_batches_default_to_the_harvests(tmp_path):
+    # a store harvested 4 contexts per forward: eval's default batches line up with those, so its clean
+    # runs start from the store (bf16 rounding depends on the batch's size)
+    from routesae.evaluate.run import EvalConfig, run_eval
+    from routesae.harvest.store import Cache
+
+    model_dir = save_tiny("llama", tmp_path / "model")
+    run_harvest(HarvestConfig(out=str(tmp_path / "s.zarr"), model=str(model_dir), dataset="builtin", tokens=2048,
+                              layers="all", context_len=CTX, batch_size=4, progress=False, min_chunk_bytes=1024))
+    assert Cache.open(tmp_path / "s.zarr").harvest_batch_size == 4
+    _fit(tmp_path / "s.zarr", tmp_path / "runs", ["topk"])
+    report = run_eval(EvalConfig(saes=[str(tmp_path / "runs")], cache=str(tmp_path / "s.zarr"), splice=True,
+                                 progress=False))
+    assert report.splice_batches == {"live": 1, "store": 3}
+    live = run_eval(EvalConfig(saes=[str(tmp_path / "runs")], cache=str(tmp_path / "s.zarr"), splice=True,
+                               prefix="live", progress=False))
+    assert [r.splice for r in report.rows] == [r.splice for r in live.rows]
