@@ -134,6 +134,11 @@ def _act_name(layer: int) -> str:
     return f"acts/{layer}"
 
 
+def _shard_files(path: Path, arrays: dict[int, zarr.Array]) -> dict[int, ShardFiles | None]:
+    """Per layer, direct access to its shard files when stored uncompressed (shard_files.py says why)."""
+    return {layer: ShardFiles.for_array(arr, path / _act_name(layer)) for layer, arr in arrays.items()}
+
+
 class StoreWriter:
     """Writes shards of a store and commits them; one writer per shard, ever."""
 
@@ -144,8 +149,7 @@ class StoreWriter:
         self.layers: list[int] = attrs["layers"]
         self.layout = StoreLayout(**attrs["layout"])
         self.arrays = {layer: group[_act_name(layer)] for layer in self.layers}
-        # Uncompressed activations are written as shard files directly (shard_files.py says why).
-        self.files = {layer: ShardFiles.for_array(arr, path / _act_name(layer)) for layer, arr in self.arrays.items()}
+        self.files = _shard_files(path, self.arrays)
         self.token_ids = group["token_ids"]
         self.positions = group["positions"]
         self.special = group["special"]
@@ -280,10 +284,7 @@ class Cache:
         self._group = zarr.open_group(str(path), mode="r", zarr_format=3)
         self._arrays = {layer: self._group[_act_name(layer)] for layer in attrs["layers"]}
         self.storage_dtype: str = attrs["storage_dtype"]
-        # Uncompressed arrays are read from their shard files directly (shard_files.py says why).
-        self._raw = {
-            layer: ShardFiles.for_array(arr, path / _act_name(layer)) for layer, arr in self._arrays.items()
-        }
+        self._raw = _shard_files(path, self._arrays)
 
     @classmethod
     def open(cls, path: str | os.PathLike, require_complete: bool = False) -> "Cache":
@@ -396,13 +397,9 @@ class Cache:
         is returned: no other copy is made."""
         self._check_layer(layer)
         self._check_range(start, stop)
-        dtype = TORCH_DTYPES[self.storage_dtype]
-        shape = (stop - start, self.d_model)
         if out is None:
-            out = torch.empty(shape, dtype=dtype)
-        elif out.shape != shape or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
-            raise ValueError(f"out must be a contiguous CPU {dtype} tensor of shape {shape}")
-        bits = (out.view(torch.uint16) if dtype == torch.bfloat16 else out).numpy()
+            out = torch.empty((stop - start, self.d_model), dtype=TORCH_DTYPES[self.storage_dtype])
+        bits = self._bits_of(out, stop - start)
         raw = self._raw[layer]
         if raw is not None:
             raw.read_into(start, stop, bits)
@@ -417,15 +414,22 @@ class Cache:
         out: contiguous CPU tensor [R, d_model] in the storage dtype; dest: int64 [stop-start] in [0, R)."""
         self._check_layer(layer)
         self._check_range(start, stop)
-        dtype = TORCH_DTYPES[self.storage_dtype]
-        if out.dim() != 2 or out.shape[1] != self.d_model or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
-            raise ValueError(f"out must be a contiguous CPU {dtype} tensor of shape [rows, {self.d_model}]")
+        bits = self._bits_of(out)
         raw = self._raw[layer]
-        bits = (out.view(torch.uint16) if dtype == torch.bfloat16 else out).numpy()
         if raw is not None and raw.scatter_into(start, stop, bits, dest.numpy()):
             return
         rows = torch.from_numpy(check_row_indices(dest.numpy(), stop - start, out.shape[0]))
         out.index_copy_(0, rows, self.acts_stored(layer, start, stop))
+
+    def _bits_of(self, out: torch.Tensor, rows: int | None = None) -> np.ndarray:
+        """A numpy view of `out` (bf16 as its uint16 bits) after checking it is a contiguous CPU
+        tensor [rows (any if None), d_model] in the storage dtype."""
+        dtype = TORCH_DTYPES[self.storage_dtype]
+        ok_rows = rows is None or out.shape[0] == rows
+        if out.dim() != 2 or not ok_rows or out.shape[1] != self.d_model or out.dtype != dtype \
+                or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"out must be a contiguous CPU {dtype} tensor of shape [{'rows' if rows is None else rows}, {self.d_model}]")
+        return (out.view(torch.uint16) if dtype == torch.bfloat16 else out).numpy()
 
     def acts(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Activations as float32, [stop-start, d_model]."""
