@@ -5,7 +5,7 @@
 
 For TopK on one layer (22) and RouteSAE on the 16 routed layers (7..22), d_model 576, 8x latents,
 k 32, batches of 4096 tokens, it measures tokens/s of:
-  zarr   `fit` reading the Zarr store (loader thread, shuffle buffer);
+  zarr   `fit` reading the Zarr store (its default loader, --loader to pick another; shuffle buffer);
   ram    the same trainer fed from a tensor already in RAM (shuffled once, batches are views);
   dense  a plain dense PyTorch TopK step (bf16 autocast encode, top-k, scatter, dense decode, Adam);
          for RouteSAE with the same router written in plain PyTorch;
@@ -14,6 +14,7 @@ k 32, batches of 4096 tokens, it measures tokens/s of:
 each in a fresh subprocess so its peak RSS is its own, and prints the ratios. Every variant runs
 --rounds times, interleaved with the others, and its best run counts: on a shared machine other
 jobs disturb runs unevenly, and the best run is the least disturbed (all runs are printed too).
+Beside best-of, the median over rounds of each round's own ratio.
 It also times the sparse decode choices (forward + backward) the trainer picked from.
 """
 
@@ -38,12 +39,13 @@ K, EXPANSION, BATCH = 32, 8, 4096
 # --- children: one measurement each ----------------------------------------------------------------
 
 
-def fit_config(store: str, arch: str, out: str, steps: int):
+def fit_config(store: str, arch: str, out: str, steps: int, loader: str = "auto"):
     """A fit of steps + 1 batches (the first, which waits for the first buffer, is not timed)."""
     from routesae.train.config import FitConfig
 
     return FitConfig(cache=store, out=out, archs=[arch], ks=[K], expansion=EXPANSION, batch_size=BATCH,
-                     tokens=(steps + 1) * BATCH, log_every=10_000, checkpoint_every=10_000, progress=False)
+                     tokens=(steps + 1) * BATCH, log_every=10_000, checkpoint_every=10_000, progress=False,
+                     loader=loader)
 
 
 def ram_source(store: str, arch: str):
@@ -57,14 +59,14 @@ def ram_source(store: str, arch: str):
     return TensorLoader(acts, plan.read_layers, BATCH, seed=0), plan
 
 
-def child_fit(store: str, arch: str, mode: str, steps: int) -> dict:
+def child_fit(store: str, arch: str, mode: str, steps: int, loader: str) -> dict:
     from routesae.train.trainer import fit
 
     source = None
     if mode == "ram":
         source, _ = ram_source(store, arch)
     with tempfile.TemporaryDirectory() as tmp:
-        result = fit(fit_config(store, arch, str(Path(tmp) / "run"), steps), source=source)
+        result = fit(fit_config(store, arch, str(Path(tmp) / "run"), steps, loader), source=source)
     return {"tokens_per_s": result.steady_tokens_per_s, "tokens": result.tokens, "seconds": result.seconds}
 
 
@@ -224,7 +226,7 @@ def run_child(args: argparse.Namespace) -> None:
     if args.child == "decode":
         out = child_decode()
     elif args.child in ("zarr", "ram"):
-        out = child_fit(args.store, args.arch, args.child, args.steps)
+        out = child_fit(args.store, args.arch, args.child, args.steps, args.loader)
     elif args.child == "dense":
         out = child_dense(args.store, args.arch, args.steps)
     else:
@@ -245,7 +247,7 @@ def harvest(path: Path, tokens: int) -> None:
 
 def measure(args: argparse.Namespace, mode: str, arch: str = "topk") -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--arch", arch, "--store", str(args.store),
-           "--steps", str(args.steps), "--llm-steps", str(args.llm_steps)]
+           "--steps", str(args.steps), "--llm-steps", str(args.llm_steps), "--loader", args.loader]
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
@@ -266,6 +268,8 @@ def main() -> None:
                     "(the machine may be shared: the best run is the least disturbed)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of every run (default: torch's own)")
     ap.add_argument("--arch", default="topk,routesae")
+    ap.add_argument("--loader", default="auto", help="fit's loader for the zarr runs: auto (mapped here), "
+                    "mapped, process or thread")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -312,11 +316,17 @@ def main() -> None:
         z = best["zarr"]["tokens_per_s"]
         ratios = {"zarr/ram": z / best["ram"]["tokens_per_s"], "zarr/dense": z / best["dense"]["tokens_per_s"],
                   "zarr/llm": z / best["llm"]["tokens_per_s"]}
+        # the same ratio within each round (runs next to each other in time), median over rounds:
+        # the machine's speed drifts between minutes, and this is less exposed to it than best-of
+        paired = {name: float(np.median([z_run["tokens_per_s"] / other["tokens_per_s"]
+                                         for z_run, other in zip(runs[arch, "zarr"], runs[arch, name.split("/")[1]])]))
+                  for name in ratios}
         for name, value in ratios.items():
             verdict = "ok" if value >= targets[name] else "BELOW TARGET"
-            print(f"  {name:11s} {value:6.2f}x   (target >= {targets[name]}x: {verdict})")
+            print(f"  {name:11s} {value:6.2f}x best-of, {paired[name]:5.2f}x paired median   "
+                  f"(target >= {targets[name]}x: {verdict})")
         print()
-        rows.append({"arch": arch, "runs": {m: runs[arch, m] for m in modes}, "ratios": ratios})
+        rows.append({"arch": arch, "runs": {m: runs[arch, m] for m in modes}, "ratios": ratios, "paired": paired})
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     print(json.dumps({"decode_ms": decode, "results": rows}))
     if tmp is not None:

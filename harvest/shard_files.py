@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -162,6 +163,26 @@ class ShardFiles:
                     raise RouteSAEError(f"{self._shard_path(row // self.shard_rows)}: {err}")
         return True
 
+    @property
+    def mappable(self) -> bool:
+        """Whether whole chunks can be mapped into memory (`map_chunk`): the C library's mmap is
+        there and chunks start on page boundaries (raw chunks sit at multiples of their size)."""
+        return _libc is not None and (self.chunk_rows * self.row_bytes) % mmap.PAGESIZE == 0
+
+    def map_chunk(self, chunk: int, address: int) -> None:
+        """Map chunk `chunk`'s rows, read-only in effect, at `address` (page-aligned, inside a range from
+        `reserve_address_space`), replacing what was mapped there: the page cache's own pages, no copy.
+        The mapping is private, so a stray write changes a copy, never the store."""
+        if not self.mappable:
+            raise RouteSAEError(f"{self.array_dir}: chunks of this array cannot be mapped")
+        start = chunk * self.chunk_rows
+        for fd, offset, _, _ in self._pieces(start, start + self.chunk_rows):
+            got = _libc.mmap(address, self.chunk_rows * self.row_bytes, mmap.PROT_READ | mmap.PROT_WRITE,
+                             mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)
+            if got != address:
+                raise RouteSAEError(f"cannot map {self._shard_path(start // self.shard_rows)}: "
+                                    f"{os.strerror(ctypes.get_errno())}")
+
     def remove_partial_writes(self) -> None:
         """Delete the temporary files of shard writes that were killed before their rename."""
         for path in self.array_dir.glob("c/*/.*.partial"):
@@ -216,6 +237,63 @@ def _load_preadv() -> Callable[[int, int, int, int], int] | None:
 
 
 _preadv = _load_preadv() if sys.platform.startswith("linux") else None
+
+
+# --- memory maps of shard files (the fit loader's zero-copy buffers) ------------------------------
+
+_PROT_NONE = 0  # not exported by Python's mmap module, nor are the next two (Linux values)
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_MADV_WILLNEED = 3
+_MADV_POPULATE_READ = 22  # Linux 5.14+
+
+
+def _load_libc() -> Any:
+    """The C library with mmap, munmap and madvise typed, on Linux; else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+        libc.mmap.restype = ctypes.c_void_p
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_libc = _load_libc()
+
+
+def reserve_address_space(nbytes: int) -> int:
+    """A page-aligned range of `nbytes` of address space, inaccessible until chunks are mapped into
+    it; no memory is committed. -> its address."""
+    addr = _libc.mmap(None, nbytes, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise RouteSAEError(f"cannot reserve {nbytes / 2**30:.1f} GiB of address space: {os.strerror(ctypes.get_errno())}")
+    return addr
+
+
+def release_address_space(address: int, nbytes: int) -> None:
+    """Unmap a range from `reserve_address_space` and every chunk mapped into it."""
+    _libc.munmap(address, nbytes)
+
+
+def populate(address: int, nbytes: int) -> None:
+    """Bring a mapped range into memory and into the page tables now (reading the disk if the pages
+    are not cached), so that touching it later costs no page fault. Kernels before 5.14 only get
+    the read-ahead (MADV_WILLNEED)."""
+    if nbytes == 0:
+        return
+    if _libc.madvise(address, nbytes, _MADV_POPULATE_READ) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:  # an older kernel: ask for read-ahead instead
+        _libc.madvise(address, nbytes, _MADV_WILLNEED)
+        return
+    # EFAULT: a mapped file is shorter than its index says (it changed under us); EIO: the disk
+    raise RouteSAEError(f"cannot bring a mapped shard file into memory: {os.strerror(err)}")
 
 
 def _iov_max() -> int:

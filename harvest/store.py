@@ -407,6 +407,11 @@ class Cache:
             self._arrays[layer].get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(bits))
         return out
 
+    def shard_files(self, layer: int) -> ShardFiles | None:
+        """Direct access to a layer's shard files, where it is stored uncompressed (else None)."""
+        self._check_layer(layer)
+        return self._raw[layer]
+
     def acts_scattered(self, layer: int, start: int, stop: int, out: torch.Tensor, dest: torch.Tensor) -> None:
         """Token start+i's activations into out[dest[i]], for tokens [start, stop): a read and a
         row shuffle in one copy (uncompressed stores on Linux; otherwise a read, then a copy).

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from routesae import Cache
 from routesae.errors import RouteSAEError
-from routesae.train.data import ChunkLoader, Position, TokenSplit
+from routesae.train.data import WORKERS, ChunkLoader, Position, TokenSplit, can_map
 from synthetic_store import make_store
 
 D = 8
@@ -33,13 +34,23 @@ def token_ids(acts: torch.Tensor) -> torch.Tensor:
     return (a[:, 0] * 128 + a[:, 2]).long()
 
 
-# uncompressed stores are read by scattered reads from the shard files, compressed ones by zarr
-@pytest.fixture(scope="module", params=[("float32", "none"), ("bfloat16", "none"), ("bfloat16", "blosc-zstd")])
+# uncompressed stores are read by scattered reads from the shard files, compressed ones by zarr;
+# uncompressed ones whose chunks fill whole pages (16 contexts x 16 tokens x 16 bytes) can be mapped
+@pytest.fixture(scope="module", params=[("float32", "none", 2), ("bfloat16", "none", 2), ("bfloat16", "blosc-zstd", 2),
+                                        ("bfloat16", "none", 16)])
 def cache(request, tmp_path_factory):
-    dtype, compression = request.param
+    dtype, compression, chunk_contexts = request.param
     return make_store(tmp_path_factory.mktemp("data") / "s.zarr", 1600, d_model=D, layers=[2, 3, 4],
-                      n_model_layers=8, context_len=CTX, chunk_contexts=2, acts_fn=id_acts,
+                      n_model_layers=8, context_len=CTX, chunk_contexts=chunk_contexts, acts_fn=id_acts,
                       storage_dtype=dtype, compression=compression)
+
+
+@pytest.fixture(params=["process", "mapped"])
+def workers(request, cache):
+    """The loader process, and the mapped loader on the stores that allow it."""
+    if request.param == "mapped" and not can_map(cache, cache.layers):
+        pytest.skip("this store cannot be mapped")
+    return request.param
 
 
 def epoch_ids(loader: ChunkLoader, epoch: int, start: Position | None = None) -> tuple[list[int], list[int]]:
@@ -48,7 +59,9 @@ def epoch_ids(loader: ChunkLoader, epoch: int, start: Position | None = None) ->
     for batch in loader.batches(start or Position(epoch, 0)):
         if batch.position.epoch != epoch:
             break
-        assert batch.acts.dtype == loader.cache.acts_stored(loader.layers[0], 0, 1).dtype
+        # mapped batches come converted to float32, the others in the storage dtype
+        stored = loader.cache.acts_stored(loader.layers[0], 0, 1).dtype
+        assert batch.acts.dtype == (torch.float32 if loader.workers == "mapped" else stored)
         acts = batch.acts.float()
         assert (acts[:, :, [0, 2]] == acts[:, :1, [0, 2]]).all(), "the layers of a row are not the same token"
         store_pos = torch.tensor([loader.cache.layers.index(x) for x in loader.layers]).float()
@@ -71,9 +84,10 @@ def test_split_is_chunk_aligned_and_holds_out_the_tail(cache):
         TokenSplit.of(cache, 1590)
 
 
-def test_every_non_special_training_token_once_per_epoch_shuffled(cache):
+def test_every_non_special_training_token_once_per_epoch_shuffled(cache, workers):
     split = TokenSplit.of(cache, 0.1)
-    loader = ChunkLoader(cache, [2, 3, 4], split, batch_size=40, buffer_tokens=96, seed=7)
+    buffer_tokens = max(96, 2 * cache.layout.chunk_tokens)  # buffers of several chunks
+    loader = ChunkLoader(cache, [2, 3, 4], split, batch_size=40, buffer_tokens=buffer_tokens, seed=7, workers=workers)
     special = cache.special(0, split.train_stop).numpy()
     want = sorted(int(t) for t in np.flatnonzero(~special))
     assert loader.epoch_tokens == len(want)
@@ -103,9 +117,9 @@ def test_same_seed_same_batches_other_seed_other_order(cache):
     assert epoch_ids(ChunkLoader(cache, [2, 4], split, 40, 96, seed=1), 0)[0] == a
 
 
-def test_resume_from_a_position_serves_the_rest(cache):
+def test_resume_from_a_position_serves_the_rest(cache, workers):
     split = TokenSplit.of(cache, 0.1)
-    loader = ChunkLoader(cache, [2, 4], split, 40, 96, seed=3)
+    loader = ChunkLoader(cache, [2, 4], split, 40, 96, seed=3, workers=workers)
     full = []
     positions = []
     for batch in loader.batches():
@@ -154,19 +168,56 @@ def test_missing_layer_is_refused(cache):
         ChunkLoader(cache, [9], TokenSplit.of(cache, 0.1), 40, 96, seed=0)
 
 
-def test_loader_process_and_thread_serve_the_same_batches(cache):
+def test_every_loader_serves_the_same_batches(cache):
     split = TokenSplit.of(cache, 0.1)
+    kinds = [w for w in WORKERS if w != "mapped" or can_map(cache, [2, 4])]
     served = {}
-    for workers in ("process", "thread"):
-        loader = ChunkLoader(cache, [2, 4], split, 40, 96, seed=5, workers=workers)
+    for workers in kinds:
+        # buffers of several chunks, so batches span buffers and chunks
+        loader = ChunkLoader(cache, [2, 4], split, 40, 3 * cache.layout.chunk_tokens, seed=5, workers=workers)
         batches = []
         for batch in loader.batches(Position(0, 120)):
             batches.append((batch.acts.clone(), batch.position))
             if len(batches) == 50:
                 break
         served[workers] = batches
-    for (a, pa), (b, pb) in zip(served["process"], served["thread"]):
-        assert torch.equal(a, b) and pa == pb
+    for workers in kinds[1:]:
+        for (a, pa), (b, pb) in zip(served["process"], served[workers]):
+            assert torch.equal(a.float(), b.float()) and pa == pb
+
+
+def test_mapped_buffers_are_released_and_never_write_the_store(tmp_path):
+    import gc
+
+    from routesae.train.mapped import MappedBuffer
+
+    cache = make_store(tmp_path / "s.zarr", 1600, d_model=D, layers=[2, 3, 4], n_model_layers=8, context_len=CTX,
+                       chunk_contexts=16, acts_fn=id_acts, storage_dtype="bfloat16", compression="none")
+    loader = ChunkLoader(cache, [2, 3, 4], TokenSplit.of(cache, 0), 16, 256, seed=0, workers="mapped")
+    before = cache.acts_stored(3, 0, 1600).clone()
+    created: list[weakref.ref] = []
+    init = MappedBuffer.__init__
+
+    def tracked(self, *args, **kw):
+        init(self, *args, **kw)
+        self.region[:, :5] = 7  # a stray write lands in a private copy of the page
+        created.append(weakref.ref(self))
+
+    MappedBuffer.__init__ = tracked
+    try:
+        most = 0
+        for i, batch in enumerate(loader.batches()):
+            del batch
+            gc.collect()
+            most = max(most, sum(r() is not None and r().region is not None for r in created))
+            if i == 250:
+                break
+    finally:
+        MappedBuffer.__init__ = init
+    gc.collect()
+    assert len(created) > 10 and most <= 2
+    assert all(r() is None or r().region is None for r in created)  # closed when the loader stopped
+    assert torch.equal(Cache.open(cache.path).acts_stored(3, 0, 1600), before)
 
 
 def test_process_slots_hold_two_buffers_only(cache):
@@ -174,4 +225,4 @@ def test_process_slots_hold_two_buffers_only(cache):
 
     loader = ChunkLoader(cache, [2, 3, 4], TokenSplit.of(cache, 0), 16, 64, seed=0)
     slots = ProcessPrefetcher.allocate_slots(loader)
-    assert len(slots) == 2 and all(s.shape == (3, 64, D) and s.is_shared() for s in slots)
+    assert len(slots) == 2 and all(s.shape == (3, loader.buffer_capacity, D) and s.is_shared() for s in slots)

@@ -78,6 +78,25 @@ def test_same_seed_same_weights_and_group_equals_solo(store, tmp_path):
     assert not torch.equal(other["W_dec"], solo["W_dec"])
 
 
+def test_every_loader_trains_the_same_weights(tmp_path):
+    """The mapped loader hands batches over as float32, the others in the storage dtype: the SAEs
+    must not see the difference, bit for bit (bf16 store, uncompressed, chunks of whole pages)."""
+    from routesae.train.data import can_map
+
+    path = tmp_path / "s.zarr"
+    cache = make_store(path, 4096, d_model=D, layers=list(range(9)), n_model_layers=8, chunk_contexts=8,
+                       storage_dtype="bfloat16", compression="none")
+    assert can_map(cache, cache.layers)
+    short = dict(ks=[8], tokens=1600)
+    for loader in ("mapped", "process", "auto"):
+        fit(cfg(path, tmp_path / loader, loader=loader, **short))
+    for name in ("topk-k8", "routesae-k8"):
+        ref = weights(tmp_path / "process" / name)
+        for loader in ("mapped", "auto"):
+            got = weights(tmp_path / loader / name)
+            assert all(torch.equal(ref[k], got[k]) for k in ref), (loader, name)
+
+
 def test_several_epochs_and_token_budget(store, tmp_path):
     r = fit(cfg(store, tmp_path / "e", archs=["topk"], ks=[4], epochs=2.5))
     one = fit(cfg(store, tmp_path / "one", archs=["topk"], ks=[4])).tokens

@@ -94,8 +94,9 @@ class FitConfig:
     """Held-out tail never trained on: a fraction of the store if below 1, else a token count."""
     buffer_tokens: int = 65_536
     """Tokens in one shuffle buffer; the loader holds at most two buffers in RAM."""
-    loader: str = "process"
-    """Who reads the next buffer: 'process' (a loader process, no GIL contention) or 'thread'."""
+    loader: str = "auto"
+    """Who prepares the next buffer (data.py): 'mapped', 'process', 'thread', or 'auto' (mapped when
+    training on the CPU from a store that allows it, else process)."""
     include_special: bool = False
     """Train on BOS/EOS/pad positions too (left out by default)."""
     auxk: bool = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from torch import Tensor
 
 from routesae.errors import RouteSAEError
 from routesae.harvest.store import TORCH_DTYPES, Cache
+
+if TYPE_CHECKING:
+    from routesae.train.mapped import MappedBuffer
 
 
 class Position(NamedTuple):
@@ -72,6 +75,10 @@ class TokenSplit:
         start = chunk * self.chunk_tokens
         return start, min(start + self.chunk_tokens, self.train_stop)
 
+    def chunks_per_buffer(self, buffer_tokens: int) -> int:
+        """Whole chunks in a shuffle buffer of at most `buffer_tokens` (at least one)."""
+        return max(1, buffer_tokens // self.chunk_tokens)
+
     @property
     def eval_range(self) -> tuple[int, int]:
         return self.train_stop, self.n_tokens
@@ -86,26 +93,40 @@ class BufferReader:
 
     Used in the trainer's process (thread prefetch) and in the loader process alike."""
 
-    def __init__(self, cache: Cache, layers: list[int], split: TokenSplit, seed: int, include_special: bool):
+    def __init__(self, cache: Cache, layers: list[int], split: TokenSplit, seed: int, include_special: bool,
+                 special: np.ndarray | None = None):
+        """special: the store's special-token flags over the training split, if already in memory
+        (else they are read from the store, buffer by buffer)."""
         self.cache = cache
         self.layers = list(layers)
         self.split = split
         self.seed = seed
         self.include_special = include_special
+        self.special = special
+
+    def order(self, epoch: int, index: int, chunks: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:
+        """The buffer's layout and serving order: (its chunks sorted, the token ranges they cover
+        (neighbouring chunks merged), and rows: the i-th token served is row rows[i] of the
+        chunks' tokens laid end to end in that order). Only the split's last chunk can be short,
+        and it sorts last, so row r is also token r % chunk_tokens of the (r // chunk_tokens)-th chunk."""
+        chunks = np.sort(chunks)
+        ranges = [(self.split.chunk_range(a)[0], self.split.chunk_range(b - 1)[1]) for a, b in _contiguous_runs(chunks)]
+        n_read = sum(b - a for a, b in ranges)
+        if self.include_special:
+            rows = np.arange(n_read)
+        else:
+            flags = self.special
+            special = np.concatenate([flags[a:b] if flags is not None else self.cache.special(a, b).numpy()
+                                      for a, b in ranges])
+            rows = np.flatnonzero(~special)
+        return chunks, ranges, rows[_rng(self.seed, 1, epoch, index).permutation(rows.size)]
 
     def read(self, epoch: int, index: int, chunks: np.ndarray, out: Tensor | None = None) -> Tensor:
         """Buffer `index` of `epoch`: [n_layers, T, d_model] in the storage dtype, each layer
         contiguous, the same token order in all. With `out` ([n_layers, R, d_model], R at least the
         chunks' token count, special tokens included) it is written there and a view of it is returned."""
-        runs = _contiguous_runs(np.sort(chunks))
-        ranges = [(self.split.chunk_range(a)[0], self.split.chunk_range(b - 1)[1]) for a, b in runs]
+        _, ranges, rows = self.order(epoch, index, chunks)
         n_read = sum(b - a for a, b in ranges)
-        if self.include_special:
-            rows = np.arange(n_read)
-        else:
-            special = np.concatenate([self.cache.special(a, b).numpy() for a, b in ranges])
-            rows = np.flatnonzero(~special)
-        rows = rows[_rng(self.seed, 1, epoch, index).permutation(rows.size)]
         # Token rows[i] of the read goes to row i; the special tokens go past the kept ones, where
         # the returned view does not reach. Each row is read straight to its place (one copy).
         dest = np.empty(n_read, dtype=np.int64)
@@ -125,6 +146,13 @@ class BufferReader:
                 at += b - a
         return full[:, : rows.size]
 
+    def map(self, epoch: int, index: int, chunks: np.ndarray, capacity_chunks: int) -> "MappedBuffer":
+        """The same buffer as `read`, its chunks mapped rather than read (see mapped.py)."""
+        from routesae.train.mapped import MappedBuffer
+
+        chunks, _, rows = self.order(epoch, index, chunks)
+        return MappedBuffer(self.cache, self.layers, chunks, rows, capacity_chunks)
+
 
 class ChunkLoader:
     """Shuffled training batches from a Cache.
@@ -133,8 +161,13 @@ class ChunkLoader:
     chunks; each buffer holds every requested layer of its tokens (special tokens dropped unless
     asked for), shuffled at the token level; batches are consecutive slices of the buffers, the
     last batch of an epoch may be short. At most two buffers live in RAM: the one being served and
-    the one being filled, by a separate loader process (default: it does not compete with the
-    trainer for Python's GIL, which halved RouteSAE's throughput with a thread) or a thread.
+    the one being prepared. Who prepares it (`workers`, the same batches whichever):
+      'process'  a loader process reads it into shared memory (it does not compete with the
+                 trainer for Python's GIL, which halved RouteSAE's throughput with a thread);
+      'thread'   a thread of this process reads it;
+      'mapped'   a thread maps its chunks from the shard files and brings them into memory, and
+                 each batch is gathered from there as float32 (mapped.py; no copy of the buffer,
+                 the fastest on a CPU; uncompressed stores on Linux, see `can_map`).
     """
 
     def __init__(
@@ -151,8 +184,9 @@ class ChunkLoader:
         for layer in layers:
             if layer not in cache.layers:
                 raise RouteSAEError(f"layer {layer} is not in the store (it holds {cache.layers})")
-        if workers not in ("process", "thread"):
-            raise ValueError(f"workers must be 'process' or 'thread', got {workers!r}")
+        if workers not in WORKERS:
+            raise ValueError(f"workers must be one of {WORKERS}, got {workers!r}")
+
         self.cache = cache
         self.layers = list(layers)
         self.split = split
@@ -160,9 +194,16 @@ class ChunkLoader:
         self.seed = seed
         self.include_special = include_special
         self.workers = workers
-        self.chunks_per_buffer = max(1, buffer_tokens // split.chunk_tokens)
-        self.reader = BufferReader(cache, layers, split, seed, include_special)
+        self.chunks_per_buffer = split.chunks_per_buffer(buffer_tokens)
+        if workers == "mapped" and not can_map(cache, layers, self.chunks_per_buffer):
+            raise RouteSAEError("the mapped loader cannot serve this fit (a compressed store, chunks not on page "
+                                "boundaries, not Linux, or more chunk mappings than vm.max_map_count allows): "
+                                "use the 'process' loader")
+        self.special: np.ndarray | None = None
+        """The special-token flags of the training split, kept for buffers prepared in this process."""
         self.chunk_counts = self._count_tokens()
+        self.reader = BufferReader(cache, layers, split, seed, include_special,
+                                   special=self.special if workers != "process" else None)
         self.epoch_tokens = int(self.chunk_counts.sum())
         if self.epoch_tokens == 0:
             raise RouteSAEError("the training split holds no non-special token")
@@ -174,10 +215,13 @@ class ChunkLoader:
         if self.include_special:
             return sizes
         counts = np.zeros(split.n_chunks, dtype=np.int64)
+        # one byte per token: a thread preparing buffers then reads no zarr (GIL-heavy) at all
+        self.special = np.empty(split.train_stop, dtype=bool)
         step = max(split.chunk_tokens, self.cache.layout.shard_tokens // split.chunk_tokens * split.chunk_tokens)
         for start in range(0, split.train_stop, step):
             stop = min(start + step, split.train_stop)
-            keep = ~self.cache.special(start, stop).numpy()
+            self.special[start:stop] = self.cache.special(start, stop).numpy()
+            keep = ~self.special[start:stop]
             per_chunk = np.add.reduceat(keep, np.arange(0, stop - start, split.chunk_tokens))
             first = start // split.chunk_tokens
             counts[first : first + len(per_chunk)] = per_chunk
@@ -212,6 +256,10 @@ class ChunkLoader:
         """Buffer `index` of `epoch` read in this process: [n_layers, T, d_model]."""
         return self.reader.read(epoch, index, chunks)
 
+    def map_buffer(self, epoch: int, index: int, chunks: np.ndarray) -> "MappedBuffer":
+        """Buffer `index` of `epoch` mapped in this process (workers='mapped')."""
+        return self.reader.map(epoch, index, chunks, self.chunks_per_buffer)
+
     # --- serving ---------------------------------------------------------------------------------
     def batches(self, start: Position = Position(0, 0)) -> Iterator[Batch]:
         """Endless batches from `start` on, through as many epochs as the caller takes."""
@@ -222,6 +270,27 @@ class ChunkLoader:
             yield from prefetcher.serve()
         finally:
             prefetcher.close()
+
+
+WORKERS = ("process", "thread", "mapped")
+
+
+def can_map(cache: Cache, layers: list[int], chunks_per_buffer: int = 1) -> bool:
+    """Whether the 'mapped' loader can serve these layers of this store, with buffers of this many
+    chunks: each chunk of each layer is one mapping, and the two live buffers' mappings must stay
+    well inside the kernel's limit per process (vm.max_map_count, 65,530 by default)."""
+    files = [cache.shard_files(layer) if layer in cache.layers else None for layer in layers]
+    if not all(f is not None and f.mappable for f in files):
+        return False
+    return 2 * len(layers) * chunks_per_buffer <= _max_map_count() // 2
+
+
+def _max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return 65_530
 
 
 def _contiguous_runs(sorted_chunks: np.ndarray) -> list[tuple[int, int]]:

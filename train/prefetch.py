@@ -1,13 +1,15 @@
-"""Filling the next shuffle buffer while the trainer works on the current one.
+"""Preparing the next shuffle buffer while the trainer works on the current one.
 
-Two ways, the same batches: a loader *process* (default) writes buffers into two shared-memory
-slots; a *thread* does the same in the trainer's process. The process is the fast one: reading
-the store is Python-heavy (zarr), and a thread doing it fights the training loop for the GIL. On
-this project's 2-core CPU a RouteSAE buffer (16 layers) took 2.4x longer to read from a thread
-while training ran, and each step got 1.5x slower; from a process neither slowed down. The
-thread remains as the fallback where shared memory cannot be had (a tiny /dev/shm).
+Three ways, the same batches: a loader *process* writes buffers into two shared-memory slots; a
+*thread* does the same in the trainer's process; or a thread *maps* the buffer's chunks from the
+store's files and batches are gathered from the mapping (mapped.py). Reading through zarr is
+Python-heavy, and a thread doing it fights the training loop for the GIL: on this project's 2-core
+CPU a RouteSAE buffer (16 layers) took 2.4x longer to read from a thread while training ran, and
+each step got 1.5x slower; from a process neither slowed down. Mapping holds the GIL only to set
+the mappings up (the kernel then fills them with the GIL released), so it runs in a thread. The
+plain thread remains as the fallback where shared memory cannot be had (a tiny /dev/shm).
 
-Either way at most two buffers exist: the one being served and the one being filled.
+Either way at most two buffers exist: the one being served and the one being prepared.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from routesae.train.data import Batch, BufferReader, Position, TokenSplit
 
 if TYPE_CHECKING:
     from routesae.train.data import ChunkLoader
+    from routesae.train.mapped import MappedBuffer
 
 
 class _Prefetcher(abc.ABC):
@@ -39,8 +42,8 @@ class _Prefetcher(abc.ABC):
         self.start = start
 
     @abc.abstractmethod
-    def next_buffer(self) -> tuple[int, Tensor, int]:
-        """-> (epoch, buffer [n_layers, T, d_model], tokens to skip at its start)."""
+    def next_buffer(self) -> tuple[int, Tensor | MappedBuffer, int]:
+        """-> (epoch, buffer ([n_layers, T, d_model], or mapped), tokens to skip at its start)."""
 
     @abc.abstractmethod
     def release(self) -> None:
@@ -62,15 +65,17 @@ class _Prefetcher(abc.ABC):
             if buf_epoch != epoch:  # a new epoch: the last short batch of the previous one went out
                 epoch, offset = buf_epoch, 0
             pos = skip
-            size = buf.shape[1]
+            mapped = not isinstance(buf, Tensor)
+            size = buf.size if mapped else buf.shape[1]
             while pos < size:
                 have = sum(p.shape[0] for p in pending)
                 take = min(n - have, size - pos)
-                piece = buf[:, pos : pos + take].transpose(0, 1)
+                # a mapped buffer's pieces are gathered copies; a tensor buffer's are views
+                piece = buf.take(pos, pos + take) if mapped else buf[:, pos : pos + take].transpose(0, 1)
                 pos += take
                 if pending or take < n:
-                    # a piece that waits for the next buffer is copied: its buffer will be refilled
-                    pending.append(piece.clone())
+                    # a piece that waits for the next buffer must not be a view: its buffer will be refilled
+                    pending.append(piece if mapped else piece.clone())
                     have += take
                     if have < n and offset + have < epoch_tokens:
                         continue
@@ -80,6 +85,8 @@ class _Prefetcher(abc.ABC):
                     acts = piece
                 offset += acts.shape[0]
                 yield Batch(acts, Position(epoch, offset))
+            if mapped:
+                buf.close()
             buf = piece = acts = None  # the caller is done with this buffer's batches
             self.release()
 
@@ -88,10 +95,11 @@ class _Prefetcher(abc.ABC):
 
 
 class ThreadPrefetcher(_Prefetcher):
-    """Buffers read by a thread of this process."""
+    """Buffers read (or, with mapped=True, mapped) by a thread of this process."""
 
-    def __init__(self, loader: ChunkLoader, start: Position):
+    def __init__(self, loader: ChunkLoader, start: Position, mapped: bool = False):
         super().__init__(loader, start)
+        self.prepare = loader.map_buffer if mapped else loader.load_buffer
         self.slots = threading.Semaphore(2)  # buffers alive at once: served + being filled
         self.ready: queue.Queue = queue.Queue()
         self.stop = threading.Event()
@@ -106,11 +114,11 @@ class ThreadPrefetcher(_Prefetcher):
                         return
                 if self.stop.is_set():
                     return
-                self.ready.put((epoch, self.loader.load_buffer(epoch, index, chunks), skip))
+                self.ready.put((epoch, self.prepare(epoch, index, chunks), skip))
         except BaseException as e:  # handed to the consumer, which raises it in the main thread
             self.ready.put(e)
 
-    def next_buffer(self) -> tuple[int, Tensor, int]:
+    def next_buffer(self) -> tuple[int, Tensor | MappedBuffer, int]:
         while True:
             try:
                 item = self.ready.get(timeout=0.1)
@@ -128,6 +136,10 @@ class ThreadPrefetcher(_Prefetcher):
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=30)
+        while not self.ready.empty():  # a buffer prepared but never served
+            item = self.ready.get_nowait()
+            if isinstance(item, tuple) and hasattr(item[1], "close"):
+                item[1].close()
 
 
 # --- in a process ----------------------------------------------------------------------------------
@@ -257,7 +269,10 @@ class ProcessPrefetcher(_Prefetcher):
 
 
 def start_prefetcher(loader: ChunkLoader, start: Position) -> _Prefetcher:
-    """The loader's prefetcher: a process if it asks for one and shared memory is there, else a thread."""
+    """The loader's prefetcher: a mapping thread, or a process if it asks for one and shared memory
+    is there, else a reading thread."""
+    if loader.workers == "mapped":
+        return ThreadPrefetcher(loader, start, mapped=True)
     if loader.workers == "process":
         try:
             slots = ProcessPrefetcher.allocate_slots(loader)

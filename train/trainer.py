@@ -32,7 +32,7 @@ from routesae.train.checkpoint import (
 )
 from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig, SAEConfig
 from routesae.train.cpu_memory import keep_freed_memory
-from routesae.train.data import Batch, ChunkLoader, Position, TokenSplit
+from routesae.train.data import WORKERS, Batch, ChunkLoader, Position, TokenSplit, can_map
 from routesae.train.normalize import dataset_scale
 from routesae.train.saes import ARCHITECTURES, SAE, TrainOutput, build_sae
 from routesae.train.schedule import lr_factor
@@ -90,6 +90,17 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
+def resolve_loader(name: str, plan: "FitPlan") -> str:
+    """'auto' -> 'mapped' on the CPU where the store allows it (the trainer and the loader share the
+    cores there, and mapping saves the buffer's copy), else 'process' (on a GPU the CPU is free
+    for a loader process, and batches cross to the device in the storage dtype, half float32's bytes)."""
+    if name != "auto":
+        return name
+    chunks = plan.split.chunks_per_buffer(plan.cfg.buffer_tokens)
+    ok = plan.device.type == "cpu" and can_map(plan.cache, plan.read_layers, chunks)
+    return "mapped" if ok else "process"
+
+
 def sae_name(arch: str, k: int) -> str:
     return f"{arch}-k{k}"
 
@@ -132,6 +143,7 @@ def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
     _check_choice(cfg.routing, ROUTINGS, "--routing")
     _check_choice(cfg.aggregate, AGGREGATES, "--aggregate")
     _check_choice(cfg.normalization, NORMALIZATIONS, "--normalization")
+    _check_choice(cfg.loader, ("auto", *WORKERS), "the loader")
     d_model = cache.d_model
     n_latents = cfg.latents if cfg.latents is not None else round(cfg.expansion * d_model)
     if n_latents < 1:
@@ -546,14 +558,14 @@ def fit(cfg: FitConfig, source: BatchSource | None = None) -> FitResult:
     """Train the SAEs `cfg` asks for; resumes from OUT/checkpoint.pt when there is one.
 
     source: batches to train on instead of the store's (benchmarks); the store is still opened for
-    its metadata and split. The store is read by a loader process (cfg.loader = 'process'): as
-    with a PyTorch DataLoader's workers, a Python script calling fit() must do so under
-    `if __name__ == "__main__":` (or set cfg.loader = 'thread')."""
+    its metadata and split. Where the store is read by a loader process (cfg.loader = 'process',
+    or 'auto' on a GPU or with a compressed store): as with a PyTorch DataLoader's workers, a Python
+    script calling fit() must do so under `if __name__ == "__main__":` (or set cfg.loader = 'thread')."""
     plan = plan_fit(cfg)
     if source is None:
         source = ChunkLoader(
             plan.cache, plan.read_layers, plan.split, cfg.batch_size, cfg.buffer_tokens, cfg.seed,
-            include_special=cfg.include_special, workers=cfg.loader,
+            include_special=cfg.include_special, workers=resolve_loader(cfg.loader, plan),
         )
     elif list(source.layers) != plan.read_layers:
         raise ValueError(f"the batch source serves layers {source.layers}, the fit needs {plan.read_layers}")
