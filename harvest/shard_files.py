@@ -225,20 +225,6 @@ def check_row_indices(dest: np.ndarray, n: int, capacity: int) -> np.ndarray:
     return dest
 
 
-def _load_preadv() -> Callable[[int, int, int, int], int] | None:
-    """The C library's preadv(fd, iov, iovcnt, offset), or None where it cannot be had."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).preadv
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
-    fn.restype = ctypes.c_ssize_t
-    return fn
-
-
-_preadv = _load_preadv() if sys.platform.startswith("linux") else None
-
-
 # --- memory maps of shard files (the fit loader's zero-copy buffers) ------------------------------
 
 _PROT_NONE = 0  # not exported by Python's mmap module, nor are the next two (Linux values)
@@ -249,11 +235,13 @@ _MADV_POPULATE_READ = 22  # Linux 5.14+
 
 
 def _load_libc() -> Any:
-    """The C library with mmap, munmap and madvise typed, on Linux; else None."""
+    """The C library with preadv, mmap, munmap and madvise typed, on Linux; else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
+        libc.preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+        libc.preadv.restype = ctypes.c_ssize_t
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
         libc.mmap.restype = ctypes.c_void_p
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -264,6 +252,8 @@ def _load_libc() -> Any:
 
 
 _libc = _load_libc()
+# preadv(fd, iov, iovcnt, offset), for scattered reads; Python's own takes one Python buffer per row
+_preadv: Callable[[int, int, int, int], int] | None = _libc.preadv if _libc is not None else None
 
 
 def reserve_address_space(nbytes: int) -> int:
