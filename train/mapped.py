@@ -32,6 +32,9 @@ from routesae.harvest.store import TORCH_DTYPES, Cache
 class MappedBuffer:
     """One shuffle buffer over mapped chunks: `take(lo, hi)` gathers tokens lo..hi of its serving order."""
 
+    takes_copies = True
+    """`take` returns new tensors, which outlive the buffer (see prefetch.TensorBuffer)."""
+
     def __init__(self, cache: Cache, layers: list[int], chunks: np.ndarray, rows: np.ndarray, capacity_chunks: int):
         """chunks: sorted chunk indices; rows: serving order as rows of those chunks laid end to end
         (`BufferReader.order`); capacity_chunks: chunks per buffer (the same reserved size for all)."""

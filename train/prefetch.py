@@ -34,6 +34,28 @@ if TYPE_CHECKING:
     from routesae.train.mapped import MappedBuffer
 
 
+class TensorBuffer:
+    """A buffer read into a tensor [n_layers, T, d_model]: batches are views of it (the same
+    interface as mapped.MappedBuffer, whose batches are gathered copies)."""
+
+    takes_copies = False
+    """Whether `take` returns a new tensor (else a view that the buffer's refill would overwrite)."""
+
+    def __init__(self, acts: Tensor):
+        self.acts = acts
+
+    @property
+    def size(self) -> int:
+        return self.acts.shape[1]
+
+    def take(self, lo: int, hi: int) -> Tensor:
+        """Tokens lo..hi: a view [hi-lo, n_layers, d_model] in the storage dtype."""
+        return self.acts[:, lo:hi].transpose(0, 1)
+
+    def close(self) -> None:
+        self.acts = None
+
+
 class _Prefetcher(abc.ABC):
     """Cuts batches out of the buffers a subclass delivers, in serving order."""
 
@@ -42,8 +64,8 @@ class _Prefetcher(abc.ABC):
         self.start = start
 
     @abc.abstractmethod
-    def next_buffer(self) -> tuple[int, Tensor | MappedBuffer, int]:
-        """-> (epoch, buffer ([n_layers, T, d_model], or mapped), tokens to skip at its start)."""
+    def next_buffer(self) -> tuple[int, TensorBuffer | MappedBuffer, int]:
+        """-> (epoch, buffer, tokens to skip at its start)."""
 
     @abc.abstractmethod
     def release(self) -> None:
@@ -65,17 +87,15 @@ class _Prefetcher(abc.ABC):
             if buf_epoch != epoch:  # a new epoch: the last short batch of the previous one went out
                 epoch, offset = buf_epoch, 0
             pos = skip
-            mapped = not isinstance(buf, Tensor)
-            size = buf.size if mapped else buf.shape[1]
+            size = buf.size
             while pos < size:
                 have = sum(p.shape[0] for p in pending)
                 take = min(n - have, size - pos)
-                # a mapped buffer's pieces are gathered copies; a tensor buffer's are views
-                piece = buf.take(pos, pos + take) if mapped else buf[:, pos : pos + take].transpose(0, 1)
+                piece = buf.take(pos, pos + take)
                 pos += take
                 if pending or take < n:
                     # a piece that waits for the next buffer must not be a view: its buffer will be refilled
-                    pending.append(piece if mapped else piece.clone())
+                    pending.append(piece if buf.takes_copies else piece.clone())
                     have += take
                     if have < n and offset + have < epoch_tokens:
                         continue
@@ -85,8 +105,7 @@ class _Prefetcher(abc.ABC):
                     acts = piece
                 offset += acts.shape[0]
                 yield Batch(acts, Position(epoch, offset))
-            if mapped:
-                buf.close()
+            buf.close()
             buf = piece = acts = None  # the caller is done with this buffer's batches
             self.release()
 
@@ -99,7 +118,7 @@ class ThreadPrefetcher(_Prefetcher):
 
     def __init__(self, loader: ChunkLoader, start: Position, mapped: bool = False):
         super().__init__(loader, start)
-        self.prepare = loader.map_buffer if mapped else loader.load_buffer
+        self.prepare = loader.map_buffer if mapped else lambda *plan: TensorBuffer(loader.load_buffer(*plan))
         self.slots = threading.Semaphore(2)  # buffers alive at once: served + being filled
         self.ready: queue.Queue = queue.Queue()
         self.stop = threading.Event()
@@ -118,7 +137,7 @@ class ThreadPrefetcher(_Prefetcher):
         except BaseException as e:  # handed to the consumer, which raises it in the main thread
             self.ready.put(e)
 
-    def next_buffer(self) -> tuple[int, Tensor | MappedBuffer, int]:
+    def next_buffer(self) -> tuple[int, TensorBuffer | MappedBuffer, int]:
         while True:
             try:
                 item = self.ready.get(timeout=0.1)
@@ -138,7 +157,7 @@ class ThreadPrefetcher(_Prefetcher):
         self.thread.join(timeout=30)
         while not self.ready.empty():  # a buffer prepared but never served
             item = self.ready.get_nowait()
-            if isinstance(item, tuple) and hasattr(item[1], "close"):
+            if isinstance(item, tuple):
                 item[1].close()
 
 
@@ -233,7 +252,7 @@ class ProcessPrefetcher(_Prefetcher):
         self.requests.put((slot, epoch, index, chunks))
         self.inflight.append((slot, epoch, skip))
 
-    def next_buffer(self) -> tuple[int, Tensor, int]:
+    def next_buffer(self) -> tuple[int, TensorBuffer, int]:
         slot, epoch, skip = self.inflight.popleft()
         while True:
             try:
@@ -249,7 +268,7 @@ class ProcessPrefetcher(_Prefetcher):
             raise RouteSAEError(f"the loader process failed: {answer}")
         assert done == slot, "loader answers out of order"
         self.current = slot
-        return epoch, self.slots[slot][:, :answer], skip
+        return epoch, TensorBuffer(self.slots[slot][:, :answer]), skip
 
     def release(self) -> None:
         if self.current is not None:
