@@ -220,7 +220,7 @@ def child_decode() -> dict:
 
 
 def run_child(args: argparse.Namespace) -> None:
-    from routesae.train.cpu_memory import keep_freed_memory
+    from routesae.cpu_memory import keep_freed_memory
 
     keep_freed_memory()  # what fit does on CPU; every variant gets it
     if args.child == "decode":

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from routesae.cpu_memory import keep_freed_memory
 from routesae.errors import RouteSAEError
 from routesae.evaluate.cache_eval import evaluate_cache
 from routesae.evaluate.report import Report, Row
@@ -174,6 +175,8 @@ class SpliceRun(NamedTuple):
     """Whether the store's activations equalled the live forward's (None: not compared)."""
     store_diff: float
     """Largest |stored - live| seen where they differed."""
+    store_check: str | None
+    """What showed the store equal: 'probe' (one context run live), 'batch' (a whole one), None."""
 
 
 def splice_metrics(
@@ -186,8 +189,9 @@ def splice_metrics(
     bar = tqdm(total=stop - start, unit="tok", unit_scale=True, desc="eval (splice)", disable=not progress,
                dynamic_ncols=True)
     # Batches line up with multiples of batch_size contexts from the store's start, as a harvest
-    # with the same batch size ran them: then the stored activations are bit-identical to a live
-    # forward and clean runs can start from them (see SpliceEvaluator).
+    # with the same batch size ran them: then, even where kernels round differently with the batch's
+    # size, a whole batch run live equals the store and clean runs can start from it (see
+    # SpliceEvaluator; on a CPU one context run live usually shows it already).
     step = batch_size * ctx
     bounds = [start, *range((start // step + 1) * step, stop, step), stop]
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -200,7 +204,7 @@ def splice_metrics(
         ev.add_batch(ids, keep, torch.arange(a, b).view(-1, ctx), stored)
         bar.update(b - a)
     bar.close()
-    return SpliceRun(ev.results(), dict(ev.batches), ev.store_matches, ev.store_diff)
+    return SpliceRun(ev.results(), dict(ev.batches), ev.store_matches, ev.store_diff, ev.store_check)
 
 
 NOTES = [
@@ -226,8 +230,10 @@ SPLICE_NOTES = [
 def _prefix_note(run: SpliceRun) -> str:
     live, store = run.batches["live"], run.batches["store"]
     if store:
-        return (f"Clean runs: {live} batch(es) computed in full, {store} started from the store's activations at the "
-                "first spliced layer (checked equal, bit for bit, to this machine's forward).")
+        how = ("one context run live up to the deepest spliced layer" if run.store_check == "probe"
+               else "the first batch, run live")
+        return (f"Clean runs: {store} batch(es) started from the store's activations at the first spliced layer, "
+                f"{live} computed in full; {how} showed the store equal, bit for bit, to this machine's forward.")
     if run.store_matches is False:
         return (f"Clean runs: all {live} batch(es) computed in full; the store's activations differ from this machine's "
                 f"forward (max |diff| {run.store_diff:.3g}), so none was started from the store.")
@@ -245,6 +251,8 @@ def run_eval(cfg: EvalConfig) -> Report:
         raise RouteSAEError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)} (or none)")
     cache = Cache.open(cfg.cache, require_complete=True)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # the LLM's and the LM head's temporaries are reused, not faulted in afresh
     saes = load_saes(cfg.saes, device)
     for s in saes:
         check_compatible(s, cache)

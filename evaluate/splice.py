@@ -28,6 +28,7 @@ import torch
 
 from routesae.errors import RouteSAEError
 from routesae.evaluate.metrics import kl_from_logits, logit_stats, loss_recovered
+from routesae.harvest.capture import StopForward, block_hidden
 from routesae.harvest.models import decoder_layers, final_norm
 
 # (layer, live activations [n, d] in the model's dtype, flat positions [n] into batch*seq) -> [n, d]
@@ -80,20 +81,44 @@ def first_layer(plan: SplicePlan) -> int | None:
     return min(layers) if layers else None
 
 
-def _hidden(output: Any) -> torch.Tensor:
-    # transformers 5 Llama blocks return a tensor; GPT-2 and older versions a tuple
-    return output[0] if isinstance(output, (tuple, list)) else output
+BlockArgs = list[tuple[tuple, dict[str, Any]]]
+"""Per block, the arguments after the hidden state and the keyword arguments the model passed."""
+
+
+def _split_args(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
+    """A block call's arguments -> (hidden state, the other positional ones, the keyword ones)."""
+    kw = dict(kwargs)
+    if args:
+        return args[0], tuple(args[1:]), kw
+    return kw.pop("hidden_states"), (), kw
+
+
+def same_args(a: Any, b: Any) -> bool:
+    """Whether two recorded block arguments are the same: tensors equal in dtype, shape, device and
+    every element; containers item by item; anything else by ==, and unequal when that fails."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_args(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_args(a[k], b[k]) for k in a)
+    try:
+        return a is b or (type(a) is type(b) and bool(a == b))
+    except Exception:  # an object without a usable ==: cannot show it is the same
+        return False
 
 
 class CleanRun(NamedTuple):
     """What the clean forward of one batch leaves for the variants."""
 
-    final: torch.Tensor
-    """[batch, seq, d] last hidden state after the final norm (what the LM head reads)."""
+    final: torch.Tensor | None
+    """[batch, seq, d] last hidden state after the final norm (what the LM head reads); None for a
+    forward stopped early."""
     inputs: dict[int, torch.Tensor]
     """hidden_states index -> [batch, seq, d], the clean input of that block."""
-    block_args: list[tuple[tuple, dict[str, Any]]]
-    """Per block, the arguments after the hidden state and the keyword arguments the model passed."""
+    block_args: BlockArgs
+    """Per block (from the first one a variant may start at), what the model passed it."""
 
 
 class SpliceModel:
@@ -113,6 +138,9 @@ class SpliceModel:
         self.vocab_size = self.head.weight.shape[0]
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.tuple_outputs: bool | None = None
+        """Whether the blocks return a tuple (GPT-2, older transformers) rather than a tensor; known
+        once a block has run."""
 
     def check_layers(self, layers: list[int], who: str) -> None:
         for layer in layers:
@@ -125,44 +153,90 @@ class SpliceModel:
                 raise RouteSAEError(f"{who}: layer {layer} is outside this model's 0..{self.n_layers - 1}")
 
     @torch.inference_mode()
-    def clean(self, input_ids: torch.Tensor, record: set[int], args_from: int = 0) -> CleanRun:
-        """Full clean forward of the decoder; records block inputs at `record` and the arguments of
-        blocks args_from.. (the ones later runs call again)."""
+    def clean(self, input_ids: torch.Tensor, record: set[int], args_from: int = 0, stop: bool = False) -> CleanRun:
+        """Clean forward of the decoder; records block inputs at `record` and the arguments of
+        blocks args_from.. (the ones later runs call again). stop: end the forward once the deepest
+        input in `record` is taken (no final state then, and no arguments of the blocks after it)."""
         inputs: dict[int, torch.Tensor] = {}
-        block_args: list[tuple[tuple, dict[str, Any]]] = [((), {})] * self.n_layers
-        handles = []
+        block_args: BlockArgs = [((), {})] * self.n_layers
+        last = max(record) if record else None
 
         def make_hook(j: int):
             def hook(module, args, kwargs):
-                kw = dict(kwargs)
-                if args:
-                    h, rest = args[0], tuple(args[1:])
-                else:
-                    h, rest = kw.pop("hidden_states"), ()
+                h, rest, kw = _split_args(args, kwargs)
                 if j in record:
                     inputs[j] = h
                 if j >= args_from:
                     block_args[j] = (rest, kw)
+                if stop and j == last:
+                    raise StopForward
 
             return hook
 
+        def note_output(module, args, output):
+            self.tuple_outputs = isinstance(output, (tuple, list))
+
+        handles = [self.blocks[0].register_forward_hook(note_output)]
+        final = None
         try:
             for j, block in enumerate(self.blocks):
                 if j in record or j >= args_from:
                     handles.append(block.register_forward_pre_hook(make_hook(j), with_kwargs=True))
             out = self.model.base_model(input_ids=input_ids, use_cache=False)
+            final = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        except StopForward:
+            pass
         finally:
             for h in handles:
                 h.remove()
-        final = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return CleanRun(final, inputs, block_args)
+
+    @torch.inference_mode()
+    def block_args(self, input_ids: torch.Tensor, args_from: int) -> BlockArgs:
+        """The arguments the model passes blocks args_from.. for a batch of input_ids, without
+        running any block: while the model's forward runs, each block is swapped for a pass-through
+        that records them. The model computes them (masks, rotary embeddings, positions) from the
+        batch before its first block, so they are a full forward's, which SpliceEvaluator checks
+        against a real forward before relying on this. Needs a block to have run once (the output
+        type)."""
+        if self.tuple_outputs is None:
+            raise RuntimeError("block_args needs a clean run first, to know what the blocks return")
+        block_args: BlockArgs = [((), {})] * self.n_layers
+
+        def pass_through(j: int):
+            def forward(*args, **kwargs):
+                h, rest, kw = _split_args(args, kwargs)
+                if j >= args_from:
+                    block_args[j] = (rest, kw)
+                if j == self.n_layers - 1:
+                    raise StopForward  # nothing after the blocks is needed
+                return (h,) if self.tuple_outputs else h
+
+            return forward
+
+        # forward may already be an instance attribute (accelerate's hooks put one there): put back
+        # exactly what was there
+        saved = [block.__dict__.get("forward") for block in self.blocks]
+        try:
+            for j, block in enumerate(self.blocks):
+                block.forward = pass_through(j)
+            self.model.base_model(input_ids=input_ids, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            for block, fwd in zip(self.blocks, saved):
+                if fwd is None:
+                    del block.forward
+                else:
+                    block.forward = fwd
+        return block_args
 
     @torch.inference_mode()
     def run_from(
         self,
         h: torch.Tensor,
         start: int,
-        block_args: list[tuple[tuple, dict[str, Any]]],
+        block_args: BlockArgs,
         plan: SplicePlan | None = None,
         record: set[int] = frozenset(),
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -180,7 +254,7 @@ class SpliceModel:
             if j in record:
                 recorded[j] = h
             rest, kw = block_args[j]
-            h = _hidden(self.blocks[j](h, *rest, **kw))
+            h = block_hidden(self.blocks[j](h, *rest, **kw))
         return self.norm(h), recorded
 
     def continue_from(self, clean: CleanRun, plan: SplicePlan) -> torch.Tensor:
@@ -193,9 +267,15 @@ class SpliceModel:
         return self.run_from(clean.inputs[start], start, clean.block_args, plan)[0]
 
     @torch.inference_mode()
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on final-normed hidden states [n, d] -> logits [n, vocab] in the model's dtype."""
-        return self.head(hidden)
+    def head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """LM head on final-normed hidden states [n, d] -> logits [n, vocab] in the model's dtype,
+        into `out` (a [>= n, vocab] buffer) where the head is a plain linear layer. A logits block
+        is tens of MB: allocated afresh each time, its pages are faulted in (and zeroed by the
+        kernel) each time, which measured ~8% of an eval's CPU time."""
+        if out is None or type(self.head) is not torch.nn.Linear:
+            return self.head(hidden)
+        out = torch.matmul(hidden, self.head.weight.T, out=out[: hidden.shape[0]])
+        return out if self.head.bias is None else out.add_(self.head.bias)
 
     def float_logits(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Model-dtype logits -> the float32 logits of the model's output distribution (into `out`)."""
@@ -277,16 +357,22 @@ StoredFn = Callable[[list[int]], dict[int, torch.Tensor]]
 class SpliceEvaluator:
     """Runs splicers over batches of contexts and accumulates their metrics.
 
-    prefix 'live': every batch's clean run is a full forward. 'auto': the first batch of each shape
-    runs live; if the store's activations (given by `stored`) equal that forward's bit for bit,
-    later batches start the clean run from the stored activations at the first spliced layer
-    instead of recomputing the blocks before it (the harvest already did), reusing the blocks'
-    other arguments (masks, rotary embeddings: functions of the batch shape only, for packed
-    contexts without padding). Clean and variants then share that same stored state, so an
-    identity splice still gives exactly 0."""
+    prefix 'live': every batch's clean run is a full forward. 'auto': clean runs start from the
+    store's activations (given by `stored`) at the first spliced layer instead of recomputing the
+    blocks before it (the harvest already did), once the store is shown to equal this machine's
+    forward bit for bit:
+    - first, per context length, a probe: one context runs live up to the deepest recorded layer
+      (an eighth of a batch's prefix at 8 contexts per batch) and is compared with the store; if
+      equal, every batch starts from the store, the first included, with the blocks' other
+      arguments (masks, rotary embeddings: functions of the batch's shape for packed contexts
+      without padding) taken from a pass-through forward, itself checked against the probe's;
+    - where the probe differs (a GPU's kernels may round differently with the batch's size), the
+      first batch of each shape runs live and is compared whole, as the harvest's batches were.
+    Clean and variants then share that same stored state, so an identity splice still gives
+    exactly 0, and the metrics equal those of live runs bit for bit."""
 
     def __init__(self, model: torch.nn.Module, splicers: list[Splicer], chunk_positions: int = 512,
-                 prefix: str = "auto", sub_positions: int = 64, group: int = 4):
+                 prefix: str = "auto", sub_positions: int = 16, group: int = 4):
         if prefix not in PREFIXES:
             raise RouteSAEError(f"prefix {prefix!r} not one of {PREFIXES}")
         self.sm = SpliceModel(model)
@@ -297,12 +383,17 @@ class SpliceEvaluator:
         self.group = group
         self.prefix = prefix
         self.record = sorted({layer for s in splicers for layer in s.clean_layers()})
-        self._args: dict[tuple[int, ...], list] = {}
+        self._args: dict[tuple[int, ...], BlockArgs] = {}
+        """Per batch shape: the blocks' other arguments, for runs that start from the store."""
+        self._probe_ok: dict[int, bool] = {}
+        """Per context length: whether the probe context's stored activations equalled a live forward's."""
         self._store_ok: dict[tuple[int, ...], bool] = {}
-        """Per batch shape: whether the store's activations equalled the live forward's."""
+        """Per batch shape, where the probe failed: whether a whole live batch equalled the store."""
         self.store_diff: float = 0.0
         """Largest |stored - live| seen where they differ."""
         self.batches = {"live": 0, "store": 0}
+        self.probes = 0
+        """Probe contexts run live (one per context length)."""
         for s in splicers:
             self.sm.check_layers(s.clean_layers(), s.name)
 
@@ -321,20 +412,58 @@ class SpliceEvaluator:
 
     @property
     def store_matches(self) -> bool | None:
-        """None: never compared; True: the store equalled the live forward for some batch shape."""
-        return any(self._store_ok.values()) if self._store_ok else None
+        """None: never compared; True: the store equalled the live forward (probe or whole batch)."""
+        checks = [*self._probe_ok.values(), *self._store_ok.values()]
+        return any(checks) if checks else None
 
-    def _check_store(self, shape: tuple[int, ...], stored: dict[int, torch.Tensor], clean: CleanRun) -> None:
+    @property
+    def store_check(self) -> str | None:
+        """What showed the store equal to this machine's forward: 'probe' (one context run live),
+        'batch' (a whole batch run live), or None (nothing did)."""
+        if any(self._probe_ok.values()):
+            return "probe"
+        return "batch" if any(self._store_ok.values()) else None
+
+    def _equals_store(self, stored: dict[int, torch.Tensor], live: dict[int, torch.Tensor]) -> bool:
         ok = True
         for layer in self.record:
-            s, live = stored[layer], clean.inputs[layer]
-            if s.dtype != live.dtype or s.shape != live.shape:
+            s, x = stored[layer], live[layer]
+            if s.dtype != x.dtype or s.shape != x.shape:
                 ok = False
                 continue
-            if not torch.equal(s, live):
+            if not torch.equal(s, x):
                 ok = False
-                self.store_diff = max(self.store_diff, float((s.float() - live.float()).abs().max()))
-        self._store_ok[shape] = ok
+                self.store_diff = max(self.store_diff, float((s.float() - x.float()).abs().max()))
+        return ok
+
+    def _probe(self, input_ids: torch.Tensor, stored: dict[int, torch.Tensor]) -> bool:
+        """Runs the batch's first context live up to the deepest recorded layer; -> whether the
+        store equals it and the pass-through forward gives the blocks the arguments it did."""
+        one = input_ids[:1]
+        run = self.sm.clean(one, set(self.record), self.record[0], stop=True)
+        self.probes += 1
+        if not self._equals_store({layer: t[:1] for layer, t in stored.items()}, run.inputs):
+            return False
+        try:
+            passed = self.sm.block_args(one, self.record[0])
+        except Exception:  # a model whose forward trips on pass-through blocks: the live path still works
+            return False
+        return all(same_args(passed[j], run.block_args[j]) for j in range(self.record[0], max(self.record) + 1))
+
+    def _from_store(self, input_ids: torch.Tensor, stored: dict[int, torch.Tensor]) -> bool:
+        """Whether this batch's clean run may start from the store (see the class); gets the
+        blocks' arguments for its shape when it may."""
+        shape = tuple(input_ids.shape)
+        if self._store_ok.get(shape) and shape in self._args:
+            return True
+        seq = shape[1]
+        if seq not in self._probe_ok:
+            self._probe_ok[seq] = self._probe(input_ids, stored)
+        if not self._probe_ok[seq]:
+            return False
+        if shape not in self._args:
+            self._args[shape] = self.sm.block_args(input_ids, self.record[0])
+        return True
 
     @torch.inference_mode()
     def add_batch(self, input_ids: torch.Tensor, keep: torch.Tensor, token_index: torch.Tensor | None = None,
@@ -349,8 +478,10 @@ class SpliceEvaluator:
         if token_index is None:
             token_index = torch.arange(input_ids.numel()).view(input_ids.shape)
         shape = tuple(input_ids.shape)
-        if stored is not None and self.prefix == "auto" and self._store_ok.get(shape) and shape in self._args:
+        acts = None
+        if stored is not None and self.prefix == "auto" and self.record:
             acts = {layer: t.to(dev) for layer, t in stored(self.record).items()}
+        if acts is not None and self._from_store(input_ids, acts):
             plans = self._plans(acts, keep, token_index)
             starts = {first_layer(p) for p in plans} - {None}
             start = min(starts) if starts else self.record[0]
@@ -362,10 +493,10 @@ class SpliceEvaluator:
             # The arguments are kept from the first spliceable block on: every variant starts there or later.
             clean = self.sm.clean(input_ids, set(self.record), self.record[0] if self.record else self.sm.n_layers)
             self._args[shape] = clean.block_args
-            if stored is not None and self.prefix == "auto" and shape not in self._store_ok:
-                # bf16 matmuls round differently with the batch's size, so equality is per batch
-                # shape (and holds when eval batches line up with the harvest's)
-                self._check_store(shape, {layer: t.to(dev) for layer, t in stored(self.record).items()}, clean)
+            if acts is not None and shape not in self._store_ok:
+                # kernels may round differently with the batch's size, so this equality is per
+                # batch shape (and holds when eval batches line up with the harvest's)
+                self._store_ok[shape] = self._equals_store(acts, clean.inputs)
             plans = self._plans(clean.inputs, keep, token_index)
             self.batches["live"] += 1
 
@@ -413,39 +544,54 @@ class SpliceEvaluator:
         groups = [runs[g : g + self.group] for g in range(0, len(runs), self.group)] or [[]]
         flat = lambda h: h.reshape(-1, d)  # noqa: E731
         n_sub = min(self.sub, max(1, int(kl_pos.numel())))
+        n_chunk = min(self.chunk, max(1, int(kl_pos.numel())))
         vocab = self.sm.vocab_size
-        # float32 work buffers for one sub-chunk, reused throughout (allocation is a pass too)
-        buf_clean, buf_run, scratch = (torch.empty(n_sub, vocab, device=dev) for _ in range(3))
+        # float32 work buffers for one sub-chunk, reused throughout (allocation is a pass too), and
+        # the model-dtype logits of a chunk for the clean run and a group of runs
+        buf_clean, buf_probs, buf_run = (torch.empty(n_sub, vocab, device=dev) for _ in range(3))
+        work = torch.empty(3, n_sub, vocab, device=dev)
+        head_out = torch.empty(1 + min(self.group, len(runs)), n_chunk, vocab, dtype=self.sm.dtype, device=dev)
+        # per-row results of a chunk (float32), summed once per chunk rather than per sub-chunk
+        row_ce_clean = torch.empty(n_chunk, device=dev)
+        row_kl, row_ce = (torch.empty(self.group, n_chunk, device=dev) for _ in range(2))
         for lo in range(0, kl_pos.numel(), self.chunk):
             pos = kl_pos[lo : lo + self.chunk]
+            n_pos = pos.numel()
             ce_mask, tgt = is_ce[pos], targets[pos].unsqueeze(1)
-            z_clean_all = self.sm.head_logits(flat(clean_final)[pos])
+            z_clean_all = self.sm.head_logits(flat(clean_final)[pos], out=head_out[0])
             for g, group in enumerate(groups):
-                z_all = [self.sm.head_logits(flat(h)[pos]) for _, _, h in group]
-                for sl in range(0, pos.numel(), self.sub):
-                    rows = slice(sl, sl + self.sub)
-                    m, t = ce_mask[rows], tgt[rows]
-                    n = int(m.numel())
+                z_all = [self.sm.head_logits(flat(h)[pos], out=head_out[1 + i]) for i, (_, _, h) in enumerate(group)]
+                for sl in range(0, n_pos, self.sub):
+                    n = min(self.sub, n_pos - sl)
+                    rows = slice(sl, sl + n)
+                    t = tgt[rows]
                     z_clean = self.sm.float_logits(z_clean_all[rows], out=buf_clean[:n])
-                    ref = logit_stats(z_clean, with_probs=True)
+                    ref = logit_stats(z_clean, with_probs=True, out=buf_probs[:n])
                     if g == 0:
-                        ce_c += (ref.lse - z_clean.gather(1, t).squeeze(1))[m].double().sum()
-                    for (kind, key, _), z_run in zip(group, z_all):
-                        if kind == "zero":  # CE only: one log-sum-exp
+                        torch.sub(ref.lse, z_clean.gather(1, t).squeeze(1), out=row_ce_clean[rows])
+                    for r, ((kind, _, _), z_run) in enumerate(zip(group, z_all)):
+                        if kind == "zero":  # CE only: -log p(target), one pass
                             z = self.sm.float_logits(z_run[rows], out=buf_run[:n])
-                            lse = torch.logsumexp(z, dim=-1)
-                            ce_z[key] += (lse - z.gather(1, t).squeeze(1))[m].double().sum()
+                            logp = torch.log_softmax(z, dim=-1, out=work[0, :n])
+                            torch.neg(logp.gather(1, t).squeeze(1), out=row_ce[r, rows])
                             continue
                         # without soft-capping the model-dtype logits are the distribution's own
                         # and kl_from_logits reads them directly (one pass fewer)
                         z = z_run[rows] if not self.sm.softcap else self.sm.float_logits(z_run[rows], out=buf_run[:n])
-                        kl, lse = kl_from_logits(z_clean, ref, z, scratch=scratch[:n])
-                        ce = (lse - z.gather(1, t).squeeze(1).float())[m].double().sum()
-                        kl = kl.double()
-                        ce_s[key] += ce
-                        kl_tot[key] += kl.sum()
-                        kl_ctx[key].index_add_(0, ctx_of[pos[rows]], kl)
+                        kl, lse = kl_from_logits(z_clean, ref, z, work=work[:, :n])
+                        row_kl[r, rows] = kl
+                        torch.sub(lse, z.gather(1, t).squeeze(1).float(), out=row_ce[r, rows])
+                for r, (kind, key, _) in enumerate(group):
+                    ce = row_ce[r, :n_pos][ce_mask].double().sum()
+                    if kind == "zero":
+                        ce_z[key] += ce
+                        continue
+                    kl = row_kl[r, :n_pos].double()
+                    ce_s[key] += ce
+                    kl_tot[key] += kl.sum()
+                    kl_ctx[key].index_add_(0, ctx_of[pos], kl)
                 del z_all
+            ce_c += row_ce_clean[:n_pos][ce_mask].double().sum()
         for i in empty_spliced:
             ce_s[i] = ce_c
         for key in empty_zero:

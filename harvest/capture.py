@@ -16,11 +16,13 @@ from routesae.errors import RouteSAEError
 from routesae.harvest.models import decoder_layers, final_norm
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the last needed hook to end the forward pass early."""
 
 
-def _hidden(output: Any) -> torch.Tensor:
+def block_hidden(output: Any) -> torch.Tensor:
+    """A decoder block's output hidden state: transformers 5 Llama blocks return a tensor, GPT-2 and
+    older versions a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -77,15 +79,15 @@ class HiddenStateCapture:
         def hook(module, args, kwargs):
             self._keep(0, args[0] if args else kwargs["hidden_states"])
             if stop:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
     def _post_hook(self, layer: int, stop: bool):
         def hook(module, args, output):
-            self._keep(layer, _hidden(output))
+            self._keep(layer, block_hidden(output))
             if stop:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -104,7 +106,7 @@ class HiddenStateCapture:
         self._dest = out
         try:
             self.model(input_ids=input_ids, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             self._dest = None

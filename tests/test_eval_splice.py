@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from routesae.errors import RouteSAEError
-from routesae.evaluate.splice import SpliceEvaluator, SpliceModel, SplicePlan
+from routesae.evaluate.splice import SpliceEvaluator, SpliceModel, SplicePlan, same_args
 from routesae.harvest.models import decoder_layers
 from tiny_models import tiny_model
 
@@ -188,9 +188,10 @@ def test_plans_on_special_positions_and_the_last_hidden_state_are_refused():
         SpliceEvaluator(model, [FnSplicer("last", [4], lambda x: x)])
 
 
-@pytest.mark.parametrize("perturb", [False, True])
-def test_clean_runs_start_from_the_store_only_when_it_equals_the_live_forward(perturb):
-    model = _model("llama", torch.bfloat16)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("store", ["equal", "perturbed", "probe-differs"])
+def test_clean_runs_start_from_the_store_only_when_it_equals_the_live_forward(kind, store, monkeypatch):
+    model = _model(kind, torch.bfloat16)
     batches = [_ids(seed) for seed in (4, 5, 6)]
     g = torch.Generator().manual_seed(7)
     layer_of = torch.randint(1, 4, (B, T), generator=g)
@@ -202,21 +203,68 @@ def test_clean_runs_start_from_the_store_only_when_it_equals_the_live_forward(pe
     def stored_of(ids):
         def fn(layers):
             hs = _hidden_states(model, ids)
-            return {layer: hs[layer] + (1.0 if perturb else 0.0) for layer in layers}
+            return {layer: hs[layer] + (1.0 if store == "perturbed" else 0.0) for layer in layers}
         return fn
 
     live = SpliceEvaluator(model, splicers(), prefix="live")
     auto = SpliceEvaluator(model, splicers(), prefix="auto")
+    if store == "probe-differs":  # as where kernels round differently for one context than for a batch
+        monkeypatch.setattr(auto, "_probe", lambda ids, stored: False)
     for ids, keep in batches:
         live.add_batch(ids, keep)
         auto.add_batch(ids, keep, stored=stored_of(ids))
-    assert live.batches == {"live": 3, "store": 0}
-    if perturb:
+    assert live.batches == {"live": 3, "store": 0} and live.probes == 0
+    if store == "perturbed":  # the probe differs, and so does the first whole batch
         assert auto.batches == {"live": 3, "store": 0} and auto.store_matches is False and auto.store_diff > 0
-    else:
+        assert auto.probes == 1
+    elif store == "probe-differs":  # the first batch runs live and shows the store equal
         assert auto.batches == {"live": 1, "store": 2} and auto.store_matches
+    else:  # one context shows the store equal: every batch, the first included, starts from it
+        assert auto.batches == {"live": 0, "store": 3} and auto.store_matches and auto.probes == 1
     # either way the metrics are those of the live forward, bit for bit
     assert auto.results() == live.results()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_pass_through_forward_gives_the_blocks_the_arguments_of_a_real_one(kind):
+    model = _model(kind, torch.bfloat16)
+    sm = SpliceModel(model)
+    ids, _ = _ids(3)
+    real = sm.clean(ids, {1}, args_from=1)
+    forwards = [b.__dict__.get("forward") for b in sm.blocks]
+    passed = sm.block_args(ids, args_from=1)
+    assert [b.__dict__.get("forward") for b in sm.blocks] == forwards  # the blocks are put back
+    assert all(same_args(passed[j], real.block_args[j]) for j in range(1, sm.n_layers))
+    assert passed[0] == ((), {})  # before args_from: not kept
+    # a batch of another shape gets other arguments where the model's depend on it, and runs the
+    # blocks to the same result as its real forward
+    two = ids[:2]
+    args_two = sm.block_args(two, args_from=1)
+    real_two = sm.clean(two, {1}, args_from=1)
+    final, _ = sm.run_from(real_two.inputs[1], 1, args_two)
+    assert torch.equal(final, real_two.final)
+    # the comparison itself can fail
+    assert not same_args(((torch.ones(2),), {"a": None}), ((torch.ones(2),), {"a": 1}))
+    assert not same_args(((torch.ones(2),), {}), ((torch.ones(2, dtype=torch.bfloat16),), {}))
+    assert same_args(((torch.ones(2), 3), {"a": (None, True)}), ((torch.ones(2), 3), {"a": (None, True)}))
+
+
+def test_a_probe_stops_at_the_deepest_recorded_layer():
+    model = _model("llama")
+    sm = SpliceModel(model)
+    ids, _ = _ids()
+    calls = [0] * sm.n_layers
+    handles = [b.register_forward_pre_hook(lambda m, a, j=j: calls.__setitem__(j, calls[j] + 1))
+               for j, b in enumerate(sm.blocks)]
+    try:
+        run = sm.clean(ids, {1, 2}, args_from=1, stop=True)
+    finally:
+        for h in handles:
+            h.remove()
+    assert run.final is None and sorted(run.inputs) == [1, 2]
+    # our pre-hooks run before the engine's, so block 2's fires before the forward stops there
+    assert calls == [1, 1, 1, 0]
+    torch.testing.assert_close(run.inputs[2], _hidden_states(model, ids)[2], rtol=0, atol=0)
 
 
 def _hidden_states(model, ids):

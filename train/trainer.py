@@ -31,7 +31,7 @@ from routesae.train.checkpoint import (
     write_text,
 )
 from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig, SAEConfig
-from routesae.train.cpu_memory import keep_freed_memory
+from routesae.cpu_memory import keep_freed_memory
 from routesae.train.data import WORKERS, Batch, ChunkLoader, Position, TokenSplit, can_map
 from routesae.train.normalize import dataset_scale
 from routesae.train.saes import ARCHITECTURES, SAE, TrainOutput, build_sae

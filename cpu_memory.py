@@ -5,8 +5,9 @@ glibc serves large allocations (above a threshold that adapts up to 32 MiB) with
 returns them to the OS on free; a training step allocates and frees hundreds of MiB of
 temporaries (a RouteSAE batch in float32 alone is 151 MiB at 4096 tokens x 16 layers x 576), and
 touching fresh pages costs more than the arithmetic. Raising the thresholds made the RouteSAE
-step's float conversion ~2x faster on this project's CPU. Peak RSS is unchanged; memory freed
-after the peak stays with the process.
+step's float conversion ~2x faster on this project's CPU, and SmolLM2's forward over 8 x 512
+tokens ~20% faster (its blocks' temporaries are 5-13 MiB each, the logits 400 MiB). Peak RSS is
+unchanged; memory freed after the peak stays with the process.
 """
 
 from __future__ import annotations
