@@ -11,8 +11,12 @@ the store's activations bit-identical to this machine's forward, then every batc
 run from the store at the first spliced layer. Printed: the whole run's ratio eval / plain (the
 issue asks for at least 0.8), and apart, the first batch (with that check) and the steady state of
 the later ones (what an eval of millions of tokens converges to), from a run of the first batch
-alone. --compare-live also times --prefix live (every clean run a full forward). Runs alternate and
-the best of --repeats is kept, since other processes share the CPU.
+alone. A zero-ablation at one layer leaves a context only its special tokens, so contexts with the
+same ones (in most stores: a BOS and nothing else) share one run; the bench prints how many did, and
+--compare-unshared also times eval with every zero-ablation run on its whole batch (the figure for
+a store whose contexts all differ there). --compare-live also times --prefix live (every clean run
+a full forward). Runs alternate and the best of --repeats is kept, since other processes share the
+CPU.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8, help="contexts per forward (both sides)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compare-live", action="store_true", help="also time --prefix live (every clean run in full)")
+    ap.add_argument("--compare-unshared", action="store_true",
+                    help="also time eval with every zero-ablation run on its whole batch (contexts never shared)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
@@ -89,16 +95,18 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    def splice(prefix: str, stop: int = stop):
+    def splice(prefix: str, stop: int = stop, share: bool = True):
         t = time.perf_counter()
-        run = splice_metrics(model, cache, [target], start, stop, args.batch_size, prefix=prefix, progress=False)
+        run = splice_metrics(model, cache, [target], start, stop, args.batch_size, prefix=prefix, progress=False,
+                             share_zero_runs=share)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t, run
 
     plain()  # warm-up
     b = min(args.batch_size, n_ctx)
-    modes = ["plain", "auto", "first"] + (["live"] if args.compare_live else [])
+    modes = ["plain", "auto", "first"] + (["live"] if args.compare_live else []) + (
+        ["unshared"] if args.compare_unshared else [])
     times: dict[str, list[float]] = {m: [] for m in modes}
     runs = {}
     for _ in range(args.repeats):
@@ -106,6 +114,9 @@ def main() -> None:
         for prefix in ("auto", "live") if args.compare_live else ("auto",):
             dt, runs[prefix] = splice(prefix)
             times[prefix].append(dt)
+        if args.compare_unshared:
+            dt, runs["unshared"] = splice("auto", share=False)
+            times["unshared"].append(dt)
         # the first batch alone: it carries the check of the store against this machine's forward
         dt, _ = splice("auto", stop=start + b * ctx)
         times["first"].append(dt)
@@ -129,6 +140,9 @@ def main() -> None:
          best["plain"], statistics.median(times["auto"]))
     if args.compare_live:
         line("eval --splice --prefix live", best["live"], tokens, best["plain"], statistics.median(times["live"]))
+    if args.compare_unshared:
+        line("eval --splice, no zero-ablation shared", best["unshared"], tokens, best["plain"],
+             statistics.median(times["unshared"]))
     per_plain = best["plain"] / n_batches
     line("  first batch (with the store's check)", best["first"], b * ctx, per_plain, statistics.median(times["first"]))
     if n_batches > 1 and r.batches["store"]:
@@ -136,6 +150,9 @@ def main() -> None:
         line("  each later batch (from the store)", steady, b * ctx, per_plain, steady)
         print(f"ratio, steady state (what a long eval converges to): {per_plain / steady:.2f}")
     print(f"ratio, whole run of {n_batches} batches: {best['plain'] / best['auto']:.2f}   (target >= 0.8)")
+    z = r.zero_contexts
+    print(f"zero-ablation: {z['shared']} of {z['run'] + z['shared']} contexts continued as an identical context "
+          "(the same special tokens) and shared its run")
     if args.compare_live:
         print(f"KL/token: auto {runs['auto'].results[0].kl_per_token:.6f}, live {runs['live'].results[0].kl_per_token:.6f}")
     if tmp is not None:

@@ -177,15 +177,17 @@ class SpliceRun(NamedTuple):
     """Largest |stored - live| seen where they differed."""
     store_check: str | None
     """What showed the store equal: 'probe' (one context run live), 'batch' (a whole one), None."""
+    zero_contexts: dict[str, int]
+    """Contexts whose zero-ablation ran / was an identical context's (see SpliceEvaluator)."""
 
 
 def splice_metrics(
     model: torch.nn.Module, cache: Cache, targets: list[Target], start: int, stop: int,
-    batch_size: int, prefix: str = "auto", progress: bool = True,
+    batch_size: int, prefix: str = "auto", progress: bool = True, share_zero_runs: bool = True,
 ) -> SpliceRun:
     """Run the splice engine over the contexts of store tokens [start, stop)."""
     ctx, d = cache.context_len, cache.d_model
-    ev = SpliceEvaluator(model, [t.splicer() for t in targets], prefix=prefix)
+    ev = SpliceEvaluator(model, [t.splicer() for t in targets], prefix=prefix, share_zero_runs=share_zero_runs)
     bar = tqdm(total=stop - start, unit="tok", unit_scale=True, desc="eval (splice)", disable=not progress,
                dynamic_ncols=True)
     # Batches line up with multiples of batch_size contexts from the store's start, as a harvest
@@ -204,7 +206,8 @@ def splice_metrics(
         ev.add_batch(ids, keep, torch.arange(a, b).view(-1, ctx), stored)
         bar.update(b - a)
     bar.close()
-    return SpliceRun(ev.results(), dict(ev.batches), ev.store_matches, ev.store_diff, ev.store_check)
+    return SpliceRun(ev.results(), dict(ev.batches), ev.store_matches, ev.store_diff, ev.store_check,
+                     dict(ev.zero_contexts))
 
 
 NOTES = [
@@ -296,5 +299,11 @@ def run_eval(cfg: EvalConfig) -> Report:
             report.notes.extend(n.format(ctx=cache.context_len) for n in SPLICE_NOTES)
             report.notes.append(f"CE of the clean model on these positions: {run.results[0].ce_clean:.4f} nats.")
             report.notes.append(_prefix_note(run))
+            if run.zero_contexts["shared"]:
+                ran, shared = run.zero_contexts["run"], run.zero_contexts["shared"]
+                report.notes.append(
+                    f"Zero-ablations: {shared} of {ran + shared} context runs were those of an identical context "
+                    "(zeroing every non-special position leaves only the special tokens, so contexts with the same "
+                    "ones continue the same) and were computed once.")
             report.splice_batches = run.batches
     return report

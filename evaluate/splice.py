@@ -4,11 +4,14 @@ One clean forward per batch of contexts records the input of every decoder block
 and the arguments the model passed it: masks, rotary embeddings, ...). Each variant (an SAE's
 splice, its zero-ablation) then continues from the clean hidden state at its first modified layer,
 calling the same blocks with the same arguments, so the prefix is computed once and shared, and an
-unmodified continuation is bit-identical to the clean run. Once a batch has shown that the store's
-activations equal the live forward's bit for bit, later batches of that shape skip the prefix
-altogether: the clean run starts from the stored activations at the first spliced layer (the
-harvest computed that prefix already). Identical zero-ablations (same layer, same positions, as for
-several single-layer SAEs at one layer) run once.
+unmodified continuation is bit-identical to the clean run. Once the store's activations are shown
+equal to the live forward's bit for bit (see SpliceEvaluator), batches skip the prefix altogether:
+the clean run continues from the deepest stored layer and each variant from the stored state at
+its first layer (the harvest computed that prefix already). Identical zero-ablations (same layer, same positions, as for
+several single-layer SAEs at one layer) run once, and so do identical contexts within one: zeroing
+every non-special position at a layer erases the tokens, so all contexts with the same special
+tokens (typically just a BOS at position 0) continue identically; each distinct one runs once, and
+recurring ones are kept across batches.
 
 The engine knows nothing of SAEs: a `Splicer` says which clean activations it needs and returns a
 `SplicePlan` (which positions to replace at which layer, and a function giving the replacements).
@@ -20,6 +23,7 @@ be spliced: nothing of the model runs after it but the LM head.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -74,6 +78,34 @@ def plan_key(plan: SplicePlan) -> str:
             h.update(str(layer).encode())
             h.update(m.to("cpu", torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def context_keys(h: torch.Tensor, masks: dict[int, torch.Tensor], after: int) -> list[str]:
+    """Per context: a digest of its state h [batch, seq, d] and of the positions a plan replaces in
+    it at layers after `after` (masks: layer -> [batch, seq]). Two contexts with one digest run the
+    rest of a zero-ablation identically."""
+    raw = h.detach().contiguous().view(torch.uint8).reshape(h.shape[0], -1).cpu().numpy()
+    later = [(layer, m.to("cpu", torch.uint8).numpy()) for layer, m in sorted(masks.items()) if layer > after]
+    head = f"{h.dtype} {tuple(h.shape[1:])} {after}".encode()
+    keys = []
+    for c in range(h.shape[0]):
+        d = hashlib.sha1(head)
+        d.update(raw[c].data)
+        for layer, m in later:
+            if m[c].any():
+                d.update(str(layer).encode())
+                d.update(m[c].data)
+        keys.append(d.hexdigest())
+    return keys
+
+
+class ZeroRun(NamedTuple):
+    """A zero-ablation of one batch, each distinct context computed once."""
+
+    final: torch.Tensor
+    """[n_distinct, seq, d] final-normed last hidden states of the distinct contexts."""
+    context_of: torch.Tensor
+    """[batch] long: the row of `final` each context of the batch equals."""
 
 
 def first_layer(plan: SplicePlan) -> int | None:
@@ -369,10 +401,14 @@ class SpliceEvaluator:
     - where the probe differs (a GPU's kernels may round differently with the batch's size), the
       first batch of each shape runs live and is compared whole, as the harvest's batches were.
     Clean and variants then share that same stored state, so an identity splice still gives
-    exactly 0, and the metrics equal those of live runs bit for bit."""
+    exactly 0, and the metrics equal those of live runs bit for bit.
+
+    Zero-ablations run each distinct context once (see `_zero_run`); share_zero_runs=False runs
+    them on the whole batch like any variant (same numbers on a CPU, for checking and benchmarks)."""
 
     def __init__(self, model: torch.nn.Module, splicers: list[Splicer], chunk_positions: int = 512,
-                 prefix: str = "auto", sub_positions: int = 16, group: int = 4):
+                 prefix: str = "auto", sub_positions: int = 16, group: int = 4, zero_cache_size: int = 16,
+                 share_zero_runs: bool = True):
         if prefix not in PREFIXES:
             raise RouteSAEError(f"prefix {prefix!r} not one of {PREFIXES}")
         self.sm = SpliceModel(model)
@@ -394,6 +430,16 @@ class SpliceEvaluator:
         self.batches = {"live": 0, "store": 0}
         self.probes = 0
         """Probe contexts run live (one per context length)."""
+        self._pass_through_ok: bool | None = None
+        """Whether the pass-through forward gave the blocks a real forward's arguments (checked once)."""
+        self._zero_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        """Context digest -> final hidden state [seq, d] of its zero-ablation, most recent last."""
+        self.zero_cache_size = zero_cache_size
+        """Distinct zero-ablated contexts kept across batches (a BOS-only context recurs in every one)."""
+        self.share_zero_runs = share_zero_runs
+        """False: every zero-ablation runs the whole batch, as any variant does."""
+        self.zero_contexts = {"run": 0, "shared": 0}
+        """Contexts whose zero-ablation was computed / taken from an identical context's."""
         for s in splicers:
             self.sm.check_layers(s.clean_layers(), s.name)
 
@@ -444,11 +490,18 @@ class SpliceEvaluator:
         self.probes += 1
         if not self._equals_store({layer: t[:1] for layer, t in stored.items()}, run.inputs):
             return False
+        return self._check_pass_through(one, run, max(self.record))
+
+    def _check_pass_through(self, input_ids: torch.Tensor, run: CleanRun, last: int) -> bool:
+        """Whether the pass-through forward gives blocks record[0]..last the arguments `run` (a real
+        forward of input_ids) gave them; remembered for the zero-ablations' smaller batches."""
         try:
-            passed = self.sm.block_args(one, self.record[0])
+            passed = self.sm.block_args(input_ids, self.record[0])
         except Exception:  # a model whose forward trips on pass-through blocks: the live path still works
+            self._pass_through_ok = False
             return False
-        return all(same_args(passed[j], run.block_args[j]) for j in range(self.record[0], max(self.record) + 1))
+        self._pass_through_ok = all(same_args(passed[j], run.block_args[j]) for j in range(self.record[0], last + 1))
+        return self._pass_through_ok
 
     def _from_store(self, input_ids: torch.Tensor, stored: dict[int, torch.Tensor]) -> bool:
         """Whether this batch's clean run may start from the store (see the class); gets the
@@ -483,16 +536,18 @@ class SpliceEvaluator:
             acts = {layer: t.to(dev) for layer, t in stored(self.record).items()}
         if acts is not None and self._from_store(input_ids, acts):
             plans = self._plans(acts, keep, token_index)
-            starts = {first_layer(p) for p in plans} - {None}
-            start = min(starts) if starts else self.record[0]
-            final, inputs = self.sm.run_from(acts[start], start, self._args[shape], record=starts)
-            inputs[start] = acts[start]
-            clean = CleanRun(final, inputs, self._args[shape])
+            # the store holds every recorded layer, so the clean run only needs the blocks after
+            # the deepest (a RouteSAE's variants start at its first routed layer, from the store too)
+            deepest = self.record[-1]
+            final, _ = self.sm.run_from(acts[deepest], deepest, self._args[shape])
+            clean = CleanRun(final, acts, self._args[shape])
             self.batches["store"] += 1
         else:
             # The arguments are kept from the first spliceable block on: every variant starts there or later.
             clean = self.sm.clean(input_ids, set(self.record), self.record[0] if self.record else self.sm.n_layers)
             self._args[shape] = clean.block_args
+            if self._pass_through_ok is None and self.record:
+                self._check_pass_through(input_ids, clean, self.sm.n_layers - 1)
             if acts is not None and shape not in self._store_ok:
                 # kernels may round differently with the batch's size, so this equality is per
                 # batch shape (and holds when eval batches line up with the harvest's)
@@ -501,27 +556,90 @@ class SpliceEvaluator:
             self.batches["live"] += 1
 
         spliced = [self.sm.continue_from(clean, p) for p in plans]
-        zero_final: dict[str, torch.Tensor] = {}
+        zero_runs: dict[str, ZeroRun] = {}
         zero_of: list[str] = []
         for p in plans:
             key = plan_key(p)
-            if key not in zero_final:
-                zero_final[key] = self.sm.continue_from(clean, zero_plan(p))
+            if key not in zero_runs:
+                zero_runs[key] = self._zero_run(clean, zero_plan(p), input_ids)
             zero_of.append(key)
 
         for t, p in zip(self.totals, plans):
             for layer, m in p.masks.items():
                 t.replaced[layer] = t.replaced.get(layer, 0) + int(m.sum())
-        self._measure(input_ids, keep, clean.final, spliced, zero_final, zero_of)
+        self._measure(input_ids, keep, clean.final, spliced, zero_runs, zero_of)
 
-    def _measure(self, input_ids, keep, clean_final, spliced, zero_final, zero_of) -> None:
-        """KL and CE of every run against the clean one, over the metric positions.
+    def _zero_run(self, clean: CleanRun, plan: SplicePlan, input_ids: torch.Tensor) -> ZeroRun:
+        """A zero-ablation, each distinct context once: contexts whose state at the plan's first
+        layer (after zeroing) and whose later zeroed positions are the same bytes continue the same,
+        so one of them runs (in a smaller batch, with the pass-through forward's arguments for its
+        shape) and recurring ones are kept from earlier batches. Where the pass-through forward is
+        not known to be right, the whole batch runs as any variant does."""
+        b = input_ids.shape[0]
+        everyone = torch.arange(b, device=input_ids.device)
+        start = first_layer(plan)
+        if start is None:
+            return ZeroRun(clean.final, everyone)
+        if not (self.share_zero_runs and self._pass_through_ok):
+            self.zero_contexts["run"] += b
+            return ZeroRun(self.sm.continue_from(clean, plan), everyone)
+        h0 = clean.inputs[start].masked_fill(plan.masks[start].unsqueeze(-1), 0)
+        keys = context_keys(h0, plan.masks, start)
+        distinct = list(dict.fromkeys(keys))
+        first_of = {k: keys.index(k) for k in distinct}
+        todo = [k for k in distinct if k not in self._zero_cache]
+        if todo:
+            rows = [first_of[k] for k in todo]
+            sel = torch.tensor(rows, device=input_ids.device)
+            shape = (len(rows), input_ids.shape[1])
+            if shape not in self._args:
+                self._args[shape] = self.sm.block_args(input_ids[sel], self.record[0])
+            later = SplicePlan({layer: m[sel] for layer, m in plan.masks.items() if layer > start}, plan.replace)
+            final, _ = self.sm.run_from(h0[sel], start, self._args[shape], later)
+            for k, f in zip(todo, final):
+                self._zero_cache[k] = f.clone()
+        for k in distinct:
+            self._zero_cache.move_to_end(k)
+        finals = torch.stack([self._zero_cache[k] for k in distinct])
+        while len(self._zero_cache) > self.zero_cache_size:
+            self._zero_cache.popitem(last=False)
+        self.zero_contexts["run"] += len(todo)
+        self.zero_contexts["shared"] += b - len(todo)
+        index = {k: i for i, k in enumerate(distinct)}
+        return ZeroRun(finals, torch.tensor([index[k] for k in keys], device=input_ids.device))
+
+    def _zero_ce(self, run: ZeroRun, ce_pos: torch.Tensor, targets: torch.Tensor, bufs) -> torch.Tensor:
+        """Sum over the CE positions of a zero-ablation's cross-entropy (float64); the LM head and the
+        log-softmax run once per distinct row (position of a distinct context)."""
+        seq, d = run.final.shape[1], run.final.shape[2]
+        head_out, buf_run, work = bufs
+        rows = run.context_of[ce_pos // seq] * seq + ce_pos % seq
+        distinct, which = torch.unique(rows, return_inverse=True)  # sorted
+        order = torch.argsort(which)
+        which, tgt = which[order], targets[ce_pos][order]
+        flat = run.final.reshape(-1, d)
+        total = torch.zeros((), dtype=torch.float64, device=ce_pos.device)
+        for lo in range(0, distinct.numel(), self.chunk):
+            logits = self.sm.head_logits(flat[distinct[lo : lo + self.chunk]], out=head_out)
+            for sl in range(0, logits.shape[0], self.sub):
+                n = min(self.sub, logits.shape[0] - sl)
+                z = self.sm.float_logits(logits[sl : sl + n], out=buf_run[:n])
+                logp = torch.log_softmax(z, dim=-1, out=work[:n])
+                # the CE positions whose row is one of these n: a contiguous run of the sorted ones
+                a, b = torch.searchsorted(which, torch.tensor([lo + sl, lo + sl + n], device=which.device)).tolist()
+                total -= logp[which[a:b] - (lo + sl), tgt[a:b]].double().sum()
+        return total
+
+    def _measure(self, input_ids, keep, clean_final, spliced, zero_runs: dict[str, ZeroRun], zero_of) -> None:
+        """KL and CE of every spliced run against the clean one, and the zero-ablations' CE, over
+        the metric positions.
 
         Vocabulary-sized work dominates here (SmolLM2: 49,152 logits per position, three runs at
         least), so: the LM head runs on `chunk` positions at a time (large enough that reading its
-        weight is amortized), its model-dtype logits are kept, and the float32 metrics run on
-        `sub` positions at a time, small enough to stay in cache, each pass over the vocabulary
-        fused as far as plain torch allows. Runs are taken `group` at a time to bound memory."""
+        weight is amortized) into reused buffers, its model-dtype logits are kept, and the float32
+        metrics run on `sub` positions at a time, small enough to stay in cache, each pass over the
+        vocabulary fused as far as plain torch allows. Spliced runs are taken `group` at a time to
+        bound memory; a zero-ablation only needs CE, once per distinct row (see `_zero_ce`)."""
         b, s = input_ids.shape
         d = clean_final.shape[-1]
         dev = keep.device
@@ -534,13 +652,9 @@ class SpliceEvaluator:
         kl_ctx = torch.zeros(n_var, b, dtype=torch.float64, device=dev)
         kl_tot = torch.zeros(n_var, dtype=torch.float64, device=dev)
         ce_s = torch.zeros(n_var, dtype=torch.float64, device=dev)
-        ce_z = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in zero_final}
         ce_c = torch.zeros((), dtype=torch.float64, device=dev)
-        # runs that differ from clean; an empty plan's run *is* the clean one (same tensor)
-        runs = [("spliced", i, h) for i, h in enumerate(spliced) if h is not clean_final]
-        runs += [("zero", key, h) for key, h in zero_final.items() if h is not clean_final]
-        empty_spliced = [i for i, h in enumerate(spliced) if h is clean_final]
-        empty_zero = [key for key, h in zero_final.items() if h is clean_final]
+        # spliced runs that differ from clean; an empty plan's run *is* the clean one (same tensor)
+        runs = [(i, h) for i, h in enumerate(spliced) if h is not clean_final]
         groups = [runs[g : g + self.group] for g in range(0, len(runs), self.group)] or [[]]
         flat = lambda h: h.reshape(-1, d)  # noqa: E731
         n_sub = min(self.sub, max(1, int(kl_pos.numel())))
@@ -560,7 +674,7 @@ class SpliceEvaluator:
             ce_mask, tgt = is_ce[pos], targets[pos].unsqueeze(1)
             z_clean_all = self.sm.head_logits(flat(clean_final)[pos], out=head_out[0])
             for g, group in enumerate(groups):
-                z_all = [self.sm.head_logits(flat(h)[pos], out=head_out[1 + i]) for i, (_, _, h) in enumerate(group)]
+                z_all = [self.sm.head_logits(flat(h)[pos], out=head_out[1 + r]) for r, (_, h) in enumerate(group)]
                 for sl in range(0, n_pos, self.sub):
                     n = min(self.sub, n_pos - sl)
                     rows = slice(sl, sl + n)
@@ -569,33 +683,25 @@ class SpliceEvaluator:
                     ref = logit_stats(z_clean, with_probs=True, out=buf_probs[:n])
                     if g == 0:
                         torch.sub(ref.lse, z_clean.gather(1, t).squeeze(1), out=row_ce_clean[rows])
-                    for r, ((kind, _, _), z_run) in enumerate(zip(group, z_all)):
-                        if kind == "zero":  # CE only: -log p(target), one pass
-                            z = self.sm.float_logits(z_run[rows], out=buf_run[:n])
-                            logp = torch.log_softmax(z, dim=-1, out=work[0, :n])
-                            torch.neg(logp.gather(1, t).squeeze(1), out=row_ce[r, rows])
-                            continue
+                    for r, z_run in enumerate(z_all):
                         # without soft-capping the model-dtype logits are the distribution's own
                         # and kl_from_logits reads them directly (one pass fewer)
                         z = z_run[rows] if not self.sm.softcap else self.sm.float_logits(z_run[rows], out=buf_run[:n])
                         kl, lse = kl_from_logits(z_clean, ref, z, work=work[:, :n])
                         row_kl[r, rows] = kl
                         torch.sub(lse, z.gather(1, t).squeeze(1).float(), out=row_ce[r, rows])
-                for r, (kind, key, _) in enumerate(group):
-                    ce = row_ce[r, :n_pos][ce_mask].double().sum()
-                    if kind == "zero":
-                        ce_z[key] += ce
-                        continue
+                for r, (i, _) in enumerate(group):
                     kl = row_kl[r, :n_pos].double()
-                    ce_s[key] += ce
-                    kl_tot[key] += kl.sum()
-                    kl_ctx[key].index_add_(0, ctx_of[pos], kl)
+                    ce_s[i] += row_ce[r, :n_pos][ce_mask].double().sum()
+                    kl_tot[i] += kl.sum()
+                    kl_ctx[i].index_add_(0, ctx_of[pos], kl)
                 del z_all
             ce_c += row_ce_clean[:n_pos][ce_mask].double().sum()
-        for i in empty_spliced:
-            ce_s[i] = ce_c
-        for key in empty_zero:
-            ce_z[key] = ce_c.clone()
+        for i, h in enumerate(spliced):
+            if h is clean_final:
+                ce_s[i] = ce_c
+        ce_z = {key: ce_c if run.final is clean_final else self._zero_ce(run, ce_pos, targets, (head_out[0], buf_run, work[0]))
+                for key, run in zero_runs.items()}
         n_kl, n_ce = int(kl_pos.numel()), int(ce_pos.numel())
         for i, t in enumerate(self.totals):
             t.kl_sum += float(kl_tot[i])

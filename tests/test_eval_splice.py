@@ -163,7 +163,9 @@ def test_prefix_is_computed_once_and_zero_ablations_are_shared():
     ids, keep = _ids()
     blocks = decoder_layers(model)
     calls = [0] * len(blocks)
-    handles = [b.register_forward_pre_hook(lambda m, a, j=j: calls.__setitem__(j, calls[j] + 1))
+    # hooked on each block's MLP: the pass-through forward that only collects the blocks' arguments
+    # calls the blocks (and their hooks) but runs nothing inside them
+    handles = [b.mlp.register_forward_pre_hook(lambda m, a, j=j: calls.__setitem__(j, calls[j] + 1))
                for j, b in enumerate(blocks)]
     try:
         a = FnSplicer("a", [3], lambda x: 0.5 * x)
@@ -175,6 +177,50 @@ def test_prefix_is_computed_once_and_zero_ablations_are_shared():
             h.remove()
     # blocks 0..2 run only in the clean forward; block 3 in clean + 2 splices + 1 zero-ablation
     assert calls == [1, 1, 1, 4]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_zero_ablation_runs_each_distinct_context_once_and_gives_the_same_numbers(kind):
+    model = _model(kind, torch.bfloat16)
+    g = torch.Generator().manual_seed(11)
+
+    def batch():
+        ids = torch.randint(3, 500, (4, T), generator=g)
+        ids[:, 0] = 1  # BOS everywhere; context 1 also has an EOS, whose activation depends on its text
+        ids[1, 10] = 2
+        return ids, (ids != 1) & (ids != 2)
+
+    batches = [batch() for _ in range(2)]
+    blocks = decoder_layers(model)
+    sizes: list[int] = []  # batch size of every call of block 3's MLP
+    mlp = blocks[3].mlp
+    handle = mlp.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+
+    def evaluate(share):
+        single = FnSplicer("single", [2], lambda x: 0.6 * x + 0.05)
+        multi = FnSplicer("multi", [1, 2, 3], lambda x: 0.6 * x + 0.05,
+                          torch.randint(1, 4, (4, T), generator=torch.Generator().manual_seed(5)))
+        ev = SpliceEvaluator(model, [single, multi], share_zero_runs=share)
+        sizes.clear()
+        for ids, keep in batches:
+            ev.add_batch(ids, keep)
+        return ev, list(sizes)
+
+    try:
+        shared, shared_sizes = evaluate(True)
+        whole, whole_sizes = evaluate(False)
+    finally:
+        handle.remove()
+    # zeroing layer 2 leaves contexts 0, 2 and 3 alike (a BOS and zeros): batch one runs 2 of its 4
+    # contexts; batch two finds that one kept and runs only its context 1; the multi-layer plan's
+    # contexts all differ
+    assert shared.zero_contexts == {"run": 2 + 1 + 4 + 4, "shared": 2 + 3 + 0 + 0}
+    assert whole.zero_contexts == {"run": 16, "shared": 0}
+    # block 3 per batch: the clean run, two splices, the two zero-ablations (the first one shared)
+    assert shared_sizes == [4, 4, 4, 2, 4] + [4, 4, 4, 1, 4]
+    assert whole_sizes == [4] * 10
+    # on a CPU a context's rows come out the same whatever else is in its batch: the same numbers
+    assert shared.results() == whole.results()
 
 
 def test_plans_on_special_positions_and_the_last_hidden_state_are_refused():
@@ -210,9 +256,22 @@ def test_clean_runs_start_from_the_store_only_when_it_equals_the_live_forward(ki
     auto = SpliceEvaluator(model, splicers(), prefix="auto")
     if store == "probe-differs":  # as where kernels round differently for one context than for a batch
         monkeypatch.setattr(auto, "_probe", lambda ids, stored: False)
+    blocks = decoder_layers(model)
+    calls = [0] * len(blocks)
     for ids, keep in batches:
         live.add_batch(ids, keep)
-        auto.add_batch(ids, keep, stored=stored_of(ids))
+        stored = stored_of(ids)(auto.record)  # the stand-in store runs the model: before the counting
+        handles = [b.mlp.register_forward_pre_hook(lambda m, a, j=j: calls.__setitem__(j, calls[j] + 1))
+                   for j, b in enumerate(blocks)]
+        try:
+            auto.add_batch(ids, keep, stored=lambda layers, stored=stored: {layer: stored[layer] for layer in layers})
+        finally:
+            for h in handles:
+                h.remove()
+    if store == "equal":
+        # the probe runs blocks 0..2 once; then per batch the clean run only block 3 (the store holds
+        # layers 1..3), each splice and zero-ablation the blocks from its first layer (2, or 1)
+        assert calls == [1, 1 + 3 * 2, 1 + 3 * 4, 3 * 5]
     assert live.batches == {"live": 3, "store": 0} and live.probes == 0
     if store == "perturbed":  # the probe differs, and so does the first whole batch
         assert auto.batches == {"live": 3, "store": 0} and auto.store_matches is False and auto.store_diff > 0
