@@ -235,8 +235,9 @@ def _prefix_note(run: SpliceRun) -> str:
     if store:
         how = ("one context run live up to the deepest spliced layer" if run.store_check == "probe"
                else "the first batch, run live")
-        return (f"Clean runs: {store} batch(es) started from the store's activations at the first spliced layer, "
-                f"{live} computed in full; {how} showed the store equal, bit for bit, to this machine's forward.")
+        return (f"Clean runs: {store} batch(es) started from the store's activations (the clean run at the deepest "
+                f"stored layer, each splice at its first spliced layer), {live} computed in full; {how} showed the "
+                "store equal, bit for bit, to this machine's forward.")
     if run.store_matches is False:
         return (f"Clean runs: all {live} batch(es) computed in full; the store's activations differ from this machine's "
                 f"forward (max |diff| {run.store_diff:.3g}), so none was started from the store.")

@@ -12,6 +12,7 @@ from routesae.evaluate.metrics import (
     VarianceAccumulator,
     ce_from_logits,
     ce_per_position,
+    expm1_,
     kl_from_logits,
     logit_stats,
     fvu,
@@ -45,6 +46,35 @@ def test_kl_and_ce_equal_a_numpy_computation_from_two_logit_tensors():
     torch.testing.assert_close(kl_per_position(log_probs(a), log_probs(b)), ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ce_per_position(log_probs(b), targets),
                                torch.nn.functional.cross_entropy(b, targets, reduction="none"))
+
+
+def test_fast_expm1_is_as_precise_as_float32_allows_and_keeps_the_edge_cases():
+    g = torch.Generator().manual_seed(4)
+    for scale in (1e-6, 1e-3, 0.3, 5.0):
+        d = torch.randn(8, 4096, generator=g) * scale
+        want = np.expm1(d.double().numpy())
+        got = expm1_(d.clone(), torch.empty_like(d), torch.empty_like(d)).double().numpy()
+        np.testing.assert_allclose(got, want, rtol=5e-7)
+        # plain exp(d) - 1 is not (this is why the form exists)
+        if scale <= 1e-3:
+            assert np.abs((torch.exp(d).double().numpy() - 1 - want) / want).max() > 1e-3
+    d = torch.tensor([0.0, -0.0, -80.0, -200.0, -math.inf, 100.0, math.inf])
+    got = expm1_(d.clone(), torch.empty_like(d), torch.empty_like(d))
+    assert got[0] == 0 and got[1] == 0  # exactly
+    assert got[2] == -1 and got[3] == -1 and got[4] == -1
+    assert not torch.isfinite(got[5:]).any()  # overflow is never a wrong finite number
+
+
+def test_log_sum_exp_read_off_the_softmax_equals_float64():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(16, 49152, generator=g) * 3
+    z[0, 7] += 30.0  # a confident row
+    z[1, :100] = -math.inf  # masked tokens
+    want = torch.logsumexp(z.double(), -1)
+    stats = logit_stats(z, with_probs=True)
+    torch.testing.assert_close(stats.lse.double(), want, rtol=0, atol=5e-6)
+    torch.testing.assert_close(stats.probs.double(), torch.softmax(z.double(), -1), rtol=1e-5, atol=1e-9)
+    assert logit_stats(z).probs is None
 
 
 def test_one_pass_kl_and_ce_from_raw_logits_equal_numpy():
