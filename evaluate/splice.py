@@ -532,7 +532,8 @@ class SpliceEvaluator:
             token_index = torch.arange(input_ids.numel()).view(input_ids.shape)
         shape = tuple(input_ids.shape)
         acts = None
-        if stored is not None and self.prefix == "auto" and self.record:
+        # not read again for a shape whose whole live batch differed from it (after a failed probe)
+        if stored is not None and self.prefix == "auto" and self.record and self._store_ok.get(shape) is not False:
             acts = {layer: t.to(dev) for layer, t in stored(self.record).items()}
         if acts is not None and self._from_store(input_ids, acts):
             plans = self._plans(acts, keep, token_index)

@@ -258,13 +258,20 @@ def test_clean_runs_start_from_the_store_only_when_it_equals_the_live_forward(ki
         monkeypatch.setattr(auto, "_probe", lambda ids, stored: False)
     blocks = decoder_layers(model)
     calls = [0] * len(blocks)
+    reads = 0
     for ids, keep in batches:
         live.add_batch(ids, keep)
         stored = stored_of(ids)(auto.record)  # the stand-in store runs the model: before the counting
         handles = [b.mlp.register_forward_pre_hook(lambda m, a, j=j: calls.__setitem__(j, calls[j] + 1))
                    for j, b in enumerate(blocks)]
+
+        def read(layers, stored=stored):
+            nonlocal reads
+            reads += 1
+            return {layer: stored[layer] for layer in layers}
+
         try:
-            auto.add_batch(ids, keep, stored=lambda layers, stored=stored: {layer: stored[layer] for layer in layers})
+            auto.add_batch(ids, keep, stored=read)
         finally:
             for h in handles:
                 h.remove()
@@ -273,11 +280,11 @@ def test_clean_runs_start_from_the_store_only_when_it_equals_the_live_forward(ki
         # layers 1..3), each splice and zero-ablation the blocks from its first layer (2, or 1)
         assert calls == [1, 1 + 3 * 2, 1 + 3 * 4, 3 * 5]
     assert live.batches == {"live": 3, "store": 0} and live.probes == 0
-    if store == "perturbed":  # the probe differs, and so does the first whole batch
+    if store == "perturbed":  # the probe differs, and so does the first whole batch: never read again
         assert auto.batches == {"live": 3, "store": 0} and auto.store_matches is False and auto.store_diff > 0
-        assert auto.probes == 1
+        assert auto.probes == 1 and reads == 1
     elif store == "probe-differs":  # the first batch runs live and shows the store equal
-        assert auto.batches == {"live": 1, "store": 2} and auto.store_matches
+        assert auto.batches == {"live": 1, "store": 2} and auto.store_matches and reads == 3
     else:  # one context shows the store equal: every batch, the first included, starts from it
         assert auto.batches == {"live": 0, "store": 3} and auto.store_matches and auto.probes == 1
     # either way the metrics are those of the live forward, bit for bit
