@@ -7,8 +7,9 @@ Both sides run the same contexts in batches of --batch-size: the plain side is `
 (full logits, what any forward over the contexts costs); the eval side is the splice engine exactly
 as `eval --splice` runs it (clean, spliced and zero-ablated runs, KL / CE over every non-special
 position) with the default --prefix auto: one context runs live up to the spliced layer and proves
-the store's activations bit-identical to this machine's forward, then every batch starts its clean
-run from the store at the first spliced layer. Printed: the whole run's ratio eval / plain (the
+the store's activations bit-identical to this machine's forward, then no batch recomputes the
+stored layers: its clean run continues from the deepest one, its splice from the first spliced
+layer. Printed: the whole run's ratio eval / plain (the
 issue asks for at least 0.8), and apart, the first batch (with that check) and the steady state of
 the later ones (what an eval of millions of tokens converges to), from a run of the first batch
 alone. A zero-ablation at one layer leaves a context only its special tokens, so contexts with the

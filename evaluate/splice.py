@@ -547,7 +547,7 @@ class SpliceEvaluator:
             # The arguments are kept from the first spliceable block on: every variant starts there or later.
             clean = self.sm.clean(input_ids, set(self.record), self.record[0] if self.record else self.sm.n_layers)
             self._args[shape] = clean.block_args
-            if self._pass_through_ok is None and self.record:
+            if self._pass_through_ok is None and self.record and self.share_zero_runs:  # only sharing needs it
                 self._check_pass_through(input_ids, clean, self.sm.n_layers - 1)
             if acts is not None and shape not in self._store_ok:
                 # kernels may round differently with the batch's size, so this equality is per
