@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import sys
+from typing import NoReturn
 
 import click
 
@@ -16,18 +19,38 @@ class _OneLineErrors(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except RouteSAEError as e:
-            click.echo(f"routesae: error: {e}", err=True)
-            sys.exit(1)
+            _fail(f"routesae: error: {e}", 1)
         except KeyboardInterrupt:
-            click.echo("routesae: interrupted; committed work is kept, rerun the same command to resume", err=True)
-            sys.exit(130)
+            _fail("routesae: interrupted; committed work is kept, rerun the same command to resume", 130)
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                click.echo("routesae: error: disk full; committed work is kept, free space and rerun to resume", err=True)
-            else:
-                click.echo(f"routesae: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
-            sys.exit(1)
+                _fail("routesae: error: disk full; committed work is kept, free space and rerun to resume", 1)
+            _fail(f"routesae: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """End the command with `message` on a line of its own, whatever progress bar is showing."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open by the error: end its line
+        bar.leave = False
+        bar.close()
+    try:
+        click.echo(message, err=True)
+    except BrokenPipeError:
+        pass
+    sys.exit(code)
+
+
+def _quiet_broken_pipe() -> NoReturn:
+    """The reader of our output went away (`routesae info STORE | head`): stop quietly, as Unix
+    tools do, and keep Python from complaining when it flushes stdout at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
 
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,10 +62,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from routesae.harvest.cli import harvest, info
+    from routesae.harvest.cli import harvest, info, repair
 
     main.add_command(harvest)
     main.add_command(info)
+    main.add_command(repair)
     for module, name in (("routesae.train.cli", "fit"), ("routesae.evaluate.cli", "eval_command")):
         try:
             mod = __import__(module, fromlist=[name])

@@ -32,6 +32,8 @@ def _baselines(text: str) -> list[str]:
     text = text.strip().lower()
     if text in ("", "none"):
         return []
+    if text in ("both", "all"):
+        return list(BASELINES)
     names = [b.strip() for b in text.split(",") if b.strip()]
     bad = [b for b in names if b not in BASELINES]
     if bad:

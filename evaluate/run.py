@@ -4,6 +4,7 @@ and (with splice) the LLM metrics, and assemble the report."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,8 +18,9 @@ from routesae.evaluate.cache_eval import evaluate_cache
 from routesae.evaluate.report import Report, Row
 from routesae.evaluate.splice import PREFIXES, SpliceEvaluator
 from routesae.evaluate.targets import ROUTING_NOTES, Target
-from routesae.harvest.models import load_model, resolve_device
+from routesae.harvest.models import load_store_model, resolve_device
 from routesae.harvest.store import Cache
+from routesae.harvest.verify import raise_if_damaged
 
 BASELINES = ("uniform", "random-layer")
 
@@ -146,24 +148,6 @@ def build_targets(saes: list[LoadedSAE], baselines: list[str], seed: int) -> lis
     return out
 
 
-def _load_llm(cfg: EvalConfig, cache: Cache):
-    want = cache.model
-    spec = cfg.model or want.get("id")
-    if not spec:
-        raise RouteSAEError(f"{cache.path} records no model id to reload")
-    loaded = load_model(spec, want.get("dtype", "bfloat16"), cfg.device)
-    info = loaded.info
-    if info.get("revision") != want.get("revision"):
-        raise RouteSAEError(
-            f"the model loaded from {spec!r} is revision {info.get('revision')}, but {cache.path} was harvested "
-            f"from revision {want.get('revision')}: refusing to splice into a different model"
-        )
-    for key in ("n_layers", "d_model"):
-        if want.get(key) is not None and info.get(key) != want.get(key):
-            raise RouteSAEError(f"the model loaded from {spec!r} has {key} {info.get(key)}, the store says {want.get(key)}")
-    return loaded
-
-
 class SpliceRun(NamedTuple):
     """The splice metrics of the targets, and how the clean runs were computed."""
 
@@ -254,6 +238,7 @@ def run_eval(cfg: EvalConfig) -> Report:
     if bad:
         raise RouteSAEError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)} (or none)")
     cache = Cache.open(cfg.cache, require_complete=True)
+    raise_if_damaged(cache)
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory()  # the LLM's and the LM head's temporaries are reused, not faulted in afresh
@@ -267,7 +252,7 @@ def run_eval(cfg: EvalConfig) -> Report:
     loaded = None
     if cfg.splice:
         # Load (and check) the model before the cache pass, so a bad model fails fast.
-        loaded = _load_llm(cfg, cache)
+        loaded = load_store_model(cache.path, cache.model, cfg.model, cfg.device, "splice into")
         llm_device = next(loaded.model.parameters()).device
         for s in saes:
             s.sae.to(llm_device)
@@ -288,10 +273,14 @@ def run_eval(cfg: EvalConfig) -> Report:
 
     if loaded is not None:
         spliceable = [i for i, t in enumerate(targets) if t.can_splice]
+        skipped = [t for t in targets if not t.can_splice]
         for i, t in enumerate(targets):
             if not t.can_splice:
                 rows[i].splice_note = t.cannot_splice_reason
-                report.notes.append(t.cannot_splice_reason)
+        if skipped:
+            note = f"Not spliced: {', '.join(t.name for t in skipped)}: {skipped[0].cannot_splice_reason}."
+            report.notes.append(note)
+            tqdm.write(f"routesae: note: {note}", file=sys.stderr)
         if spliceable:
             run = splice_metrics(loaded.model, cache, [targets[i] for i in spliceable], start, stop,
                                  cfg.batch_size or cache.harvest_batch_size or 8, cfg.prefix, cfg.progress)

@@ -78,13 +78,19 @@ class Target:
         return self.arch == "routesae"
 
     @property
+    def one_layer_per_token(self) -> bool:
+        """Whether each token's coder input is one layer's (times p): every single-layer SAE, hard
+        routing, and the random-layer baseline even of a soft-routed SAE (its mix is one-hot, p = 1)."""
+        return not self.routed or self.config.routing == "hard" or self.routing == "random-layer"
+
+    @property
     def can_splice(self) -> bool:
-        return not (self.routed and self.config.routing != "hard")
+        return self.one_layer_per_token
 
     @property
     def cannot_splice_reason(self) -> str:
-        return (f"{self.name}: soft routing mixes all routed layers into one input, so its reconstruction "
-                "has no single layer to be spliced into; splice metrics skipped")
+        return ("soft routing mixes all routed layers into one input, so its reconstruction has no single layer "
+                "to be spliced into: no splice metrics (the cache metrics are valid)")
 
     @property
     def device(self) -> torch.device:
@@ -124,14 +130,14 @@ class Target:
         layer_index, weight, probs = self._routing(x, token_ids)
         x_norm, mean, std = sae.normalize_input(x)
         rows = torch.arange(x.shape[0], device=dev)
-        if self.config.routing == "hard":
+        if self.one_layer_per_token:
             inp = weight[:, None] * x_norm[rows, layer_index]
-        else:  # soft: the mix of all routed layers (the router's probs)
+        else:  # soft: the mix of all routed layers (the router's or the uniform probs)
             inp = torch.bmm(probs[:, None, :], x_norm).squeeze(1)
         del x_norm
         lat = coder.encode_sparse(inp)
         out = coder.decode_sparse(lat)
-        if self.config.routing != "hard":
+        if not self.one_layer_per_token:
             return CacheBatch(inp, out, None, None, lat.values, lat.indices, layer_index, probs)
         x_hat = denormalize(out / weight[:, None], mean[rows, layer_index], std[rows, layer_index])
         return CacheBatch(inp, out, x[rows, layer_index], x_hat, lat.values, lat.indices, layer_index, probs)

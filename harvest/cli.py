@@ -6,11 +6,15 @@ import json
 import re
 
 import click
+import numpy as np
 
 from routesae.errors import RouteSAEError
 from routesae.harvest.corpus import DEFAULT_DATASET
+from routesae.harvest.repair import RepairConfig, repair_store, repair_summary
 from routesae.harvest.run import HarvestConfig, run_harvest
-from routesae.harvest.store import Cache
+from routesae.harvest.store import ZARR_DTYPES, Cache
+from routesae.harvest.verify import Damage, check_files
+from routesae.harvest.verify import verify as verify_store
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -61,7 +65,7 @@ def harvest(**kw) -> None:
     click.echo(f"wrote {cache.n_tokens:,} tokens x {len(cache.layers)} layers to {cache.path}")
 
 
-def store_summary(cache: Cache) -> dict:
+def store_summary(cache: Cache, damage: list[Damage] | None = None, files: int = 0) -> dict:
     on_disk = cache.nbytes_acts_on_disk()
     raw = cache.nbytes_raw_acts()
     per_layer = {}
@@ -71,6 +75,7 @@ def store_summary(cache: Cache) -> dict:
             per_layer[str(layer)] = {"mean_norm": s.mean_norm, "rms_norm": s.mean_sq_norm ** 0.5, "count": s.count}
         except RouteSAEError:
             per_layer[str(layer)] = None
+    compressed = cache.layout.compression != "none"
     return {
         "path": str(cache.path),
         "model": cache.model,
@@ -85,31 +90,84 @@ def store_summary(cache: Cache) -> dict:
         "bytes_on_disk": cache.nbytes_on_disk(),
         "act_bytes_on_disk": on_disk,
         "act_bytes_raw": raw,
-        "compression_ratio": raw / on_disk if on_disk else None,
+        "bytes_per_token_per_layer": cache.d_model * np.dtype(ZARR_DTYPES[cache.storage_dtype]).itemsize,
+        # uncompressed shards are slightly larger than their rows (the index, the last chunk's padding)
+        "compression_ratio": raw / on_disk if compressed and on_disk else None,
         "fingerprint": cache.fingerprint,
         "layer_stats": per_layer,
+        "files_checked": files,
+        "damaged_files": [{"path": str(d.path), "array": d.array, "problem": d.problem} for d in damage or []],
     }
 
 
 @click.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def info(store: str, as_json: bool) -> None:
-    """Describe an activation store: model, layers, tokens, size on disk, per-layer norms."""
-    summary = store_summary(Cache.open(store))
+@click.option("--verify", is_flag=True,
+              help="Read every chunk, check every checksum and the activations against the harvest's statistics.")
+@click.option("--quiet", is_flag=True, help="No progress bar (--verify).")
+def info(store: str, as_json: bool, verify: bool, quiet: bool) -> None:
+    """Describe an activation store: model, layers, tokens, size on disk, per-layer norms.
+
+    Every committed file's presence, size and index are checked; --verify also reads them all.
+    Exits with status 1 when a file is damaged (`routesae repair` harvests it again)."""
+    cache = Cache.open(store)
+    if verify:
+        result = verify_store(cache, progress=not quiet)
+        files, damage = result.files, result.damage
+    else:
+        files, damage = check_files(cache)
+    summary = store_summary(cache, damage, files)
+    if verify:
+        summary["verified_bytes"] = result.bytes_read
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-        return
+    else:
+        _print_summary(summary, verify)
+    if damage:
+        raise RouteSAEError(f"{len(damage)} damaged file(s) in {cache.path}: `routesae repair {cache.path}` harvests them "
+                            "again (cache_schema.md, 'Damage and repair')")
+
+
+def _print_summary(summary: dict, verified: bool) -> None:
     m = summary["model"]
-    click.echo(f"store        {summary['path']}  ({'complete' if summary['complete'] else 'UNFINISHED'})")
-    click.echo(f"model        {m['id']}  ({m['architecture']}, {m['n_layers']} layers, d_model {m['d_model']}, {m['dtype']})")
+    state = "complete" if summary["complete"] else "UNFINISHED"
+    if summary["damaged_files"]:
+        state += ", DAMAGED"
+    click.echo(f"store        {summary['path']}  ({state})")
+    click.echo(f"model        {m.get('id')}  ({m.get('architecture', '?')}, {m.get('n_layers', '?')} layers, "
+               f"d_model {summary['d_model']}, {summary['storage_dtype']})")
     click.echo(f"dataset      {summary['dataset']['id']}  split {summary['dataset']['split']}")
     click.echo(f"tokens       {summary['n_tokens']:,}  in contexts of {summary['context_len']}")
     click.echo(f"layers       {summary['layers']}")
     ratio = summary["compression_ratio"]
-    click.echo(f"on disk      {summary['bytes_on_disk'] / 2**20:,.1f} MiB  "
-               f"(activations {summary['act_bytes_raw'] / 2**20:,.1f} MiB raw, ratio {ratio:.2f}x)" if ratio else
-               f"on disk      {summary['bytes_on_disk'] / 2**20:,.1f} MiB")
+    how = f"compressed {ratio:.2f}x" if ratio else "uncompressed"
+    click.echo(f"on disk      {summary['bytes_on_disk'] / 2**20:,.1f} MiB  (activations {summary['act_bytes_raw'] / 2**20:,.1f} "
+               f"MiB raw, {how}; {summary['bytes_per_token_per_layer']:,} bytes per token per layer)")
+    checked = "read and checked" if verified else "present, sizes and indexes checked"
+    click.echo(f"files        {summary['files_checked']:,} {checked}"
+               + ("" if verified else " (--verify reads every chunk)"))
+    for d in summary["damaged_files"]:
+        click.echo(f"DAMAGED      {d['path']}: {d['problem']}")
     click.echo("layer  mean_norm   rms_norm")
     for layer, s in summary["layer_stats"].items():
         click.echo(f"{layer:>5}  {s['mean_norm']:9.2f}  {s['rms_norm']:9.2f}" if s else f"{layer:>5}  -")
+
+
+@click.command()
+@click.argument("store")
+@click.option("--model", default=None, help="Load the model from here instead of the store's recorded id (same revision).")
+@click.option("--dataset", default=None, help="Read the corpus from here instead of the store's recorded dataset (moved).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def repair(store: str, model: str | None, dataset: str | None, device: str, quiet: bool) -> None:
+    """Harvest again the shards of a store that `info --verify` finds damaged, and rewrite them.
+
+    Refuses, changing nothing, where the corpus or this machine's forward would not give the
+    harvest's own bytes (checked on the intact files of each damaged shard)."""
+    result = repair_store(RepairConfig(store, model, dataset, device, progress=not quiet))
+    click.echo(repair_summary(result, store))
+    if result.shards:
+        _, damage = check_files(Cache.open(store))
+        if damage:
+            raise RouteSAEError(f"{damage[0].path} is still damaged after the repair: {damage[0].problem}")

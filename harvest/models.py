@@ -15,7 +15,7 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -149,28 +149,68 @@ def load_tokenizer(spec: str) -> Any:
     return _from_pretrained(AutoTokenizer, target, kwargs, source, "tokenizer")
 
 
-def load_model(spec: str, dtype: str = "bfloat16", device: str = "auto") -> LoadedModel:
-    """Load a causal LM for harvest or splice; raises RouteSAEError with one line on any failure."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Mute transformers while loading: the GGUF loader's advice and progress bars are noise here."""
     from transformers.utils import logging as hf_logging
 
-    dtype_name, torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
-    target, kwargs, source, revision = _locate(spec)
-    hf_logging.set_verbosity_error()  # the GGUF loader's advice and progress bars are noise here
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     # The GGUF loader draws its own tqdm bar and ignores transformers' switch; its errors still
     # arrive as exceptions, so muting stderr for the load hides nothing.
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
+        yield
+
+
+def load_config(spec: str) -> Any:
+    """The model's transformers config, without its weights: what a command checks its arguments
+    against before the (much longer) load. Pass it on to `load_model`, which then skips reading it."""
+    from transformers import AutoConfig
+
+    target, kwargs, source, _ = _locate(spec)
+    with _quiet_loading():
+        return _from_pretrained(AutoConfig, target, kwargs, source, "model config")
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def config_n_layers(config: Any) -> int:
+    """Decoder blocks of a model, from its config."""
+    cfg = _text_config(config)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    raise RouteSAEError(f"cannot tell the layer count of a {type(cfg).__name__}")
+
+
+def config_max_positions(config: Any) -> int:
+    """Longest context a model allows, from its config (0: not stated)."""
+    cfg = _text_config(config)
+    return int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 0)
+
+
+def load_model(spec: str, dtype: str = "bfloat16", device: str = "auto", config: Any = None) -> LoadedModel:
+    """Load a causal LM for harvest or splice; raises RouteSAEError with one line on any failure.
+
+    config: its config from `load_config`, if already read."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype_name, torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    target, kwargs, source, revision = _locate(spec)
+    model_kwargs = {**kwargs, "dtype": torch_dtype, **({"config": config} if config is not None else {})}
+    with _quiet_loading():
         tokenizer = _from_pretrained(AutoTokenizer, target, kwargs, source, "tokenizer")
-        model = _from_pretrained(AutoModelForCausalLM, target, {**kwargs, "dtype": torch_dtype}, source, "model")
+        model = _from_pretrained(AutoModelForCausalLM, target, model_kwargs, source, "model")
     model.to(dev).eval()
     model.requires_grad_(False)
     if revision is None:
         revision = getattr(model.config, "_commit_hash", None)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model.config)
     info = {
         "id": spec,
         "source": source,
@@ -179,11 +219,31 @@ def load_model(spec: str, dtype: str = "bfloat16", device: str = "auto") -> Load
         "architecture": type(model).__name__,
         "n_layers": len(decoder_layers(model)),
         "d_model": int(cfg.hidden_size),
-        "max_positions": int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 0),
+        "max_positions": config_max_positions(model.config),
         "tokenizer": getattr(tokenizer, "name_or_path", spec) or spec,
         "vocab_size": int(cfg.vocab_size),
     }
     return LoadedModel(model, tokenizer, info)
+
+
+def load_store_model(store: Path, recorded: dict[str, Any], spec: str | None, device: str, purpose: str) -> LoadedModel:
+    """Reload the model a store was harvested from (`recorded`: the store's model provenance), from
+    `spec` if given (a moved copy) else its recorded id, in its recorded dtype; refuses a model of
+    another revision or shape. `purpose` completes "refusing to ... a different model"."""
+    spec = spec or recorded.get("id")
+    if not spec:
+        raise RouteSAEError(f"{store} records no model id to reload")
+    loaded = load_model(spec, recorded.get("dtype", "bfloat16"), device)
+    info = loaded.info
+    if info.get("revision") != recorded.get("revision"):
+        raise RouteSAEError(
+            f"the model loaded from {spec!r} is revision {info.get('revision')}, but {store} was harvested "
+            f"from revision {recorded.get('revision')}: refusing to {purpose} a different model"
+        )
+    for key in ("n_layers", "d_model"):
+        if recorded.get(key) is not None and info.get(key) != recorded.get(key):
+            raise RouteSAEError(f"the model loaded from {spec!r} has {key} {info.get(key)}, the store says {recorded.get(key)}")
+    return loaded
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:

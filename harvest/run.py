@@ -7,6 +7,7 @@ import itertools
 import os
 import queue
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,14 @@ from routesae import __version__
 from routesae.errors import RouteSAEError
 from routesae.harvest.capture import HiddenStateCapture, parse_layers
 from routesae.harvest.corpus import DEFAULT_DATASET, document_source, shuffled
-from routesae.harvest.models import LoadedModel, load_model, resolve_dtype
+from routesae.harvest.models import (
+    LoadedModel,
+    config_max_positions,
+    config_n_layers,
+    load_config,
+    load_model,
+    resolve_dtype,
+)
 from routesae.harvest.packing import PackState, SpecialTokens, pack_contexts
 from routesae.harvest.store import (
     ZARR_DTYPES,
@@ -195,18 +203,30 @@ def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Cache:
     if cfg.batch_size < 1:
         raise RouteSAEError("--batch-size must be at least 1")
     resolve_dtype(cfg.dtype)
+    # Everything that can be checked without the weights is, before they load (many seconds):
+    # the first document (a missing --text-field), then the layers and length against the config.
+    if next(iter(documents()), None) is None:
+        raise RouteSAEError(f"dataset {cfg.dataset!r} yields no text (no documents)")
+    config = load_config(cfg.model) if loaded is None else None
+    n_layers, max_positions = ((config_n_layers(config), config_max_positions(config)) if config is not None
+                               else (loaded.info["n_layers"], loaded.info["max_positions"]))
+    layers = parse_layers(cfg.layers, n_layers)
+    if max_positions and cfg.context_len > max_positions:
+        raise RouteSAEError(f"--context-len {cfg.context_len} exceeds what {cfg.model} allows ({max_positions})")
+    capacity = cfg.tokens // cfg.context_len * cfg.context_len
+    if capacity != cfg.tokens:
+        tqdm.write(f"--tokens {cfg.tokens:,} is not a whole number of {cfg.context_len}-token contexts: harvesting "
+                   f"{capacity:,} tokens ({capacity // cfg.context_len:,} contexts)", file=sys.stderr)
 
     if loaded is None:
         if cfg.progress:
-            tqdm.write(f"loading {cfg.model} ({cfg.dtype}) ...")
-        loaded = load_model(cfg.model, cfg.dtype, cfg.device)
+            tqdm.write(f"loading {cfg.model} ({cfg.dtype}) ...", file=sys.stderr)
+        loaded = load_model(cfg.model, cfg.dtype, cfg.device, config=config)
     info = loaded.info
-    layers = parse_layers(cfg.layers, info["n_layers"])
-    if info["max_positions"] and cfg.context_len > info["max_positions"]:
-        raise RouteSAEError(f"--context-len {cfg.context_len} exceeds what {cfg.model} allows ({info['max_positions']})")
+    if info["n_layers"] != n_layers:
+        raise RouteSAEError(f"{cfg.model}: its config says {n_layers} layers, the loaded model has {info['n_layers']}")
     storage = info["dtype"]
     itemsize = np.dtype(ZARR_DTYPES[storage]).itemsize
-    capacity = cfg.tokens // cfg.context_len * cfg.context_len
     provenance = _provenance(cfg, info)
     wanted = {**provenance, "layers": layers, "capacity_tokens": capacity}
 
@@ -219,6 +239,9 @@ def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Cache:
                 "rerun with its settings, another --out, or --overwrite"
             )
         store = StoreWriter.open(cfg.out)
+        done = store.progress["tokens"]
+        tqdm.write(f"resuming {cfg.out}: {done:,} of {capacity:,} tokens committed "
+                   f"({done // store.layout.shard_tokens} shards), continuing from there", file=sys.stderr)
     special = SpecialTokens.of(loaded.tokenizer)
     start = PackState(**store.progress["resume"]) if resume and store.progress["resume"] else PackState()
     contexts = pack_contexts(lambda: shuffled(documents(), cfg.seed, cfg.shuffle_buffer), loaded.tokenizer, cfg.context_len, start)

@@ -36,6 +36,9 @@ from numcodecs import CRC32C
 from routesae.errors import RouteSAEError
 
 _EMPTY = np.uint64(2**64 - 1)  # the index's marker for a chunk never written
+# Ends every message about a damaged store file.
+VERIFY_HINT = ("the store is damaged: `routesae info --verify STORE` lists every damaged file, "
+               "`routesae repair STORE` harvests them again")
 
 
 class ShardFiles:
@@ -88,11 +91,11 @@ class ShardFiles:
         size = 16 * self.chunks_per_shard + 4
         raw = os.pread(fd, size, st.st_size - size) if st.st_size >= size else b""
         if len(raw) != size:
-            raise RouteSAEError(f"{self._shard_path(shard)}: shard file too short for its index")
+            raise RouteSAEError(f"{self._shard_path(shard)}: shard file too short for its index; {VERIFY_HINT}")
         try:
             body = CRC32C(location="end").decode(raw)
         except RuntimeError as e:
-            raise RouteSAEError(f"{self._shard_path(shard)}: corrupt shard index ({e})") from None
+            raise RouteSAEError(f"{self._shard_path(shard)}: corrupt shard index ({e}); {VERIFY_HINT}") from None
         index = np.frombuffer(body, dtype="<u8").reshape(self.chunks_per_shard, 2)
         self._index[shard] = (key, index)
         return index
@@ -111,7 +114,8 @@ class ShardFiles:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError as e:
-                raise RouteSAEError(f"cannot read {path}: {e.strerror}") from None
+                hint = f"; {VERIFY_HINT}" if e.errno == errno.ENOENT else ""
+                raise RouteSAEError(f"cannot read {path}: {e.strerror}{hint}") from None
             try:
                 index = self._shard_index(fd, shard)
                 while row < shard_stop:
@@ -119,7 +123,7 @@ class ShardFiles:
                     piece_stop = min(shard_stop, (chunk + 1) * self.chunk_rows)
                     offset, nbytes = index[chunk - shard * self.chunks_per_shard]
                     if offset == _EMPTY or nbytes != self.chunk_rows * self.row_bytes:
-                        raise RouteSAEError(f"{path}: chunk {chunk} missing or not stored raw")
+                        raise RouteSAEError(f"{path}: chunk {chunk} missing or not stored raw; {VERIFY_HINT}")
                     yield fd, int(offset) + (row - chunk * self.chunk_rows) * self.row_bytes, row, piece_stop - row
                     row = piece_stop
             finally:
@@ -133,7 +137,8 @@ class ShardFiles:
         for fd, offset, row, n in self._pieces(start, stop):
             at, size = (row - start) * self.row_bytes, n * self.row_bytes
             if os.preadv(fd, [dest[at : at + size]], offset) != size:
-                raise RouteSAEError(f"{self._shard_path(row // self.shard_rows)}: shard file shorter than its index says")
+                raise RouteSAEError(f"{self._shard_path(row // self.shard_rows)}: shard file shorter than its index says; "
+                                   f"{VERIFY_HINT}")
 
     def scatter_into(self, start: int, stop: int, out: np.ndarray, dest: np.ndarray) -> bool:
         """Row start+i into out[dest[i]], for rows [start, stop): the kernel copies each row from the
@@ -160,7 +165,7 @@ class ShardFiles:
                         break
                 if got != want:
                     err = os.strerror(ctypes.get_errno()) if got < 0 else "shard file shorter than its index says"
-                    raise RouteSAEError(f"{self._shard_path(row // self.shard_rows)}: {err}")
+                    raise RouteSAEError(f"{self._shard_path(row // self.shard_rows)}: {err}; {VERIFY_HINT}")
         return True
 
     @property

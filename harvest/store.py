@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from zarr.codecs import BloscCodec
 
 from routesae.errors import RouteSAEError
-from routesae.harvest.shard_files import ShardFiles, check_row_indices
+from routesae.harvest.shard_files import VERIFY_HINT, ShardFiles, check_row_indices
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "routesae"
@@ -29,6 +29,8 @@ ATTR_KEY = "routesae"
 ZARR_DTYPES = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 COMPRESSIONS = ("none", "blosc-zstd")
+TOKEN_ARRAYS = ("token_ids", "positions", "special")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,22 @@ def _read_attrs(path: Path) -> dict[str, Any]:
 
 def _act_name(layer: int) -> str:
     return f"acts/{layer}"
+
+
+def shard_rows(array: zarr.Array) -> int:
+    """Tokens per file of a [tokens, ...] array: its shard length, or its chunk length if unsharded."""
+    return int((array.shards or array.chunks)[0])
+
+
+def shard_path(array_dir: Path, array: zarr.Array, shard: int) -> Path:
+    """The file holding shard (or chunk) `shard` of a [tokens, ...] array: zarr's default chunk keys."""
+    return array_dir / "c" / "/".join([str(shard), *("0" for _ in array.shape[1:])])
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first sentence (codecs append the stored and computed bytes to theirs)."""
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(e).__name__
 
 
 def _shard_files(path: Path, arrays: dict[int, zarr.Array]) -> dict[int, ShardFiles | None]:
@@ -374,21 +392,47 @@ class Cache:
         if layer not in self._arrays:
             raise RouteSAEError(f"layer {layer} is not in the store (it holds {self.layers})")
 
-    def token_ids(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def _read_zarr(self, name: str, start: int, stop: int, read: Callable[[zarr.Array], _T]) -> _T:
+        """read(array) for tokens [start, stop) of array `name`, with damage reported in one line
+        naming the file: zarr fills a missing file with the fill value without a word, and a
+        truncated or corrupt one fails deep inside a codec with a message that names no file."""
+        array = self._group[name]
+        rows = shard_rows(array)
+        for shard in range(start // rows, -(-stop // rows)):
+            path = shard_path(self.path / name, array, shard)
+            if not path.is_file():
+                raise RouteSAEError(f"{path}: missing file of {name} (tokens {shard * rows:,}..); {VERIFY_HINT}")
+        try:
+            return read(array)
+        except Exception as e:
+            raise self._locate_damage(name, array, start, stop, e) from None
+
+    def _locate_damage(self, name: str, array: zarr.Array, start: int, stop: int, error: Exception) -> RouteSAEError:
+        """The error for a failed read of [start, stop): names the first file that fails alone."""
+        rows = shard_rows(array)
+        for shard in range(start // rows, -(-stop // rows)):
+            a, b = max(start, shard * rows), min(stop, (shard + 1) * rows)
+            try:
+                array[a:b]
+            except Exception as e:
+                path = shard_path(self.path / name, array, shard)
+                return RouteSAEError(f"{path}: damaged file of {name} ({first_line(e)}); {VERIFY_HINT}")
+        return RouteSAEError(f"{self.path / name}: cannot read tokens {start:,}..{stop:,} ({first_line(error)})")
+
+    def _token_array(self, name: str, start: int, stop: int | None) -> np.ndarray:
         stop = self.n_tokens if stop is None else stop
         self._check_range(start, stop)
-        return torch.from_numpy(self._group["token_ids"][start:stop].astype(np.int64))
+        return self._read_zarr(name, start, stop, lambda array: array[start:stop])
+
+    def token_ids(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return torch.from_numpy(self._token_array("token_ids", start, stop).astype(np.int64))
 
     def positions(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        stop = self.n_tokens if stop is None else stop
-        self._check_range(start, stop)
-        return torch.from_numpy(self._group["positions"][start:stop].astype(np.int64))
+        return torch.from_numpy(self._token_array("positions", start, stop).astype(np.int64))
 
     def special(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """True where the token is BOS, EOS or pad."""
-        stop = self.n_tokens if stop is None else stop
-        self._check_range(start, stop)
-        return torch.from_numpy(self._group["special"][start:stop])
+        return torch.from_numpy(self._token_array("special", start, stop))
 
     def acts_stored(self, layer: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Activations in the storage dtype (bf16 for a bf16 model), [stop-start, d_model].
@@ -404,7 +448,8 @@ class Cache:
         if raw is not None:
             raw.read_into(start, stop, bits)
         else:
-            self._arrays[layer].get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(bits))
+            self._read_zarr(_act_name(layer), start, stop, lambda array: array.get_basic_selection(
+                slice(start, stop), out=NDBuffer.from_numpy_array(bits)))
         return out
 
     def shard_files(self, layer: int) -> ShardFiles | None:

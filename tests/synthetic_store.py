@@ -76,6 +76,7 @@ def make_store(
     layout = StoreLayout(chunk_contexts * context_len, shard_chunks * chunk_contexts * context_len, compression)
     provenance = {
         "model": {"id": model_id, "revision": None, "dtype": storage_dtype, "n_layers": n_model_layers},
+        "dataset": {"id": "synthetic", "split": "train", "text_field": "text", "shuffle_buffer": 0},
         "context_len": context_len,
     }
     writer = StoreWriter.create(path, provenance, layers, d_model, storage_dtype, n_tokens, layout)

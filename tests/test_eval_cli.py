@@ -98,11 +98,20 @@ def test_eval_without_splice_needs_no_model_and_tokens_caps_whole_contexts(world
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"report.csv", "routing.png", "firing.png", "metrics_vs_l0.png"}
 
 
-def test_soft_routing_splice_is_a_message_not_a_crash(world):
-    r = _run("--sae", world / "soft", "--cache", world / "s.zarr", "--splice", "--quiet", "--baselines", "none")
+def test_soft_routing_splice_says_why_once_and_splices_the_random_layer_baseline(world, tmp_path):
+    r = _run("--sae", world / "soft", "--cache", world / "s.zarr", "--splice", "--quiet", "--baselines", "both",
+             "--json", tmp_path / "r.json")
     assert r.exit_code == 0, r.stderr
-    assert "no single layer to be spliced into" in r.output
+    assert r.stdout.count("no single layer to be spliced into") == 1  # one note, not one per row
+    assert r.stderr.count("routesae: note: Not spliced: soft, soft [uniform]:") == 1, r.stderr
     assert "| soft | routesae | 1-3 |" in r.output
+    rows = {row["name"]: row for row in json.loads((tmp_path / "r.json").read_text())["table"]}
+    assert rows["soft"]["kl_per_token"] is None and rows["soft [uniform]"]["kl_per_token"] is None
+    assert rows["soft"]["normmse"] is not None  # the cache metrics stay
+    # one-hot routing is one layer per token (p = 1) even for a soft-routed dictionary: it splices
+    random_layer = rows["soft [random-layer]"]
+    assert random_layer["kl_per_token"] > 0 and math.isfinite(random_layer["loss_recovered"])
+    assert random_layer["fvu"] is not None
 
 
 def test_sae_of_another_model_is_refused(world, tiny_gpt2_dir, tmp_path):

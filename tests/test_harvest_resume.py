@@ -56,7 +56,13 @@ def test_sigkill_then_resume_gives_identical_store(tiny_llama_dir, tmp_path):
     with pytest.raises(RouteSAEError, match="unfinished"):
         Cache.open(interrupted, require_complete=True)
 
-    assert _run(tiny_llama_dir, interrupted).wait(timeout=300) == 0
+    resumed = _run(tiny_llama_dir, interrupted)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0
+    # one line says where it resumes
+    said = [line for line in err.decode().splitlines() if line.startswith("resuming")]
+    assert said == [f"resuming {interrupted}: {partial.n_tokens:,} of 49,152 tokens committed "
+                    f"({partial.n_tokens // 128} shards), continuing from there"], err.decode()
     ref_files, got_files = _files(reference), _files(interrupted)
     assert ref_files.keys() == got_files.keys()
     assert [k for k in ref_files if ref_files[k] != got_files[k]] == []

@@ -35,9 +35,12 @@ def test_smollm2_store_matches_plain_forward(smollm2_store, smollm2):
 def test_info_command(smollm2_store):
     r = CliRunner().invoke(main, ["info", str(smollm2_store)])
     assert r.exit_code == 0, r.output
-    assert "LlamaForCausalLM" in r.output and "4,096" in r.output and "ratio" in r.output
+    assert "LlamaForCausalLM" in r.output and "4,096" in r.output
+    assert "uncompressed; 1,152 bytes per token per layer" in r.output  # the default, not a ratio of 0.99x
     r = CliRunner().invoke(main, ["info", "--json", str(smollm2_store)])
     import json
     summary = json.loads(r.output)
-    assert summary["n_tokens"] == 4096 and 0.99 < summary["compression_ratio"] <= 1.0  # uncompressed by default
+    assert summary["n_tokens"] == 4096 and summary["compression_ratio"] is None
+    assert summary["bytes_per_token_per_layer"] == 576 * 2 and summary["damaged_files"] == []
+    assert 0.99 < summary["act_bytes_raw"] / summary["act_bytes_on_disk"] <= 1.0
     assert set(summary["layer_stats"]) == {str(i) for i in range(7, 23)}

@@ -27,9 +27,10 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def run_to_end(store, out) -> None:
+def run_to_end(store, out) -> str:
     r = subprocess.run(fit_command(store, out), env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    return r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def store(tmp_path_factory):
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_weights(store, tmp_path):
-    run_to_end(store, tmp_path / "clean")
+    assert "resuming" not in run_to_end(store, tmp_path / "clean")
 
     out = tmp_path / "killed"
     ckpt = out / "checkpoint.pt"
@@ -60,7 +61,9 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(store, tmp_path):
         proc.wait()
     assert kills >= 1, "the fit ended before it could be killed: make it longer"
     assert ckpt.exists() and not (out / "topk-k4" / "config.json").exists()
-    run_to_end(store, out)
+    step = torch.load(ckpt, weights_only=True)["step"]
+    said = [line for line in run_to_end(store, out).splitlines() if line.startswith("resuming")]
+    assert len(said) == 1 and said[0].startswith(f"resuming {out} at step {step} ("), said
     assert not ckpt.exists()
 
     for name in ("topk-k4", "topk-k8", "routesae-k4", "routesae-k8"):

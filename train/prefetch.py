@@ -199,7 +199,7 @@ def _worker(
             buf = reader.read(epoch, index, chunks, out=slots[slot])
             results.put((slot, buf.shape[1]))
     except BaseException as e:  # reported to the trainer as one line
-        results.put((slot, f"{type(e).__name__}: {e}"))
+        results.put((slot, str(e) if isinstance(e, RouteSAEError) else f"{type(e).__name__}: {e}"))
 
 
 _context = None

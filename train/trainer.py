@@ -8,6 +8,7 @@ OUT/ARCH-kK/ for several. config.json is written last: its presence marks a fini
 from __future__ import annotations
 
 import json
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from routesae.errors import RouteSAEError
 from routesae.harvest.models import resolve_device
 from routesae.harvest.store import Cache
+from routesae.harvest.verify import raise_if_damaged
 from routesae.train.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -132,7 +134,9 @@ def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
 
 def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
     """Check the arguments against the store; raises RouteSAEError, writes nothing."""
-    cache = cache or Cache.open(cfg.cache, require_complete=True)
+    if cache is None:
+        cache = Cache.open(cfg.cache, require_complete=True)
+        raise_if_damaged(cache)
     if not cfg.archs:
         raise RouteSAEError("no architecture given")
     for arch in cfg.archs:
@@ -282,18 +286,39 @@ def _prepare_out(plan: FitPlan) -> tuple[dict[str, Any] | None, bool]:
             saved = json.loads(manifest_path.read_text())
         except ValueError:
             raise RouteSAEError(f"{manifest_path} is unreadable; move {out} away to start over") from None
-        _check_same_source(saved, plan, "fit")
         ckpt_path = out / CHECKPOINT_NAME
+        if not ckpt_path.is_file() and not _finished_saes(out):
+            # killed or failed before its first checkpoint: nothing trained is kept, start anew
+            _remove_unstarted(out)
+            return None, False
+        _check_same_source(saved, plan, "fit")
         if ckpt_path.is_file():
             ckpt = load_checkpoint(ckpt_path)
             _check_same_source(ckpt["manifest"], plan, "checkpoint")
             return ckpt, False
         if all((d / "config.json").is_file() for d in plan.out_dirs.values()):
             return None, True
-        return None, False  # killed before its first checkpoint: start again
+        return None, False
     if out.exists() and any(out.iterdir()):
         raise RouteSAEError(f"--out {out} exists, is not empty and holds no routesae fit; choose another folder")
     return None, False
+
+
+def _finished_saes(out: Path) -> list[Path]:
+    """The finished SAEs (config.json) in a fit folder, itself or its subfolders."""
+    return [p for p in [out / "config.json", *out.glob("*/config.json")] if p.is_file()]
+
+
+def _remove_unstarted(out: Path) -> None:
+    """Remove what a fit writes before its first checkpoint (fit.json, empty or metrics-only SAE
+    folders); anything else in `out` is left alone."""
+    for sub in [out, *(d for d in out.iterdir() if d.is_dir())]:
+        metrics = sub / "metrics.jsonl"
+        if metrics.is_file():
+            metrics.unlink()
+        if sub != out and not any(sub.iterdir()):
+            sub.rmdir()
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -551,7 +576,7 @@ class Trainer:
 def _postfix(runs: list[_Run], rows: list[dict[str, Any]]) -> str:
     if len(runs) == 1:
         return f"loss={rows[0]['loss']:.4f} nmse={rows[0]['nmse']:.4f} dead={rows[0]['dead_frac']:.1%}"
-    return " ".join(f"{run.name}:{row['nmse']:.3f}/{row['dead_frac']:.0%}" for run, row in zip(runs, rows))
+    return " | ".join(f"{run.name} nmse={row['nmse']:.3f} dead={row['dead_frac']:.0%}" for run, row in zip(runs, rows))
 
 
 def fit(cfg: FitConfig, source: BatchSource | None = None) -> FitResult:
@@ -576,12 +601,24 @@ def fit(cfg: FitConfig, source: BatchSource | None = None) -> FitResult:
     torch.manual_seed(cfg.seed)
     trainer = Trainer(plan, source)
     out = Path(cfg.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MANIFEST_NAME, _manifest(plan))
     for run in trainer.runs:
         run.out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
         trainer.restore(ckpt)
+        tqdm.write(f"resuming {cfg.out} at step {trainer.step:,} ({trainer.tokens:,} of {plan.budget:,} tokens trained)",
+                   file=sys.stderr)
     for run in trainer.runs:
         _truncate_metrics(run.out / "metrics.jsonl", run.metrics_lines)
-    return trainer.run()
+    try:
+        return trainer.run()
+    except Exception:
+        # A fit that fails before its first checkpoint (a damaged store, a full /dev/shm) leaves
+        # nothing behind; an interrupted one (KeyboardInterrupt) keeps its files for a rerun.
+        if not (out / CHECKPOINT_NAME).exists() and not _finished_saes(out):
+            _remove_unstarted(out)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise

@@ -152,14 +152,17 @@ class RouteSAE(SAE):
     @torch.no_grad()
     def reconstruct_at(self, x: Tensor, layer_index: Tensor, weight: Tensor) -> RoutedReconstruction:
         """Reconstruct each token's layer `layer_index` [n] (index into config.layers) with the
-        coder's input scaled by `weight` [n]; model space in and out."""
-        if self.config.routing != "hard":
-            raise RouteSAEError(
-                "soft routing has no single layer to reconstruct: its input mixes all routed layers"
-            )
+        coder's input scaled by `weight` [n]; model space in and out.
+
+        Soft routing mixes all routed layers, so it has a single layer to reconstruct only where the
+        mix is one-hot (weight 1: the random-layer baseline); any other weight raises."""
         self._check_input(x, self.n_layers)
         layer_index = layer_index.to(self.device)
         weight = weight.to(self.device).float()
+        if self.config.routing != "hard" and not bool((weight == 1).all()):
+            raise RouteSAEError(
+                "soft routing has no single layer to reconstruct: its input mixes all routed layers"
+            )
         rows = torch.arange(x.shape[0], device=self.device)
         picked = x.to(self.device)[rows, layer_index].float()  # only the reconstructed layer is normalized
         mean, std = self._picked_stats(picked, layer_index)
