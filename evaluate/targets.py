@@ -1,4 +1,5 @@
-"""What eval evaluates: an SAE (TopK or RouteSAE) or a RouteSAE under a random-routing baseline.
+"""What eval evaluates: a single-layer SAE (any coder), a RouteSAE, or a RouteSAE under a
+random-routing baseline.
 
 A `Target` is one row of the report. It turns store activations into the quantities the cache
 metrics need (`cache_batch`) and builds the `Splicer` the splice engine runs (`splicer`).
@@ -64,8 +65,8 @@ class Target:
         self.seed = seed
         if self.arch != "routesae" and routing != "router":
             raise RouteSAEError(f"{name}: random-routing baselines apply to RouteSAE only")
-        if self.arch not in ("topk", "routesae"):
-            raise RouteSAEError(f"{name}: eval does not know architecture {self.arch!r}")
+        if self.arch != "routesae" and sae.multi_layer:
+            raise RouteSAEError(f"{name}: eval does not know the multi-layer architecture {self.arch!r}")
 
     # --- description ---------------------------------------------------------------------------
     @property

@@ -209,3 +209,16 @@ def test_eval_batches_default_to_the_harvests(tmp_path):
     live = run_eval(EvalConfig(saes=[str(tmp_path / "runs")], cache=str(tmp_path / "s.zarr"), splice=True,
                                prefix="live", progress=False))
     assert [r.splice for r in report.rows] == [r.splice for r in live.rows]
+
+
+def test_every_single_layer_architecture_is_scored_and_spliced(world, tmp_path):
+    archs = ["batchtopk", "vanilla", "gated", "jumprelu"]
+    _fit(world / "s.zarr", tmp_path / "base", archs)
+    r = _run("--sae", tmp_path / "base", "--cache", world / "s.zarr", "--splice", "--quiet", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    rows = {row["arch"]: row for row in json.loads((tmp_path / "r.json").read_text())["table"]}
+    assert set(rows) == set(archs)
+    for arch, row in rows.items():
+        for key in ("l0", "normmse", "fvu", "kl_per_token", "delta_ce", "loss_recovered"):
+            assert row[key] is not None and math.isfinite(row[key]), (arch, key)
+        assert row["kl_per_token"] > 0 and row["layers"] == "3"

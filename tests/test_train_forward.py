@@ -11,7 +11,7 @@ from routesae.errors import RouteSAEError
 from routesae.train.config import SAEConfig
 from routesae.train.normalize import apply_normalization, denormalize, normalize
 from routesae.train.saes import build_sae
-from routesae.train.sparse_coder import TopKCoder
+from routesae.train.coders import TopKCoder
 
 
 def hand_coder() -> TopKCoder:

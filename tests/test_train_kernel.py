@@ -142,9 +142,9 @@ def test_decoder_constraint_keeps_unit_rows_and_removes_parallel_gradient():
     torch.testing.assert_close(c.W_dec.norm(dim=1), torch.ones(20))
     torch.testing.assert_close(c.W_dec, c.W_enc)  # W_dec starts as the encoder's transpose (row layout)
     sae.training_loss(torch.randn(64, 8), torch.float32).loss.backward()
-    c.remove_parallel_grad_()
+    c.constrain_grad_()
     torch.testing.assert_close((c.W_dec.grad * c.W_dec).sum(1), torch.zeros(20), atol=1e-6, rtol=0)
     with torch.no_grad():
         c.W_dec.mul_(3)
-    c.normalize_decoder_()
+    c.constrain_weights_()
     torch.testing.assert_close(c.W_dec.norm(dim=1), torch.ones(20))

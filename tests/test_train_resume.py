@@ -17,7 +17,7 @@ from synthetic_store import make_store
 
 def fit_command(store, out) -> list[str]:
     return [sys.executable, "-m", "routesae.cli", "fit", "--cache", str(store), "--out", str(out),
-            "--arch", "topk,routesae", "--k", "4,8", "--latents", "64", "--batch-size", "64",
+            "--arch", "topk,routesae,jumprelu", "--k", "4,8", "--latents", "64", "--batch-size", "64",
             "--buffer-tokens", "256", "--epochs", "2", "--checkpoint-every", "7", "--log-every", "5",
             "--no-progress"]
 
@@ -66,7 +66,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(store, tmp_path):
     assert len(said) == 1 and said[0].startswith(f"resuming {out} at step {step} ("), said
     assert not ckpt.exists()
 
-    for name in ("topk-k4", "topk-k8", "routesae-k4", "routesae-k8"):
+    for name in ("topk-k4", "topk-k8", "routesae-k4", "routesae-k8", "jumprelu-k4", "jumprelu-k8"):
         clean = load_file(str(tmp_path / "clean" / name / "sae.safetensors"))
         resumed = load_file(str(out / name / "sae.safetensors"))
         for key in clean:

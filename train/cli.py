@@ -1,4 +1,4 @@
-"""`routesae fit`: train RouteSAE and TopK SAEs from the activation cache."""
+"""`routesae fit`: train RouteSAE, TopK and baseline SAEs from the activation cache."""
 
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ def parse_int_list(text: str, what: str) -> list[int]:
 @click.command("fit")
 @click.option("--cache", required=True, type=click.Path(), help="Activation store written by `routesae harvest`.")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (several SAEs: one subfolder each, ARCH-kK).")
-@click.option("--arch", default="routesae", show_default=True, help="topk, routesae, or a list: topk,routesae.")
-@click.option("--k", "k", default="64", show_default=True, help="Active latents per token; a list such as 32,64,128 trains one SAE each on the same batches.")
+@click.option("--arch", default="routesae", show_default=True,
+              help="routesae, topk, batchtopk, vanilla, gated, jumprelu, or a list: topk,routesae.")
+@click.option("--k", "k", default=None, help="Active latents per token (the L0 that vanilla, gated and jumprelu are "
+              "steered to); a list such as 32,64,128 trains one SAE each on the same batches [default: 64, or --target-l0].")
 @click.option("--latents", default=None, help="Dictionary size (default: --expansion x d_model).")
 @click.option("--expansion", default=8.0, show_default=True, type=float, help="Dictionary size as a multiple of d_model.")
 @click.option("--layer", default=None, type=int, help="Layer (hidden_states index) of single-layer SAEs [default: 3/4 depth].")
@@ -67,6 +69,12 @@ def parse_int_list(text: str, what: str) -> list[int]:
 @click.option("--include-special", is_flag=True, help="Also train on BOS/EOS/pad tokens (left out by default).")
 @click.option("--auxk/--no-auxk", default=False, show_default=True, help="AuxK loss on dead latents (k_aux = d_model/2; the paper has none).")
 @click.option("--auxk-coef", default=1 / 32, show_default=True, type=float)
+@click.option("--target-l0", default=None, type=float, help="L0 that vanilla, gated and jumprelu are steered to "
+              "(their sparsity coefficient adapts during training) [default: each SAE's k].")
+@click.option("--sparsity-coef", default=None, type=float, help="Sparsity coefficient of vanilla, gated, jumprelu "
+              "(NormMSE units); alone, it is kept fixed instead of steered [default: the coder's own, then steered].")
+@click.option("--sparsity-warmup", default=0.05, show_default=True, type=float,
+              help="Fraction of the budget over which the sparsity coefficient ramps up from 0.")
 @click.option("--dead-tokens", default=None, help="Tokens without firing before a latent counts as dead [default: 10M, or budget/4 if less].")
 @click.option("--log-every", default=20, show_default=True, type=int, help="Steps between lines of metrics.jsonl.")
 @click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Steps between checkpoints.")
@@ -84,7 +92,7 @@ def fit(**kw) -> None:
         cache=kw["cache"],
         out=kw["out"],
         archs=[a.strip() for a in kw["arch"].split(",") if a.strip()],
-        ks=parse_int_list(kw["k"], "--k"),
+        ks=parse_int_list(kw["k"], "--k") if kw["k"] is not None else [round(kw["target_l0"] or 64)],
         latents=parse_count(kw["latents"], "--latents") if kw["latents"] is not None else None,
         expansion=kw["expansion"],
         layer=kw["layer"],
@@ -104,6 +112,9 @@ def fit(**kw) -> None:
         include_special=kw["include_special"],
         auxk=kw["auxk"],
         auxk_coef=kw["auxk_coef"],
+        target_l0=kw["target_l0"],
+        sparsity_coef=kw["sparsity_coef"],
+        sparsity_warmup=kw["sparsity_warmup"],
         dead_tokens=parse_count(kw["dead_tokens"], "--dead-tokens") if kw["dead_tokens"] is not None else None,
         log_every=kw["log_every"],
         checkpoint_every=kw["checkpoint_every"],

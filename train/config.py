@@ -15,13 +15,13 @@ class SAEConfig:
     """Everything needed to rebuild a trained SAE and to know what it was trained on."""
 
     arch: str
-    """Registered architecture name: 'topk' or 'routesae'."""
+    """Registered architecture name: 'topk', 'routesae', 'batchtopk', 'vanilla', 'gated', 'jumprelu'."""
     d_model: int
     """Width of the residual stream the SAE reads."""
     n_latents: int
     """Number of dictionary latents (d_sae)."""
     k: int
-    """Latents kept per token by the TopK activation."""
+    """Latents kept per token by a TopK-like coder (its target L0, for the others)."""
     layers: list[int]
     """Hugging Face hidden_states indices the SAE reads: one for topk, the routed layers for routesae."""
     routing: str = "hard"
@@ -104,6 +104,13 @@ class FitConfig:
     d_model/2 latents per token make a step several times dearer while latents are dead."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss."""
+    sparsity_coef: float | None = None
+    """Sparsity coefficient of the coders without a k (vanilla, gated, jumprelu), in NormMSE units
+    (see coders/base.py); default each coder's own. With target_l0 it is the starting value."""
+    target_l0: float | None = None
+    """Steer the sparsity coefficient so those coders end with this L0 (train/sparsity.py)."""
+    sparsity_warmup: float = 0.05
+    """Fraction of the budget over which the sparsity coefficient ramps up from 0."""
     dead_tokens: int | None = None
     """Tokens without firing after which a latent counts as dead; default 10M, or a quarter of the budget if less."""
     log_every: int = 20

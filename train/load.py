@@ -18,8 +18,9 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
     """The SAE saved in folder `path` (sae.safetensors + config.json), in eval mode on `device`.
 
     The result is a torch.nn.Module with:
-      sae.config           SAEConfig: arch ('topk' | 'routesae'), d_model, n_latents, k, layers
-                           (hidden_states indices: one for topk, the routed list for routesae),
+      sae.config           SAEConfig: arch ('routesae', or on one layer 'topk', 'batchtopk', 'vanilla',
+                           'gated', 'jumprelu'), d_model, n_latents, k, layers (hidden_states
+                           indices: one for single-layer SAEs, the routed list for routesae),
                            routing, aggregate, normalization, cache_fingerprint, model;
       sae.training_info    the "training" block of config.json (tokens seen, eval_range: the
                            held-out token range of the cache, ...);
@@ -27,7 +28,8 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
       sae.decode(z)        latents -> reconstruction in the normalized space;
       sae.reconstruct(x)   model space -> model space (RouteSAE: a RoutedReconstruction);
       RouteSAE also: sae.route(x), sae.reconstruct_with_probs(x, probs), sae.reconstruct_at(x, layer_index, weight).
-    x is [n, d_model] for topk and [n, len(sae.config.layers), d_model] for routesae."""
+    x is [n, d_model] for single-layer SAEs and [n, len(sae.config.layers), d_model] for routesae.
+    sae.coder holds the weights (train/coders/: W_enc, W_dec as [n_latents, d_model] rows, ...)."""
     folder = Path(path)
     config_path, weights_path = folder / "config.json", folder / "sae.safetensors"
     if not folder.is_dir():

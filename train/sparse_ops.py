@@ -121,11 +121,31 @@ def encoder_preactivations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tenso
     return xa @ wa.T
 
 
+def select_batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """BatchTopK's selection: the k * n largest pre-activations of the whole [n, m] batch, ReLU
+    applied, as [n, c] per token padded with zero values (c: the most any token got), the form
+    the sparse kernels take. A padded slot has value 0, so it neither decodes nor gets gradient."""
+    n, m = pre.shape
+    values, flat = pre.reshape(-1).topk(min(k * n, n * m), sorted=False)
+    rows = flat // m
+    order = torch.argsort(rows, stable=True)
+    rows, cols, values = rows[order], (flat % m)[order], values[order].float().relu()
+    counts = torch.bincount(rows, minlength=n)
+    width = max(1, int(counts.max()))
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=pre.device) - starts[rows]
+    out_values = torch.zeros(n, width, dtype=torch.float32, device=pre.device)
+    out_indices = torch.zeros(n, width, dtype=torch.int64, device=pre.device)
+    out_values[rows, slot] = values
+    out_indices[rows, slot] = cols
+    return out_values, out_indices
+
+
 class _TopKSAEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, compute_dtype, dead, k_aux):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, compute_dtype, dead, k_aux, select=select_topk):
         pre = encoder_preactivations(x, W_enc, b_enc, b_dec, compute_dtype)
-        values, indices = select_topk(pre, k)
+        values, indices = select(pre, k)
         x_hat = sparse_decode(values, indices, W_dec) + b_dec
         aux_values = aux_indices = aux_hat = None
         if dead is not None:
@@ -170,7 +190,7 @@ class _TopKSAEFunction(torch.autograd.Function):
         # output gradient minus what flows into the encoder input. Summed over tokens, the latter
         # is grad_b_enc @ W_enc, with no need for the full [n, d] input gradient.
         grad_b_dec = grad_x_hat.sum(0) - grad_b_enc @ W_enc if ctx.needs_input_grad[4] else None
-        return grad_xc, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None
+        return grad_xc, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None, None
 
 
 def topk_sae_forward(
@@ -183,13 +203,16 @@ def topk_sae_forward(
     compute_dtype: torch.dtype = torch.float32,
     dead: Tensor | None = None,
     k_aux: int = 0,
+    batch: bool = False,
 ) -> SparseForward:
     """Training forward of a TopK SAE with a sparse backward.
 
     x: [n, d] float32 input in the SAE's space; W_enc, W_dec: [n_latents, d] (one row per latent);
     dead: optional [n_latents] bool mask: when given, also returns the reconstruction built from
-    the k_aux largest dead pre-activations (for the AuxK loss)."""
+    the k_aux largest dead pre-activations (for the AuxK loss); batch: BatchTopK's selection (k * n
+    over the whole batch) instead of k per token."""
+    select = select_batch_topk if batch else select_topk
     x_hat, values, indices, aux_hat = _TopKSAEFunction.apply(
-        x, W_enc, b_enc, W_dec, b_dec, k, compute_dtype, dead, k_aux
+        x, W_enc, b_enc, W_dec, b_dec, k, compute_dtype, dead, k_aux, select
     )
     return SparseForward(x_hat, values, indices, aux_hat)

@@ -38,6 +38,7 @@ from routesae.train.data import WORKERS, Batch, ChunkLoader, Position, TokenSpli
 from routesae.train.normalize import dataset_scale
 from routesae.train.saes import ARCHITECTURES, SAE, TrainOutput, build_sae
 from routesae.train.schedule import lr_factor
+from routesae.train.sparsity import SparsityControl
 
 MANIFEST_NAME = "fit.json"
 DEFAULT_DEAD_TOKENS = 10_000_000
@@ -168,6 +169,16 @@ def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
         raise RouteSAEError("--buffer-tokens must be positive")
     if cfg.log_every < 1 or cfg.checkpoint_every < 1:
         raise RouteSAEError("--log-every and --checkpoint-every must be at least 1")
+    fixed = [a for a in cfg.archs if not ARCHITECTURES[a].coder_fixed_l0()]
+    if fixed and cfg.sparsity_coef is not None and cfg.target_l0 is None and len(cfg.ks) > 1:
+        raise RouteSAEError(f"{', '.join(fixed)} with a fixed --sparsity-coef would train the same SAE for every --k; "
+                            "give one --k, or leave the coefficient to be steered")
+    if cfg.target_l0 is not None and not cfg.target_l0 > 0:
+        raise RouteSAEError("--target-l0 must be positive")
+    if cfg.sparsity_coef is not None and not cfg.sparsity_coef >= 0:
+        raise RouteSAEError("--sparsity-coef must be non-negative")
+    if not 0 <= cfg.sparsity_warmup <= 1:
+        raise RouteSAEError("the sparsity warm-up must be a fraction between 0 and 1")
     if not (0 <= cfg.warmup and 0 <= cfg.decay and cfg.warmup + cfg.decay <= 1):
         raise RouteSAEError("warm-up and decay fractions must be non-negative and sum to at most 1")
 
@@ -361,6 +372,8 @@ class _Run:
     """[n_latents] int64: tokens since each latent last fired."""
     metrics_lines: int = 0
     meter: _Meter = field(default_factory=_Meter)
+    sparsity: SparsityControl | None = None
+    """The sparsity coefficient, for coders without a fixed k."""
 
     def select(self, acts: Tensor) -> Tensor:
         """This SAE's layers out of the loader's [n, n_layers, d]."""
@@ -397,9 +410,20 @@ def _build_runs(plan: FitPlan) -> list[_Run]:
                 opt=_make_optimizer(sae, plan.cfg.lr, plan.device),
                 layer_pos=[plan.read_layers.index(x) for x in sae_cfg.layers],
                 since_fired=torch.zeros(sae_cfg.n_latents, dtype=torch.int64, device=plan.device),
+                sparsity=_sparsity_control(sae, plan.cfg),
             )
         )
     return runs
+
+
+def _sparsity_control(sae: SAE, cfg: FitConfig) -> SparsityControl | None:
+    if sae.coder.fixed_l0:
+        return None
+    coef = cfg.sparsity_coef if cfg.sparsity_coef is not None else sae.coder.default_sparsity_coef
+    # matched sparsity by default: steered to --target-l0, else to the k a TopK beside it would have;
+    # a --sparsity-coef given alone is kept fixed
+    target = cfg.target_l0 if cfg.target_l0 is not None else (None if cfg.sparsity_coef is not None else sae.config.k)
+    return SparsityControl(coef, cfg.sparsity_warmup, target)
 
 
 def _truncate_metrics(path: Path, lines: int) -> None:
@@ -439,6 +463,7 @@ class Trainer:
                     "since_fired": run.since_fired,
                     "metrics_lines": run.metrics_lines,
                     "meter": {"tokens": run.meter.tokens, "sums": dict(run.meter.sums)},
+                    **({"sparsity": run.sparsity.state()} if run.sparsity else {}),
                 }
                 for run in self.runs
             },
@@ -456,6 +481,8 @@ class Trainer:
             run.metrics_lines = int(state["metrics_lines"])
             meter = state["meter"]
             run.meter = _Meter(int(meter["tokens"]), {k: v.to(self.plan.device) for k, v in meter["sums"].items()})
+            if run.sparsity and "sparsity" in state:
+                run.sparsity = SparsityControl(**state["sparsity"])
 
     # --- one step --------------------------------------------------------------------------------
     def train_step(self, acts: Tensor) -> None:
@@ -469,17 +496,21 @@ class Trainer:
                 dead = run.since_fired >= plan.dead_tokens
                 if not bool(dead.any()):
                     dead = None
-            out = run.sae.training_loss(run.select(acts), plan.compute_dtype, dead, cfg.auxk_coef)
+            progress = self.tokens / plan.budget
+            coef = run.sparsity.value(progress) if run.sparsity else 0.0
+            out = run.sae.training_loss(run.select(acts), plan.compute_dtype, dead, cfg.auxk_coef, coef)
             out.loss.backward()
-            run.sae.coder.remove_parallel_grad_()
+            run.sae.coder.constrain_grad_()
             for group in run.opt.param_groups:
                 group["lr"] = lr
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
-            run.sae.coder.normalize_decoder_()
+            run.sae.coder.constrain_weights_()
             run.since_fired += n
             run.since_fired[out.fired] = 0
             run.meter.add(out, n)
+            if run.sparsity:
+                run.sparsity.update(float(out.l0), progress)
         self.tokens += n
         self.step += 1
         self._lr = lr
@@ -497,6 +528,7 @@ class Trainer:
                 "epoch": epoch,
                 "lr": self._lr,
                 **run.meter.means(),
+                **({"sparsity_coef": run.sparsity.value(self.tokens / self.plan.budget)} if run.sparsity else {}),
                 "dead_frac": self.dead_fraction(run),
                 "tokens_per_s": tokens_per_s,
             }
@@ -564,6 +596,7 @@ class Trainer:
                 "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
                 "device": str(plan.device),
                 "relu_after_topk": True,
+                **({"sparsity_coef": run.sparsity.coef, "target_l0": run.sparsity.target_l0} if run.sparsity else {}),
             }
             meta = {"arch": run.sae.arch, "format": "routesae-sae-1"}
             write_safetensors(run.out / "sae.safetensors", run.sae.export_tensors(), meta)

@@ -1,8 +1,10 @@
-"""SAE architectures, one file each, registered by name: a new architecture is a file that
-subclasses `SAE` with `@register`, plus one import line here."""
+"""SAE architectures, registered by name: which layers an SAE reads (one file each: single.py,
+route.py) times how it makes its code sparse (coders/, one file each). A new reader is a file
+that subclasses `SAE` with `@register`, plus one import line here; a new single-layer
+architecture is a few lines in single.py naming its coder."""
 
 from routesae.train.saes.base import ARCHITECTURES, SAE, TrainOutput, register
-from routesae.train.saes import topk  # noqa: F401  (registers "topk")
+from routesae.train.saes import single  # noqa: F401  (registers "topk", "batchtopk", "vanilla", "gated", "jumprelu")
 from routesae.train.saes import route  # noqa: F401  (registers "routesae")
 
 from routesae.train.config import SAEConfig

@@ -1,5 +1,6 @@
-"""What every architecture is: a TopK dictionary (`TopKCoder`) behind a way of reading the model's
-layers, plus the registry that maps an architecture's name to its class.
+"""What every architecture is: a coder (coders/: how the code is made sparse) behind a way of
+reading the model's layers (this folder: which layers, and how they become the coder's input),
+plus the registry that maps an architecture's name to its class.
 
 Spaces, as the docstrings use them:
 - model space: activations as the model produced them (what the store holds);
@@ -16,10 +17,9 @@ import abc
 import torch
 from torch import Tensor, nn
 
+from routesae.train.coders import CoderOutput, Latents, build_coder
 from routesae.train.config import SAEConfig
 from routesae.train.normalize import apply_normalization
-from routesae.train.sparse_coder import Latents, TopKCoder
-from routesae.train.sparse_ops import SparseForward
 
 ARCHITECTURES: dict[str, type["SAE"]] = {}
 
@@ -34,7 +34,7 @@ class TrainOutput(NamedTuple):
     """One training forward: the loss to minimise and what the trainer logs."""
 
     loss: Tensor
-    """Scalar: NormMSE plus the weighted AuxK term."""
+    """Scalar: NormMSE plus the coder's penalty (sparsity, auxiliary terms) and the weighted AuxK term."""
     nmse: Tensor
     """Scalar, detached: mean ||x_hat - x||^2 / ||x||^2 in the coder's input space."""
     aux_loss: Tensor
@@ -44,7 +44,8 @@ class TrainOutput(NamedTuple):
     fired: Tensor
     """[n_latents] bool: latents that were non-zero on some token of the batch."""
     extra: dict[str, Tensor]
-    """Architecture-specific detached statistics (e.g. RouteSAE's share of tokens per layer)."""
+    """Architecture-specific detached statistics (e.g. RouteSAE's share of tokens per layer, a
+    coder's penalty)."""
 
 
 def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -57,6 +58,8 @@ class SAE(nn.Module, abc.ABC):
     `training_loss` and `reconstruct`; weights live in `self.coder` (+ any routing parameters)."""
 
     arch: ClassVar[str]
+    coder_name: ClassVar[str] = "topk"
+    """The coder (coders/) that makes the code sparse."""
     multi_layer: ClassVar[bool] = False
     """False: reads one layer, input [n, d_model]; True: reads the routed layers, [n, n_layers, d_model]."""
 
@@ -64,7 +67,7 @@ class SAE(nn.Module, abc.ABC):
         super().__init__()
         self.config = config
         """The SAEConfig the SAE was built from (saved as config.json)."""
-        self.coder = TopKCoder(config.d_model, config.n_latents, config.k, generator)
+        self.coder = build_coder(self.coder_name, config.d_model, config.n_latents, config.k, generator)
         scale = config.dataset_scale if config.normalization == "dataset" else None
         if config.normalization == "dataset" and (scale is None or len(scale) != len(config.layers)):
             raise ValueError("dataset normalization needs one scale per layer")
@@ -72,6 +75,13 @@ class SAE(nn.Module, abc.ABC):
         self.register_buffer(
             "dataset_scale", torch.tensor(scale if scale else [1.0] * len(config.layers)).view(-1, 1), persistent=False
         )
+
+    @classmethod
+    def coder_fixed_l0(cls) -> bool:
+        """Whether this architecture's coder sets its L0 by k (no sparsity coefficient)."""
+        from routesae.train.coders import CODERS
+
+        return CODERS[cls.coder_name].fixed_l0
 
     # --- shared helpers --------------------------------------------------------------------------
     @property
@@ -90,10 +100,13 @@ class SAE(nn.Module, abc.ABC):
         return apply_normalization(x, self.config.normalization, scale)
 
     def _train_output(
-        self, out: SparseForward, target: Tensor, dead: Tensor | None, auxk_coef: float, extra: dict[str, Tensor]
+        self, out: CoderOutput, target: Tensor, dead: Tensor | None, auxk_coef: float, extra: dict[str, Tensor]
     ) -> TrainOutput:
         nmse = normalized_mse(out.x_hat, target)
         loss = nmse
+        if not self.coder.fixed_l0:
+            loss = loss + out.penalty
+            extra = {**extra, "penalty": out.penalty.detach()}
         aux = torch.zeros((), device=target.device)
         if out.aux_hat is not None and dead is not None:
             # AuxK (OpenAI): the dead latents learn to explain what the live ones missed.
@@ -102,6 +115,9 @@ class SAE(nn.Module, abc.ABC):
             k_aux = self.config.d_model // 2
             weight = min(int(dead.sum()) / k_aux, 1.0)
             loss = loss + auxk_coef * weight * aux
+        if out.active is not None:
+            return TrainOutput(loss, nmse.detach(), aux.detach(), out.active.sum(-1).float().mean(), out.active.any(0),
+                               extra)
         active = out.values > 0
         fired = torch.zeros(self.config.n_latents, dtype=torch.bool, device=target.device)
         fired[out.indices[active]] = True
@@ -119,9 +135,11 @@ class SAE(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def training_loss(
-        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0
+        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0,
+        sparsity_coef: float = 0.0,
     ) -> TrainOutput:
-        """Training forward on a batch in model space (any float dtype; bf16 from the store)."""
+        """Training forward on a batch in model space (any float dtype; bf16 from the store).
+        sparsity_coef: the coder's sparsity coefficient now (coders without a fixed k)."""
 
     @abc.abstractmethod
     def reconstruct(self, x: Tensor) -> Any:
@@ -152,20 +170,9 @@ class SAE(nn.Module, abc.ABC):
 
     # --- saving ----------------------------------------------------------------------------------
     def export_tensors(self) -> dict[str, Tensor]:
-        """Weights under SAELens names: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]."""
-        c = self.coder
-        return {
-            "W_enc": c.W_enc.detach().T.contiguous(),
-            "b_enc": c.b_enc.detach().clone(),
-            "W_dec": c.W_dec.detach().clone(),
-            "b_dec": c.b_dec.detach().clone(),
-        }
+        """Weights under SAELens names (the coder's: W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, ...)."""
+        return self.coder.export_tensors()
 
-    @torch.no_grad()
     def load_exported(self, tensors: dict[str, Tensor]) -> None:
         """Inverse of export_tensors."""
-        c = self.coder
-        c.W_enc.copy_(tensors["W_enc"].T)
-        c.b_enc.copy_(tensors["b_enc"])
-        c.W_dec.copy_(tensors["W_dec"])
-        c.b_dec.copy_(tensors["b_dec"])
+        self.coder.load_exported(tensors)

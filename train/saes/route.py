@@ -124,10 +124,11 @@ class RouteSAE(SAE):
         return self._mix(*self._route_parts(x))[0]
 
     def training_loss(
-        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0
+        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0,
+        sparsity_coef: float = 0.0,
     ) -> TrainOutput:
         inp, layer_index, _ = self._mix(*self._route_parts(x))
-        out = self.coder.forward_train(inp, compute_dtype, dead, self.config.d_model // 2)
+        out = self.coder.forward_train(inp, compute_dtype, dead, self.config.d_model // 2, sparsity_coef)
         share = torch.bincount(layer_index, minlength=self.n_layers).float() / layer_index.numel()
         return self._train_output(out, inp, dead, auxk_coef, {"route_share": share})
 

@@ -1,4 +1,5 @@
-"""TopK SAE on one layer (Gao et al. 2024; sparsify): the single-layer baseline."""
+"""SAEs on one layer: the reader, and the single-layer architectures it makes with each coder
+(TopK, Gao et al. 2024 and sparsify, is the RouteSAE paper's single-layer baseline)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,8 @@ from routesae.train.normalize import denormalize
 from routesae.train.saes.base import SAE, TrainOutput, register
 
 
-@register
-class TopKSAE(SAE):
+class SingleLayerSAE(SAE):
     """Reads one layer, `config.layers[0]`; input and output are [n, d_model]."""
-
-    arch = "topk"
 
     def coder_input(self, x: Tensor) -> Tensor:
         """Model space [n, d_model] -> the normalized input the coder encodes."""
@@ -21,10 +19,11 @@ class TopKSAE(SAE):
         return self.normalize_input(x)[0]
 
     def training_loss(
-        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0
+        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0,
+        sparsity_coef: float = 0.0,
     ) -> TrainOutput:
         x_norm = self.coder_input(x)
-        out = self.coder.forward_train(x_norm, compute_dtype, dead, self.config.d_model // 2)
+        out = self.coder.forward_train(x_norm, compute_dtype, dead, self.config.d_model // 2, sparsity_coef)
         return self._train_output(out, x_norm, dead, auxk_coef, {})
 
     @torch.no_grad()
@@ -34,3 +33,35 @@ class TopKSAE(SAE):
         self._check_input(x, None)
         x_norm, mean, std = self.normalize_input(x)
         return denormalize(self.coder.decode_sparse(self.coder.encode_sparse(x_norm)), mean, std)
+
+
+@register
+class TopKSAE(SingleLayerSAE):
+    arch = "topk"
+    coder_name = "topk"
+
+
+@register
+class BatchTopKSAE(SingleLayerSAE):
+    arch = "batchtopk"
+    coder_name = "batchtopk"
+
+
+@register
+class VanillaSAE(SingleLayerSAE):
+    """ReLU + L1 (the paper's "Vanilla")."""
+
+    arch = "vanilla"
+    coder_name = "relu"
+
+
+@register
+class GatedSAE(SingleLayerSAE):
+    arch = "gated"
+    coder_name = "gated"
+
+
+@register
+class JumpReLUSAE(SingleLayerSAE):
+    arch = "jumprelu"
+    coder_name = "jumprelu"

@@ -1,0 +1,126 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024b; Gemma Scope): a latent fires only above its own
+threshold theta; the L0 penalty and the thresholds train through straight-through estimators with
+a rectangle kernel of width `BANDWIDTH`.
+
+Parameterization and defaults, for budgets of a few million tokens: theta is a parameter itself
+(float32 whatever the compute dtype; a log-parameterized theta moves too slowly under Adam). Adam
+moves it by about the learning rate per step, so a threshold that has to climb from Gemma Scope's
+tiny start to where k latents fire (about 2.5 pre-activation spreads for k = 64 of 4608) would not
+get there in a thousand steps: the first training batch sets each threshold so that its latent
+fires on k / n_latents of the tokens (`StartsAtTargetL0`), and training refines them. The kernel's width
+`BANDWIDTH` is in the normalized space's units, where a pre-activation spreads over about 1 at
+initialization (unit encoder rows, inputs of norm sqrt(d)): Gemma Scope's 0.001 at E||x||^2 = 1,
+scaled to our inputs and widened, as a kernel as narrow as theirs gives the thresholds a gradient
+from too few tokens for such a budget.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from routesae.train.coders.base import (
+    Coder,
+    CoderOutput,
+    StartsAtTargetL0,
+    UnitNormDecoder,
+    dense_decode,
+    dense_encode,
+    jump,
+    per_input_norm,
+    unit_rows,
+)
+
+THRESHOLD_FLOOR = 1e-3
+"""Smallest threshold (at initialization and after every step): theta > 0 keeps f a rectified code."""
+BANDWIDTH = 0.2
+"""Width eps of the rectangle kernel K(u) = 1[|u| < 1/2] of the straight-through estimators."""
+
+
+def _kernel(pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+    """K((pre - theta) / eps) / eps: the rectangle kernel's density at each pre-activation."""
+    return ((pre - theta).abs() < eps / 2).to(pre.dtype) / eps
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """f = pre * 1[pre > theta]. Gradients: to pre through the hard mask; to theta the straight-
+    through one, d f / d theta = -theta * K((pre - theta) / eps) / eps."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return jump(pre, theta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        grad_pre = grad * (pre > theta)
+        grad_theta = -(theta * _kernel(pre, theta, ctx.eps) * grad).sum(0)
+        return grad_pre, grad_theta, None
+
+
+class StepFunction(torch.autograd.Function):
+    """1[pre > theta], the L0 count. Gradient to theta only: -K((pre - theta) / eps) / eps; none to pre."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        return None, -(_kernel(pre, theta, ctx.eps) * grad).sum(0), None
+
+
+class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
+    """pre = W_enc (x - b_dec) + b_enc; f = pre * 1[pre > theta]; x_hat = W_dec f + b_dec; unit-norm
+    decoder rows; penalty = lambda * L0, in NormMSE units."""
+
+    name = "jumprelu"
+    # the NormMSE one more latent buys near L0 64 in the demo (TopK k32 -> k64: 0.12 / 32) times d = 576
+    default_sparsity_coef = 3.0
+
+    def __init__(self, d_model: int, n_latents: int, k: int = 0, generator: torch.Generator | None = None,
+                 bandwidth: float = BANDWIDTH):
+        super().__init__(d_model, n_latents)
+        rows = unit_rows(n_latents, d_model, generator)
+        self.W_enc = nn.Parameter(rows.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(rows)
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+        self.threshold = nn.Parameter(torch.full((n_latents,), THRESHOLD_FLOOR, dtype=torch.float32))
+        """[n_latents] theta, float32 always (a bf16 threshold stops learning)."""
+        self.bandwidth = bandwidth
+        self._init_start(k, n_latents)
+
+    def _place(self, quantile: Tensor) -> None:
+        self.threshold.copy_(quantile.clamp_min(THRESHOLD_FLOOR))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return jump(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T), self.threshold)
+
+    def forward_train(
+        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, k_aux: int = 0,
+        sparsity_coef: float = 0.0,
+    ) -> CoderOutput:
+        pre = dense_encode(x - self.b_dec, self.W_enc, self.b_enc, compute_dtype)
+        self.start_from(pre.detach())
+        theta = self.threshold.float()
+        f = JumpReLUFunction.apply(pre, theta, self.bandwidth)
+        x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
+        l0 = StepFunction.apply(pre, theta, self.bandwidth).sum(-1)
+        return CoderOutput(x_hat, None, None, None, sparsity_coef * per_input_norm(l0, x), (pre > theta).detach())
+
+    @torch.no_grad()
+    def constrain_weights_(self) -> None:
+        """Unit-norm decoder rows; thresholds kept positive (a negative one would let negative
+        pre-activations through, which the ReLU of the definition forbids)."""
+        super().constrain_weights_()
+        self.threshold.clamp_(min=THRESHOLD_FLOOR)
+
+    def export_tensors(self) -> dict[str, Tensor]:
+        """SAELens's JumpReLU names: W_enc [d_in, d_sae], b_enc, threshold, W_dec [d_sae, d_in], b_dec."""
+        return {**super().export_tensors(), "threshold": self.threshold.detach().clone()}
