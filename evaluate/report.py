@@ -42,9 +42,10 @@ class Row:
     path: str
     """The SAE folder."""
     arch: str
-    """'topk' or 'routesae'."""
+    """The architecture's registered name."""
     routing: str
-    """'router' (the SAE's own), 'uniform' or 'random-layer'; '-' for single-layer SAEs."""
+    """'router' (the SAE's own), 'uniform' or 'random-layer'; '-' for single-layer SAEs; 'layer' for a
+    multi-layer SAE's per-layer row, 'mean' for the mean of those."""
     layers: list[int]
     """hidden_states indices the SAE reads."""
     k: int
@@ -53,6 +54,9 @@ class Row:
     splice: SpliceResult | None = None
     splice_note: str | None = None
     """Why splice metrics are missing, when they are."""
+    layer_of: str | None = None
+    """For a multi-layer SAE evaluated one layer at a time (MLSAE): the SAE's name, on each
+    per-layer row and on the row of their mean."""
 
     def flat(self) -> dict[str, Any]:
         """The table's values (NaN where not measured)."""
@@ -60,7 +64,7 @@ class Row:
         s = self.splice
         return {
             "name": self.name,
-            "arch": self.arch if self.routing in ("router", "-") else f"{self.arch}/{self.routing}",
+            "arch": self.arch if self.routing in ("router", "-", "layer") else f"{self.arch}/{self.routing}",
             "routing": self.routing,
             "layers": _layers_str(self.layers),
             "k": self.k,
@@ -77,6 +81,32 @@ class Row:
             "delta_ce": s.delta_ce if s else nan,
             "loss_recovered": s.loss_recovered if s else nan,
         }
+
+
+def layer_mean_row(name: str, rows: list[Row]) -> Row:
+    """The mean over a multi-layer SAE's per-layer rows of every figure (each layer spliced alone:
+    splicing all at once would collapse to the deepest layer's replacement). Counts are summed."""
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    caches = [r.cache for r in rows]
+    cache = caches[0]._replace(
+        normmse=mean([c.normmse for c in caches]), fvu=mean([c.fvu for c in caches]), l0=mean([c.l0 for c in caches]),
+        dead_fraction=mean([c.dead_fraction for c in caches]), routing=None)
+    splice = None
+    if all(r.splice is not None for r in rows):
+        sp = [r.splice for r in rows]
+        fields = ("kl_per_token", "kl_per_context", "ce_clean", "ce_spliced", "ce_zero", "delta_ce", "loss_recovered")
+        replaced: dict[int, int] = {}
+        for one in sp:
+            for layer, count in one.replaced_per_layer.items():
+                replaced[layer] = replaced.get(layer, 0) + count
+        splice = sp[0]._replace(**{f: mean([getattr(one, f) for one in sp]) for f in fields},
+                                replaced_per_layer=replaced)
+    first = rows[0]
+    return Row(f"{name} (mean of {len(rows)} layers)", first.path, first.arch, "mean",
+               sorted({x for r in rows for x in r.layers}), first.k, first.latents, cache, splice,
+               first.splice_note, layer_of=name)
 
 
 def _layers_str(layers: list[int]) -> str:
@@ -137,6 +167,7 @@ class Report:
                 "cache": _jsonable(row.cache._asdict()),
                 "splice": _jsonable(row.splice._asdict()) if row.splice else None,
                 "splice_note": row.splice_note,
+                "layer_of": row.layer_of,
             }
             rows.append(d)
         return _jsonable({

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from routesae.cpu_memory import keep_freed_memory
 from routesae.errors import RouteSAEError
 from routesae.evaluate.cache_eval import evaluate_cache
-from routesae.evaluate.report import Report, Row
+from routesae.evaluate.report import Report, Row, layer_mean_row
 from routesae.evaluate.splice import PREFIXES, SpliceEvaluator
 from routesae.evaluate.targets import ROUTING_NOTES, Target
 from routesae.harvest.models import load_store_model, resolve_device
@@ -141,6 +141,10 @@ def pick_range(cfg: EvalConfig, cache: Cache, saes: list[LoadedSAE]) -> tuple[in
 def build_targets(saes: list[LoadedSAE], baselines: list[str], seed: int) -> list[tuple[LoadedSAE, Target]]:
     out = []
     for s in saes:
+        if hasattr(s.sae, "at_layer"):  # a multi-layer dictionary (MLSAE): each layer on its own
+            out.extend((s, Target(f"{s.name} @{layer}", s.sae.at_layer(layer), "router", seed))
+                       for layer in s.sae.config.layers)
+            continue
         out.append((s, Target(s.name, s.sae, "router", seed)))
         if s.sae.config.arch == "routesae":
             for b in baselines:
@@ -228,6 +232,23 @@ def _prefix_note(run: SpliceRun) -> str:
     return f"Clean runs: all {live} batch(es) computed in full."
 
 
+L0_TOLERANCE = 0.1
+"""Relative L0 difference beyond which rows are not compared at equal sparsity."""
+
+
+def l0_mismatch(rows: list[Row]) -> str | None:
+    """A warning when the rows' L0 differ by more than L0_TOLERANCE, else None."""
+    measured = [(row.cache.l0, row.name) for row in rows if math.isfinite(row.cache.l0) and row.cache.l0 > 0]
+    if len(measured) < 2:
+        return None
+    (low, low_name), (high, high_name) = min(measured), max(measured)
+    if high <= low * (1 + L0_TOLERANCE):
+        return None
+    return (f"L0 differs by more than {L0_TOLERANCE:.0%} between rows ({low:.1f} for {low_name}, {high:.1f} for "
+            f"{high_name}): reconstruction and KL are only comparable at equal sparsity; fit with matching --k "
+            "(vanilla, gated and jumprelu are steered to it) or --target-l0.")
+
+
 def run_eval(cfg: EvalConfig) -> Report:
     """Evaluate cfg.saes on cfg.cache; returns the report (the CLI prints and writes it)."""
     if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.batch_tokens < 1:
@@ -262,9 +283,15 @@ def run_eval(cfg: EvalConfig) -> Report:
                     cache.context_len, notes=list(NOTES))
     rows = []
     for (s, t), cr in zip(pairs, cache_results):
-        rows.append(Row(t.name, str(s.path), t.arch, t.routing if t.routed else "-", t.layers, t.config.k,
-                        t.config.n_latents, cr))
+        per_layer = t.sae is not s.sae
+        rows.append(Row(t.name, str(s.path), t.arch, "layer" if per_layer else t.routing if t.routed else "-", t.layers,
+                        t.config.k, t.config.n_latents, cr, layer_of=s.name if per_layer else None))
     report.rows = rows
+    mismatch = l0_mismatch(rows)
+    if mismatch:
+        report.notes.append(mismatch)
+        if cfg.progress:
+            tqdm.write(f"routesae: note: {mismatch}", file=sys.stderr)
 
     used = {t.routing for t in targets if t.routed and t.routing != "router"}
     for b in BASELINES:
@@ -296,4 +323,19 @@ def run_eval(cfg: EvalConfig) -> Report:
                     "(zeroing every non-special position leaves only the special tokens, so contexts with the same "
                     "ones continue the same) and were computed once.")
             report.splice_batches = run.batches
+    _add_layer_means(report)
     return report
+
+
+def _add_layer_means(report: Report) -> None:
+    """After each multi-layer SAE's per-layer rows (contiguous), the row of their mean, labelled as such."""
+    rows, out = report.rows, []
+    for i, row in enumerate(rows):
+        out.append(row)
+        following = rows[i + 1].layer_of if i + 1 < len(rows) else None
+        if row.layer_of is not None and following != row.layer_of:
+            out.append(layer_mean_row(row.layer_of, [r for r in rows if r.layer_of == row.layer_of]))
+    if len(out) > len(rows):
+        report.notes.append("MLSAE: one row per layer, each layer's activations replaced alone by their reconstruction "
+                            "(later layers run on the modified stream), then the mean over layers of each figure.")
+    report.rows = out

@@ -23,8 +23,9 @@ from routesae.train.normalize import denormalize
 ROUTINGS = ("router", "uniform", "random-layer")
 ROUTING_NOTES = {
     "router": "the RouteSAE's own router",
-    "uniform": "the paper's random baseline: equal weights 1/n over the n routed layers in place of the router "
-    "(under hard routing the tie goes to the first routed layer, with p = 1/n)",
+    "uniform": "the paper's random baseline: equal weights 1/n over the n routed layers in place of the router; "
+    "under hard routing the tie is broken uniformly at random per token (the same seeded draw as random-layer's), "
+    "with p = 1/n",
     "random-layer": "the authors' code's random baseline: a uniformly random routed layer per token, p = 1 "
     "(drawn from the routed layers only, not from all hidden states as that code did)",
 }
@@ -107,7 +108,11 @@ class Target:
             r = self.sae.route(x)
             return r.layer_index, r.weight, r.probs
         if self.routing == "uniform":
+            # every layer ties at 1/n: an arg-max would send every token to the first routed layer,
+            # so the tie is broken at random per token, p staying 1/n
             probs = torch.full((n, n_layers), 1.0 / n_layers, device=dev)
+            layer_index = random_layers(token_ids, n_layers, self.seed).to(dev)
+            return layer_index, probs[:, 0].clone(), probs
         else:
             probs = torch.zeros(n, n_layers, device=dev)
             probs[torch.arange(n, device=dev), random_layers(token_ids, n_layers, self.seed).to(dev)] = 1.0

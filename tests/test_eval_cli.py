@@ -222,3 +222,32 @@ def test_every_single_layer_architecture_is_scored_and_spliced(world, tmp_path):
         for key in ("l0", "normmse", "fvu", "kl_per_token", "delta_ce", "loss_recovered"):
             assert row[key] is not None and math.isfinite(row[key]), (arch, key)
         assert row["kl_per_token"] > 0 and row["layers"] == "3"
+
+
+def test_rows_at_different_l0_are_flagged(world):
+    from routesae.evaluate.run import EvalConfig, l0_mismatch, run_eval
+
+    report = run_eval(EvalConfig(saes=[str(world / "runs" / "topk-k8"), str(world / "runs" / "topk-k16")],
+                                 cache=str(world / "s.zarr"), progress=False))
+    note = l0_mismatch(report.rows)
+    assert note and "8.0 for topk-k8, 16.0 for topk-k16" in note and note in report.notes
+    same = run_eval(EvalConfig(saes=[str(world / "runs" / "topk-k8"), str(world / "runs" / "routesae-k8")],
+                               cache=str(world / "s.zarr"), baselines=[], progress=False))
+    assert l0_mismatch(same.rows) is None and not any("L0 differs" in n for n in same.notes)
+
+
+def test_mlsae_is_spliced_one_layer_at_a_time_and_averaged(world, tmp_path):
+    _fit(world / "s.zarr", tmp_path / "ml", ["mlsae"])
+    r = _run("--sae", tmp_path / "ml", "--cache", world / "s.zarr", "--splice", "--quiet", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    names = [row["name"] for row in report["table"]]
+    assert names == ["ml @1", "ml @2", "ml @3", "ml (mean of 3 layers)"]
+    per_layer, mean = report["rows"][:3], report["rows"][3]
+    for layer, row in zip((1, 2, 3), per_layer):
+        # each pass replaced every non-special position at its own layer, and nowhere else
+        assert row["splice"]["replaced_per_layer"] == {str(layer): row["splice"]["n_positions"]}
+        assert row["layer_of"] == "ml" and row["cache"]["l0"] == pytest.approx(8.0)
+    for key in ("kl_per_token", "delta_ce", "loss_recovered"):
+        assert mean["splice"][key] == pytest.approx(sum(row["splice"][key] for row in per_layer) / 3)
+    assert report["table"][3]["arch"] == "mlsae/mean" and any(n.startswith("MLSAE: one row per layer") for n in report["notes"])

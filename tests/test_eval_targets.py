@@ -75,14 +75,11 @@ def test_hard_routing_splice_modifies_exactly_the_routed_layer_of_each_token(rou
     stack = torch.stack([hs[layer].reshape(B * T, D) for layer in ROUTED], dim=1)[flat_keep]
     if routing == "router":
         want_index = sae.route(stack).layer_index
-    elif routing == "uniform":
-        want_index = torch.zeros(int(flat_keep.sum()), dtype=torch.long)
-    else:
+    else:  # both baselines draw the same random routed layer per token (uniform's tie broken at random)
         want_index = random_layers(token_index.reshape(-1)[flat_keep], len(ROUTED), 5)
     want = torch.full((B * T,), -1)
     want[flat_keep] = torch.tensor(ROUTED)[want_index]
-    if routing != "uniform":
-        assert len(set(want[flat_keep].tolist())) == len(ROUTED)  # the test covers every layer
+    assert len(set(want[flat_keep].tolist())) == len(ROUTED)  # the test covers every layer
 
     # Hooks record each block's input, and each block's output, during the spliced continuation.
     blocks = decoder_layers(model)

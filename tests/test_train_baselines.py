@@ -46,3 +46,22 @@ def test_held_out_l0_is_within_ten_percent_of_the_target(trained):
     assert set(l0) == set(ARCHS)
     for arch, value in l0.items():  # batchtopk's at inference, with its one threshold
         assert abs(value / 3 - 1) <= 0.1, (arch, value)
+
+
+def test_a_layer_list_trains_one_sae_per_layer_from_one_read(tmp_path):
+    from click.testing import CliRunner
+
+    from routesae.cli import main
+
+    make_store(tmp_path / "s.zarr", 1024, layers=[0, 1, 2], chunk_contexts=4)
+    r = CliRunner().invoke(main, ["fit", "--cache", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "runs"),
+                                  "--arch", "topk,jumprelu", "--layer", "0,2", "--k", "4", "--latents", "32",
+                                  "--batch-size", "64", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert names == ["jumprelu-k4-l0", "jumprelu-k4-l2", "topk-k4-l0", "topk-k4-l2"]
+    for name in names:
+        assert load_sae(tmp_path / "runs" / name).config.layers == [int(name[-1])]
+    bad = CliRunner().invoke(main, ["fit", "--cache", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "x"),
+                                    "--arch", "topk", "--layer", "0,5", "--no-progress"])
+    assert bad.exit_code == 1 and "layer 5 is not in the store" in bad.output

@@ -52,7 +52,8 @@ def parse_int_list(text: str, what: str) -> list[int]:
               "steered to); a list such as 32,64,128 trains one SAE each on the same batches [default: 64, or --target-l0].")
 @click.option("--latents", default=None, help="Dictionary size (default: --expansion x d_model).")
 @click.option("--expansion", default=8.0, show_default=True, type=float, help="Dictionary size as a multiple of d_model.")
-@click.option("--layer", default=None, type=int, help="Layer (hidden_states index) of single-layer SAEs [default: 3/4 depth].")
+@click.option("--layer", default=None, help="Layer (hidden_states index) of single-layer SAEs, or a list such as "
+              "8,12,16,20 (one SAE each, ARCH-kK-lL, from one read of the store) [default: 3/4 depth].")
 @click.option("--routed-layers", default=None, help="RouteSAE's layers, e.g. 7-22 [default: L/4 .. 3L/4].")
 @click.option("--routing", type=click.Choice(ROUTINGS), default="hard", show_default=True)
 @click.option("--aggregate", type=click.Choice(AGGREGATES), default="sum", show_default=True, help="Router input: sum or mean of the normalized routed layers.")
@@ -95,7 +96,7 @@ def fit(**kw) -> None:
         ks=parse_int_list(kw["k"], "--k") if kw["k"] is not None else [round(kw["target_l0"] or 64)],
         latents=parse_count(kw["latents"], "--latents") if kw["latents"] is not None else None,
         expansion=kw["expansion"],
-        layer=kw["layer"],
+        layer=_one_or_list(parse_int_list(kw["layer"], "--layer")) if kw["layer"] is not None else None,
         routed_layers=parse_int_list(kw["routed_layers"], "--routed-layers") if kw["routed_layers"] else None,
         routing=kw["routing"],
         aggregate=kw["aggregate"],
@@ -131,6 +132,11 @@ def fit(**kw) -> None:
         f"({result.steady_tokens_per_s:,.0f} tokens/s)",
         err=True,
     )
+
+
+def _one_or_list(values: list[int]) -> int | list[int]:
+    """A single value stays an int, so a one-layer fit's settings read as before."""
+    return values[0] if len(values) == 1 else values
 
 
 def _is_fraction(text: str) -> bool:

@@ -62,8 +62,9 @@ class FitConfig:
     """Dictionary size; default expansion * d_model."""
     expansion: float = 8.0
     """Dictionary size as a multiple of d_model, when latents is not given."""
-    layer: int | None = None
-    """Layer (hidden_states index) of single-layer SAEs; default the store's 3/4-depth layer."""
+    layer: int | list[int] | None = None
+    """Layer (hidden_states index) of single-layer SAEs, or several (one SAE per layer, named
+    ARCH-kK-lL, all from one read of the store); default the store's 3/4-depth layer."""
     routed_layers: list[int] | None = None
     """Layers RouteSAE routes over; default L//4 .. 3L//4 of the model behind the store."""
     routing: str = "hard"

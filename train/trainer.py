@@ -182,9 +182,12 @@ def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
     if not (0 <= cfg.warmup and 0 <= cfg.decay and cfg.warmup + cfg.decay <= 1):
         raise RouteSAEError("warm-up and decay fractions must be non-negative and sum to at most 1")
 
-    layer = cfg.layer if cfg.layer is not None else cache.default_layer()
-    if layer not in cache.layers:
-        raise RouteSAEError(f"layer {layer} is not in the store (it holds {_ranges(cache.layers)})")
+    single = [cache.default_layer()] if cfg.layer is None else ([cfg.layer] if isinstance(cfg.layer, int) else list(cfg.layer))
+    if not single or len(set(single)) != len(single):
+        raise RouteSAEError(f"--layer must list distinct layers, got {single}")
+    for layer in single:
+        if layer not in cache.layers:
+            raise RouteSAEError(f"layer {layer} is not in the store (it holds {_ranges(cache.layers)})")
     if cfg.routed_layers is not None:
         routed = list(cfg.routed_layers)
     else:
@@ -201,13 +204,15 @@ def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
             raise RouteSAEError(f"routing needs at least two distinct routed layers, got {routed}")
 
     configs: dict[str, SAEConfig] = {}
-    for arch in cfg.archs:
-        layers = routed if ARCHITECTURES[arch].multi_layer else [layer]
+    placements = [(arch, routed, "") if ARCHITECTURES[arch].multi_layer else
+                  (arch, [layer], f"-l{layer}" if len(single) > 1 else "")
+                  for arch in cfg.archs for layer in (single if not ARCHITECTURES[arch].multi_layer else [None])]
+    for arch, layers, suffix in placements:
         scales = None
         if cfg.normalization == "dataset":
             scales = [dataset_scale(d_model, cache.stats(x).mean_norm) for x in layers]
         for k in cfg.ks:
-            configs[sae_name(arch, k)] = SAEConfig(
+            configs[sae_name(arch, k) + suffix] = SAEConfig(
                 arch=arch,
                 d_model=d_model,
                 n_latents=n_latents,
@@ -395,7 +400,14 @@ def _make_optimizer(sae: SAE, lr: float, device: torch.device) -> torch.optim.Op
     kwargs: dict[str, Any] = {"lr": lr, "betas": (0.9, 0.999)}
     if device.type in ("cpu", "cuda"):
         kwargs["fused"] = True  # one kernel for all parameters; fp32 state
-    return torch.optim.Adam(sae.parameters(), **kwargs)
+    scaled = sae.coder.lr_scales()
+    if not scaled:
+        return torch.optim.Adam(sae.parameters(), **kwargs)
+    # parameters that Adam must move faster than the rest (its step is about lr whatever the gradient)
+    special = {id(p) for p, _ in scaled}
+    groups = [{"params": [p for p in sae.parameters() if id(p) not in special], "lr_scale": 1.0},
+              *({"params": [p], "lr_scale": scale} for p, scale in scaled)]
+    return torch.optim.Adam(groups, **kwargs)
 
 
 def _build_runs(plan: FitPlan) -> list[_Run]:
@@ -502,7 +514,7 @@ class Trainer:
             out.loss.backward()
             run.sae.coder.constrain_grad_()
             for group in run.opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
             run.sae.coder.constrain_weights_()

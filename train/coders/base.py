@@ -115,6 +115,10 @@ class Coder(nn.Module, abc.ABC):
     ) -> CoderOutput:
         """Training forward on x [n, d] float32 (normalized space)."""
 
+    def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
+        """Parameters that train at a multiple of the learning rate (none by default)."""
+        return []
+
     def constrain_grad_(self) -> None:
         """Called after backward, before the optimizer step (unit-norm decoders drop the parallel part)."""
 

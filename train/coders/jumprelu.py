@@ -33,6 +33,10 @@ from routesae.train.coders.base import (
 
 THRESHOLD_FLOOR = 1e-3
 """Smallest threshold (at initialization and after every step): theta > 0 keeps f a rectified code."""
+THRESHOLD_LR_SCALE = 10.0
+"""The thresholds' learning rate as a multiple of the rest's: Adam moves a parameter by about its
+learning rate per step however strong the L0 penalty, and the pre-activations' scale drifts as the
+encoder learns, so thresholds moving as slowly as the weights let L0 escape its target."""
 BANDWIDTH = 0.2
 """Width eps of the rectangle kernel K(u) = 1[|u| < 1/2] of the straight-through estimators."""
 
@@ -113,6 +117,9 @@ class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
         x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
         l0 = StepFunction.apply(pre, theta, self.bandwidth).sum(-1)
         return CoderOutput(x_hat, None, None, None, sparsity_coef * per_input_norm(l0, x), (pre > theta).detach())
+
+    def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
+        return [(self.threshold, THRESHOLD_LR_SCALE)]
 
     @torch.no_grad()
     def constrain_weights_(self) -> None:
