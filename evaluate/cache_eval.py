@@ -41,7 +41,12 @@ class RoutingDistribution(NamedTuple):
     fraction: list[float]
     """The same as fractions of the evaluated tokens."""
     mean_weight: list[float]
-    """Mean routing weight (softmax probability) of each layer over the tokens."""
+    """Mean routing weight (softmax probability) of each layer over all the tokens."""
+    chosen_weight: list[float]
+    """Mean weight p of the chosen layer over the tokens routed to it (NaN where none): what hard
+    routing scales the layer by (1/n for the uniform baseline, 1 for random-layer)."""
+    mode: str
+    """The SAE's routing: 'hard' (the chosen layer alone, times p) or 'soft' (the mix of all)."""
 
 
 class CacheResult(NamedTuple):
@@ -74,6 +79,7 @@ class _Totals:
         n_layers = len(target.layers) if target.routed else 0
         self.route_tokens = torch.zeros(n_layers, dtype=torch.float64, device=device)
         self.route_weight = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        self.route_chosen = torch.zeros(n_layers, dtype=torch.float64, device=device)
 
     def result(self, target: Target) -> CacheResult:
         n = max(self.n, 1)
@@ -85,8 +91,10 @@ class _Totals:
         routing = None
         if target.routed:
             tokens = [int(t) for t in self.route_tokens.tolist()]
+            chosen = [c / t if t else math.nan for c, t in zip(self.route_chosen.tolist(), tokens)]
             routing = RoutingDistribution(
-                target.layers, tokens, [t / n for t in tokens], (self.route_weight / n).tolist()
+                target.layers, tokens, [t / n for t in tokens], (self.route_weight / n).tolist(), chosen,
+                target.config.routing,
             )
         fvu = self.var.fvu() if target.can_splice else math.nan
         nan = math.nan
@@ -125,6 +133,8 @@ def evaluate_cache(
             if out.layer_index is not None:
                 tot.route_tokens += torch.bincount(out.layer_index, minlength=len(target.layers)).double()
                 tot.route_weight += out.probs.double().sum(0)
+                chosen = out.probs.gather(1, out.layer_index[:, None]).squeeze(1).double()
+                tot.route_chosen.index_add_(0, out.layer_index, chosen)
         bar.update(b - a)
     bar.close()
     return [tot.result(t) for t, tot in zip(targets, totals)]

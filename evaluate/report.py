@@ -198,8 +198,9 @@ class Report:
         _atomic_write(Path(path), self.markdown())
 
     def plot(self, folder: str | os.PathLike) -> list[Path]:
-        """PNG plots into `folder`: routing distribution (RouteSAE rows), latent firing frequencies,
-        and metrics against L0 when an architecture was given at several k. Returns the files."""
+        """PNG plots into `folder`, each answering one question: where RouteSAEs route their tokens
+        (routing.png), how often latents fire (firing.png), and, when some architecture was given at
+        several sparsities, what sparsity buys (metrics_vs_l0.png). Returns the files written."""
         import matplotlib
 
         matplotlib.use("Agg")  # files only; never open a window
@@ -208,58 +209,115 @@ class Report:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
-
         routed = [r for r in self.rows if r.cache.routing is not None]
         if routed:
-            fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
-            n = len(routed)
-            width = 0.8 / n
-            for i, r in enumerate(routed):
-                dist = r.cache.routing
-                xs = [x + (i - (n - 1) / 2) * width for x in range(len(dist.layers))]
-                axes[0, 0].bar(xs, dist.fraction, width=width, label=r.name)
-                axes[0, 1].bar(xs, dist.mean_weight, width=width, label=r.name)
-            layers = routed[0].cache.routing.layers
-            for ax, title in zip(axes[0], ("tokens routed to each layer (hard routing)", "mean routing weight")):
-                ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
-                ax.set_xlabel("layer (hidden_states index)")
-                ax.set_title(title)
-                ax.legend(fontsize=7)
-            axes[0, 0].set_ylabel("fraction of tokens")
-            written.append(_save(fig, folder / "routing.png"))
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for r in self.rows:
-            if r.routing not in ("router", "-"):
-                continue  # a baseline shares its SAE's dictionary; its firing differs only by routing
-            h = r.cache.firing
-            centers = [(a + b) / 2 for a, b in zip(h.edges[:-1], h.edges[1:])]
-            ax.step(centers, h.counts, where="mid", label=f"{r.name} (dead {h.dead})")
-        ax.set_xlabel("log10 firing frequency")
-        ax.set_ylabel("latents")
-        ax.set_title("latent firing frequency")
-        ax.legend(fontsize=7)
-        written.append(_save(fig, folder / "firing.png"))
-
-        groups: dict[tuple, list[Row]] = defaultdict(list)
-        for r in self.rows:
-            groups[(r.arch, r.routing, tuple(r.layers), r.latents)].append(r)
-        swept = {key: sorted(rs, key=lambda r: r.cache.l0) for key, rs in groups.items() if len({r.k for r in rs}) > 1}
-        if swept:
-            metrics = [("normmse", "NormMSE"), ("fvu", "FVU"), ("kl_per_token", "KL per token (nats)"),
-                       ("delta_ce", "delta-CE (nats)")]
-            fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
-            for (arch, routing, layers, _), rs in swept.items():
-                label = f"{arch}" + ("" if routing in ("router", "-") else f"/{routing}") + f" @{_layers_str(list(layers))}"
-                for ax, (key, title) in zip(axes[0], metrics):
-                    pts = [(r.cache.l0, r.flat()[key]) for r in rs if not math.isnan(r.flat()[key])]
-                    if pts:
-                        ax.plot(*zip(*pts), marker="o", label=label)
-                    ax.set_title(title)
-                    ax.set_xlabel("L0")
-            axes[0, 0].legend(fontsize=7)
-            written.append(_save(fig, folder / "metrics_vs_l0.png"))
+            written.append(_save(_routing_figure(plt, routed), folder / "routing.png"))
+        own = [r for r in self.rows if r.routing in ("router", "-", "mean")]  # baselines share their SAE's dictionary
+        if own:
+            written.append(_save(_firing_figure(plt, own), folder / "firing.png"))
+        figure = _sparsity_figure(plt, [r for r in self.rows if r.routing != "layer"])
+        if figure is not None:
+            written.append(_save(figure, folder / "metrics_vs_l0.png"))
         return written
+
+
+def _routing_figure(plt, rows: list[Row]):
+    """Bars for each RouteSAE's own router; the random baselines, flat by construction, as dashed lines."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
+    routers = [r for r in rows if r.routing == "router"]
+    baselines = [r for r in rows if r.routing != "router"]
+    layers = rows[0].cache.routing.layers
+    width = 0.8 / max(len(routers), 1)
+    for i, r in enumerate(routers):
+        dist = r.cache.routing
+        xs = [x + (i - (len(routers) - 1) / 2) * width for x in range(len(layers))]
+        label = f"{r.name} ({dist.mode} routing)"
+        axes[0, 0].bar(xs, dist.fraction, width=width, label=label)
+        axes[0, 1].bar(xs, [0 if math.isnan(w) else w for w in dist.chosen_weight], width=width, label=label)
+    styles = {"uniform": ":", "random-layer": "--"}
+    seen: set[str] = set()
+    for r in baselines:
+        if r.routing in seen:
+            continue
+        seen.add(r.routing)
+        dist = r.cache.routing
+        p = [w for w in dist.chosen_weight if not math.isnan(w)]
+        axes[0, 0].axhline(1 / len(layers), color="gray", linestyle=styles.get(r.routing, "-."),
+                           label=f"[{r.routing}] baseline: 1/{len(layers)} of tokens per layer")
+        if p:
+            axes[0, 1].axhline(sum(p) / len(p), color="gray", linestyle=styles.get(r.routing, "-."),
+                               label=f"[{r.routing}] baseline: p = {sum(p) / len(p):.3g}")
+    titles = ("share of tokens routed to each layer (arg-max of the router)",
+              "mean weight p of the chosen layer, over the tokens routed there")
+    for ax, title, ylabel in zip(axes[0], titles, ("fraction of tokens", "p")):
+        ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_xlabel("layer (hidden_states index)")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    if any(r.cache.routing.mode == "soft" for r in routers):
+        fig.text(0.5, 0.005, "soft routing: the coder's input mixes all layers; the bars count each token's "
+                 "highest-weighted layer", ha="center", fontsize=8)
+    return fig
+
+
+def _firing_figure(plt, rows: list[Row]):
+    """Left: the log10 firing frequencies of the latents that fired; right: the share that never did."""
+    fig, (ax, dead_ax) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    lowest = 0.0
+    for r in rows:
+        h = r.cache.firing
+        centers = [(a + b) / 2 for a, b in zip(h.edges[:-1], h.edges[1:])]
+        ax.step(centers, h.counts, where="mid", label=r.name)
+        nonzero = [e for e, c in zip(h.edges[:-1], h.counts) if c]
+        if nonzero:
+            lowest = min(lowest, nonzero[0])
+    ax.set_xlim(lowest - 0.25, 0.05)  # fitted to the latents that fired, not to the bins' range
+    ax.set_xlabel("log10 of the fraction of tokens a latent fires on")
+    ax.set_ylabel("latents")
+    ax.set_title("how often the latents that fired did", fontsize=10)
+    ax.legend(fontsize=7)
+    names = [r.name for r in rows]
+    dead = [r.cache.dead_fraction for r in rows]
+    dead_ax.barh(range(len(rows)), dead, color=[f"C{i % 10}" for i in range(len(rows))])
+    dead_ax.set_yticks(range(len(rows)), names, fontsize=7)
+    dead_ax.invert_yaxis()
+    dead_ax.set_xlim(0, max(max(dead) * 1.15, 0.01))
+    dead_ax.set_xlabel("fraction of latents")
+    dead_ax.set_title("never fired (dead)", fontsize=10)
+    return fig
+
+
+# what sparsity buys: metrics comparable across architectures (NormMSE is not: its space differs)
+SPARSITY_METRICS = [("fvu", "FVU (model space)"), ("kl_per_token", "KL per token (nats)"),
+                    ("loss_recovered", "loss recovered")]
+
+
+def _sparsity_figure(plt, rows: list[Row]):
+    """FVU, KL and loss recovered against L0, one line per architecture (and baseline); None unless
+    some architecture has rows at two sparsities or more."""
+    groups: dict[str, list[Row]] = defaultdict(list)
+    folders = {Path(r.path).parent.name for r in rows}  # SAEs of several fits: keep each fit's lines apart
+    for r in rows:
+        label = r.arch if r.routing in ("router", "-", "mean") else f"{r.arch}/{r.routing}"
+        fit_name = f"{Path(r.path).parent.name}: " if len(folders) > 1 else ""
+        groups[f"{fit_name}{label} @{_layers_str(r.layers)}"].append(r)
+    if not any(len({round(r.cache.l0, 1) for r in rs}) > 1 for rs in groups.values()):
+        return None
+    metrics = [(key, title) for key, title in SPARSITY_METRICS
+               if any(not math.isnan(r.flat()[key]) for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.8), squeeze=False)
+    for label, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r.cache.l0)
+        for ax, (key, _) in zip(axes[0], metrics):
+            pts = [(r.cache.l0, r.flat()[key]) for r in rs if not math.isnan(r.flat()[key])]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+    for ax, (_, title) in zip(axes[0], metrics):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.legend(fontsize=7)
+    return fig
 
 
 def _save(fig, path: Path) -> Path:

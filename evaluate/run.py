@@ -17,7 +17,7 @@ from routesae.errors import RouteSAEError
 from routesae.evaluate.cache_eval import evaluate_cache
 from routesae.evaluate.report import Report, Row, layer_mean_row
 from routesae.evaluate.splice import PREFIXES, SpliceEvaluator
-from routesae.evaluate.targets import ROUTING_NOTES, Target
+from routesae.evaluate.targets import ROUTING_NOTES, LayerOfJointTarget, Target
 from routesae.harvest.models import load_store_model, resolve_device
 from routesae.harvest.store import Cache
 from routesae.harvest.verify import raise_if_damaged
@@ -145,6 +145,9 @@ def build_targets(saes: list[LoadedSAE], baselines: list[str], seed: int) -> lis
             out.extend((s, Target(f"{s.name} @{layer}", s.sae.at_layer(layer), "router", seed))
                        for layer in s.sae.config.layers)
             continue
+        if s.sae.multi_layer and s.sae.config.arch != "routesae":  # one code of all layers (crosscoder)
+            out.extend((s, LayerOfJointTarget(f"{s.name} @{layer}", s.sae, layer)) for layer in s.sae.config.layers)
+            continue
         out.append((s, Target(s.name, s.sae, "router", seed)))
         if s.sae.config.arch == "routesae":
             for b in baselines:
@@ -232,6 +235,23 @@ def _prefix_note(run: SpliceRun) -> str:
     return f"Clean runs: all {live} batch(es) computed in full."
 
 
+FEW_STEPS = 2000
+"""Below this many optimizer steps an SAE has not converged: its numbers do not rank methods."""
+PAPER_STEPS = 100_000_000 // 4096
+
+
+def short_training(saes: list[LoadedSAE]) -> str | None:
+    """A warning when an SAE trained for too few steps for its numbers to rank methods, else None."""
+    steps = {s.name: s.training.get("steps") for s in saes if isinstance(s.training.get("steps"), int)}
+    short = {name: n for name, n in steps.items() if n < FEW_STEPS}
+    if not short:
+        return None
+    fewest = min(short.values())
+    return (f"{len(short)} of these SAEs trained for fewer than {FEW_STEPS:,} steps (the fewest: {fewest:,}): far too "
+            f"few to rank methods, which these numbers then do not; the RouteSAE paper trains on 100M tokens, about "
+            f"{PAPER_STEPS:,} steps of 4,096 tokens. Harvest more tokens or fit with more --epochs.")
+
+
 L0_TOLERANCE = 0.1
 """Relative L0 difference beyond which rows are not compared at equal sparsity."""
 
@@ -283,10 +303,15 @@ def run_eval(cfg: EvalConfig) -> Report:
                     cache.context_len, notes=list(NOTES))
     rows = []
     for (s, t), cr in zip(pairs, cache_results):
-        per_layer = t.sae is not s.sae
-        rows.append(Row(t.name, str(s.path), t.arch, "layer" if per_layer else t.routing if t.routed else "-", t.layers,
-                        t.config.k, t.config.n_latents, cr, layer_of=s.name if per_layer else None))
+        per_layer = t.sae is not s.sae or isinstance(t, LayerOfJointTarget)
+        rows.append(Row(t.name, str(s.path), t.arch, "layer" if per_layer else t.routing if t.routed else "-",
+                        t.written_layers, t.config.k, t.config.n_latents, cr, layer_of=s.name if per_layer else None))
     report.rows = rows
+    short = short_training(saes)
+    if short:
+        report.notes.append(short)
+        if cfg.progress:
+            tqdm.write(f"routesae: note: {short}", file=sys.stderr)
     mismatch = l0_mismatch(rows)
     if mismatch:
         report.notes.append(mismatch)
@@ -336,6 +361,7 @@ def _add_layer_means(report: Report) -> None:
         if row.layer_of is not None and following != row.layer_of:
             out.append(layer_mean_row(row.layer_of, [r for r in rows if r.layer_of == row.layer_of]))
     if len(out) > len(rows):
-        report.notes.append("MLSAE: one row per layer, each layer's activations replaced alone by their reconstruction "
-                            "(later layers run on the modified stream), then the mean over layers of each figure.")
+        report.notes.append("MLSAE and crosscoder: one row per layer, each layer's activations replaced alone by "
+                            "their reconstruction (the crosscoder's from the code of all its clean layers; later "
+                            "layers run on the modified stream), then the mean over layers of each figure.")
     report.rows = out

@@ -66,7 +66,7 @@ class Target:
         self.seed = seed
         if self.arch != "routesae" and routing != "router":
             raise RouteSAEError(f"{name}: random-routing baselines apply to RouteSAE only")
-        if self.arch != "routesae" and sae.multi_layer:
+        if self.arch != "routesae" and sae.multi_layer and not isinstance(self, LayerOfJointTarget):
             raise RouteSAEError(f"{name}: eval does not know the multi-layer architecture {self.arch!r}")
 
     # --- description ---------------------------------------------------------------------------
@@ -74,6 +74,11 @@ class Target:
     def layers(self) -> list[int]:
         """hidden_states indices the target reads."""
         return list(self.config.layers)
+
+    @property
+    def written_layers(self) -> list[int]:
+        """hidden_states indices a splice replaces (a single-layer SAE's one layer; a RouteSAE's all)."""
+        return self.layers
 
     @property
     def routed(self) -> bool:
@@ -217,3 +222,68 @@ class TargetSplicer:
             return rec.x_hat.to(x.dtype)
 
         return replace
+
+
+class LayerOfJointTarget(Target):
+    """One layer of an SAE that reads several layers into one code and writes each back (the
+    crosscoder): the code comes from the clean activations of all its layers, and only `layer`'s
+    reconstruction is scored and spliced in (later layers run on the modified stream). Splicing
+    every layer at once would leave only the deepest layer's replacement to be seen."""
+
+    def __init__(self, name: str, sae: torch.nn.Module, layer: int):
+        super().__init__(name, sae)
+        self.layer = layer
+        self.position = sae.config.layers.index(layer)
+
+    @property
+    def written_layers(self) -> list[int]:
+        return [self.layer]
+
+    @property
+    def can_splice(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def _parts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x [n, n_layers, d] model space -> (this layer's coder input and output slices in the
+        normalized space, its model-space reconstruction, the code's values and indices)."""
+        sae, i, d = self.sae, self.position, self.config.d_model
+        x_norm, mean, std = sae.normalize_input(x.to(self.device).float())
+        lat = sae.coder.encode_sparse(x_norm.reshape(x.shape[0], -1))
+        out = sae.coder.decode_sparse(lat).view_as(x_norm)[:, i]
+        x_hat = denormalize(out, mean[:, i], std[:, i])
+        return x_norm[:, i], out, x_hat, lat.values, lat.indices
+
+    @torch.no_grad()
+    def cache_batch(self, acts: dict[int, Tensor], token_ids: Tensor) -> CacheBatch:
+        x = torch.stack([acts[layer].to(self.device).float() for layer in self.layers], dim=1)
+        coder_in, coder_out, x_hat, values, indices = self._parts(x)
+        return CacheBatch(coder_in, coder_out, x[:, self.position], x_hat, values, indices, None, None)
+
+    def splicer(self) -> "JointLayerSplicer":
+        return JointLayerSplicer(self)
+
+
+class JointLayerSplicer:
+    """Splices one layer of a crosscoder's reconstruction, computed from all its clean layers."""
+
+    def __init__(self, target: LayerOfJointTarget):
+        self.target = target
+        self.name = target.name
+
+    def clean_layers(self) -> list[int]:
+        return self.target.layers
+
+    def plan(self, clean: dict[int, Tensor], keep: Tensor, token_ids: Tensor) -> SplicePlan:
+        t = self.target
+        b, s = keep.shape
+        where = keep.reshape(-1).nonzero().squeeze(1)
+        x = torch.stack([clean[layer].reshape(b * s, -1)[where] for layer in t.layers], dim=1)
+        rows = torch.zeros(b * s, t.config.d_model, device=keep.device)
+        rows[where] = t._parts(x)[2].to(keep.device)
+
+        def replace(layer: int, x_live: Tensor, idx: Tensor) -> Tensor:
+            # earlier layers are clean in this pass, so the live activation here is the clean one
+            return rows[idx].to(x_live.device, x_live.dtype)
+
+        return SplicePlan({t.layer: keep}, replace)

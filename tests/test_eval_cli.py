@@ -236,8 +236,9 @@ def test_rows_at_different_l0_are_flagged(world):
     assert l0_mismatch(same.rows) is None and not any("L0 differs" in n for n in same.notes)
 
 
-def test_mlsae_is_spliced_one_layer_at_a_time_and_averaged(world, tmp_path):
-    _fit(world / "s.zarr", tmp_path / "ml", ["mlsae"])
+@pytest.mark.parametrize("arch", ["mlsae", "crosscoder"])
+def test_multi_layer_saes_are_spliced_one_layer_at_a_time_and_averaged(world, tmp_path, arch):
+    _fit(world / "s.zarr", tmp_path / "ml", [arch])
     r = _run("--sae", tmp_path / "ml", "--cache", world / "s.zarr", "--splice", "--quiet", "--json", tmp_path / "r.json")
     assert r.exit_code == 0, r.stderr
     report = json.loads((tmp_path / "r.json").read_text())
@@ -250,4 +251,13 @@ def test_mlsae_is_spliced_one_layer_at_a_time_and_averaged(world, tmp_path):
         assert row["layer_of"] == "ml" and row["cache"]["l0"] == pytest.approx(8.0)
     for key in ("kl_per_token", "delta_ce", "loss_recovered"):
         assert mean["splice"][key] == pytest.approx(sum(row["splice"][key] for row in per_layer) / 3)
-    assert report["table"][3]["arch"] == "mlsae/mean" and any(n.startswith("MLSAE: one row per layer") for n in report["notes"])
+    assert report["table"][3]["arch"] == f"{arch}/mean"
+    assert any(n.startswith("MLSAE and crosscoder: one row per layer") for n in report["notes"])
+
+
+def test_a_budget_too_small_to_rank_methods_is_said(world):
+    from routesae.evaluate.run import EvalConfig, run_eval
+
+    report = run_eval(EvalConfig(saes=[str(world / "runs" / "topk-k8")], cache=str(world / "s.zarr"), progress=False))
+    steps = json.loads((world / "runs" / "topk-k8" / "config.json").read_text())["training"]["steps"]
+    assert any(f"(the fewest: {steps:,}): far too few to rank methods" in n for n in report.notes), report.notes

@@ -161,3 +161,61 @@ def test_random_layers_is_uniform_and_a_function_of_the_token():
     assert counts.min() > 0.95 * 300_000 / 16 and counts.max() < 1.05 * 300_000 / 16
     assert torch.equal(random_layers(idx[1000:2000], 16, 0), layers[1000:2000])
     assert not torch.equal(random_layers(idx[:1000], 16, 1), layers[:1000])
+
+
+@pytest.mark.parametrize("layer", ROUTED)
+def test_crosscoder_layer_splice_modifies_exactly_its_layer_with_the_joint_reconstruction(layer):
+    from routesae.evaluate.targets import LayerOfJointTarget
+
+    model = _model()
+    ids, keep = _ids()
+    cfg = SAEConfig(arch="crosscoder", d_model=D, n_latents=128, k=8, layers=ROUTED)
+    sae = build_sae(cfg, torch.Generator().manual_seed(0)).eval()
+    target = LayerOfJointTarget(f"cc @{layer}", sae, layer)
+    sm = SpliceModel(model)
+    clean = sm.clean(ids, set(ROUTED), 1)
+    plan = target.splicer().plan({x: clean.inputs[x] for x in ROUTED}, keep, torch.zeros(B, T, dtype=torch.long))
+    assert set(plan.masks) == {layer}
+
+    hs = _hidden_states(model, ids)
+    flat_keep = keep.reshape(-1)
+    stack = torch.stack([hs[x].reshape(B * T, D) for x in ROUTED], dim=1)[flat_keep]
+    want = sae.reconstruct(stack)[:, ROUTED.index(layer)]  # from the clean activations of all three layers
+
+    blocks = decoder_layers(model)
+    inputs, outputs, handles = {}, {}, []
+    for j, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(lambda m, a, j=j: inputs.__setitem__(j, a[0].reshape(B * T, D).clone())))
+        handles.append(block.register_forward_hook(lambda m, a, o, j=j: outputs.__setitem__(j, (o[0] if isinstance(o, tuple) else o).reshape(B * T, D).clone())))
+    try:
+        sm.continue_from(clean, plan)
+    finally:
+        for h in handles:
+            h.remove()
+    start = min(inputs)
+    for j in inputs:
+        before = outputs[j - 1] if j > start else hs[j].reshape(B * T, D)
+        changed = (inputs[j] != before).any(-1)
+        if j == layer:
+            assert torch.equal(changed, flat_keep)  # every non-special position, and only those
+            torch.testing.assert_close(inputs[j][flat_keep], want, rtol=1e-5, atol=1e-5)
+        else:
+            assert not changed.any(), j  # no other layer's input differs from its block's clean output
+
+
+def test_crosscoder_exports_the_per_layer_layouts():
+    cfg = SAEConfig(arch="crosscoder", d_model=D, n_latents=32, k=4, layers=ROUTED)
+    sae = build_sae(cfg, torch.Generator().manual_seed(1))
+    t = sae.export_tensors()
+    assert t["W_enc"].shape == (3, D, 32) and t["W_dec"].shape == (32, 3, D) and t["b_dec"].shape == (3, D)
+    x = torch.randn(5, 3, D, generator=torch.Generator().manual_seed(2))
+    x_norm, mean, std = sae.normalize_input(x)
+    # the equations, from the exported tensors: f = TopK(sum_l W_enc^l (x^l - b_dec^l) + b_enc), x_hat^l = W_dec^l f + b_dec^l
+    pre = torch.einsum("nld,lds->ns", x_norm - t["b_dec"], t["W_enc"]) + t["b_enc"]
+    top = pre.topk(4, dim=-1)
+    f = torch.zeros_like(pre).scatter_(1, top.indices, top.values.relu())
+    x_hat = torch.einsum("ns,sld->nld", f, t["W_dec"]) + t["b_dec"]
+    torch.testing.assert_close(sae.reconstruct(x), x_hat * std + mean, rtol=1e-4, atol=1e-4)
+    other = build_sae(cfg)
+    other.load_exported(t)
+    torch.testing.assert_close(other.reconstruct(x), sae.reconstruct(x))

@@ -177,3 +177,14 @@ def test_relu_coder_starts_from_the_april_2024_recipe():
     torch.testing.assert_close(c.W_dec.norm(dim=1), torch.full((N,), 0.1))
     assert torch.equal(c.W_enc, c.W_dec) and not c.fixed_l0
     assert BatchTopKCoder.fixed_l0 and not GatedCoder.fixed_l0
+
+
+def test_jumprelu_with_a_target_penalizes_the_distance_to_it():
+    coder = JumpReLUCoder(D, N, k=2)
+    hand_weights(coder, seed=8)
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(9))
+    out = coder.forward_train(x, torch.float32, sparsity_coef=0.5)  # the first batch also places the thresholds
+    with torch.no_grad():
+        l0 = (coder.encode(x) != 0).sum(-1).float().mean()
+    torch.testing.assert_close(out.penalty, 0.5 * (l0 / 2 - 1) ** 2)
+    assert abs(float(l0) - 2) <= 0.5  # started at the target: each latent fires on 2/6 of this batch

@@ -70,10 +70,10 @@ def parse_int_list(text: str, what: str) -> list[int]:
 @click.option("--include-special", is_flag=True, help="Also train on BOS/EOS/pad tokens (left out by default).")
 @click.option("--auxk/--no-auxk", default=False, show_default=True, help="AuxK loss on dead latents (k_aux = d_model/2; the paper has none).")
 @click.option("--auxk-coef", default=1 / 32, show_default=True, type=float)
-@click.option("--target-l0", default=None, type=float, help="L0 that vanilla, gated and jumprelu are steered to "
-              "(their sparsity coefficient adapts during training) [default: each SAE's k].")
+@click.option("--target-l0", default=None, type=float, help="The L0 every SAE aims at: k for the TopK-like ones, the "
+              "target vanilla, gated and jumprelu are steered to (the same as --k N).")
 @click.option("--sparsity-coef", default=None, type=float, help="Sparsity coefficient of vanilla, gated, jumprelu "
-              "(NormMSE units); alone, it is kept fixed instead of steered [default: the coder's own, then steered].")
+              "(NormMSE units), kept fixed [default: the coder's own; vanilla's and gated's steered toward L0 = k].")
 @click.option("--sparsity-warmup", default=0.05, show_default=True, type=float,
               help="Fraction of the budget over which the sparsity coefficient ramps up from 0.")
 @click.option("--dead-tokens", default=None, help="Tokens without firing before a latent counts as dead [default: 10M, or budget/4 if less].")

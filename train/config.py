@@ -107,9 +107,10 @@ class FitConfig:
     """Weight of the AuxK loss."""
     sparsity_coef: float | None = None
     """Sparsity coefficient of the coders without a k (vanilla, gated, jumprelu), in NormMSE units
-    (see coders/base.py); default each coder's own. With target_l0 it is the starting value."""
+    (see coders/base.py); given, it is kept fixed; default each coder's own, steered toward L0 = k
+    (vanilla, gated; JumpReLU's penalty aims at k itself)."""
     target_l0: float | None = None
-    """Steer the sparsity coefficient so those coders end with this L0 (train/sparsity.py)."""
+    """The L0 every SAE aims at, the same as ks = [target_l0] (kept to say how ks was chosen)."""
     sparsity_warmup: float = 0.05
     """Fraction of the budget over which the sparsity coefficient ramps up from 0."""
     dead_tokens: int | None = None

@@ -169,12 +169,15 @@ def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
         raise RouteSAEError("--buffer-tokens must be positive")
     if cfg.log_every < 1 or cfg.checkpoint_every < 1:
         raise RouteSAEError("--log-every and --checkpoint-every must be at least 1")
-    fixed = [a for a in cfg.archs if not ARCHITECTURES[a].coder_fixed_l0()]
-    if fixed and cfg.sparsity_coef is not None and cfg.target_l0 is None and len(cfg.ks) > 1:
+    fixed = [a for a in cfg.archs if not ARCHITECTURES[a].coder_fixed_l0() and a != "jumprelu"]
+    if fixed and cfg.sparsity_coef is not None and len(cfg.ks) > 1:
         raise RouteSAEError(f"{', '.join(fixed)} with a fixed --sparsity-coef would train the same SAE for every --k; "
                             "give one --k, or leave the coefficient to be steered")
     if cfg.target_l0 is not None and not cfg.target_l0 > 0:
         raise RouteSAEError("--target-l0 must be positive")
+    if cfg.target_l0 is not None and cfg.ks != [round(cfg.target_l0)]:
+        raise RouteSAEError(f"--target-l0 {cfg.target_l0:g} is every SAE's k; give it or --k {','.join(map(str, cfg.ks))}, "
+                            "not both")
     if cfg.sparsity_coef is not None and not cfg.sparsity_coef >= 0:
         raise RouteSAEError("--sparsity-coef must be non-negative")
     if not 0 <= cfg.sparsity_warmup <= 1:
@@ -185,7 +188,7 @@ def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
     single = [cache.default_layer()] if cfg.layer is None else ([cfg.layer] if isinstance(cfg.layer, int) else list(cfg.layer))
     if not single or len(set(single)) != len(single):
         raise RouteSAEError(f"--layer must list distinct layers, got {single}")
-    for layer in single:
+    for layer in single if any(not ARCHITECTURES[a].multi_layer for a in cfg.archs) else []:
         if layer not in cache.layers:
             raise RouteSAEError(f"layer {layer} is not in the store (it holds {_ranges(cache.layers)})")
     if cfg.routed_layers is not None:
@@ -328,6 +331,8 @@ def _finished_saes(out: Path) -> list[Path]:
 def _remove_unstarted(out: Path) -> None:
     """Remove what a fit writes before its first checkpoint (fit.json, empty or metrics-only SAE
     folders); anything else in `out` is left alone."""
+    if not out.is_dir():  # removed under a running fit: nothing left to tidy
+        return
     for sub in [out, *(d for d in out.iterdir() if d.is_dir())]:
         metrics = sub / "metrics.jsonl"
         if metrics.is_file():
@@ -432,10 +437,10 @@ def _sparsity_control(sae: SAE, cfg: FitConfig) -> SparsityControl | None:
     if sae.coder.fixed_l0:
         return None
     coef = cfg.sparsity_coef if cfg.sparsity_coef is not None else sae.coder.default_sparsity_coef
-    # matched sparsity by default: steered to --target-l0, else to the k a TopK beside it would have;
-    # a --sparsity-coef given alone is kept fixed
-    target = cfg.target_l0 if cfg.target_l0 is not None else (None if cfg.sparsity_coef is not None else sae.config.k)
-    return SparsityControl(coef, cfg.sparsity_warmup, target)
+    # matched sparsity by default: steered to the k a TopK beside it would have; a --sparsity-coef
+    # is kept fixed, and so is the coefficient of a penalty that aims at k itself
+    steer = cfg.sparsity_coef is None and not sae.coder.targets_l0_itself
+    return SparsityControl(coef, cfg.sparsity_warmup, sae.config.k if steer else None)
 
 
 def _truncate_metrics(path: Path, lines: int) -> None:

@@ -73,6 +73,8 @@ class Coder(nn.Module, abc.ABC):
     """True where the code has a set number of active latents per token (k): no sparsity coefficient."""
     default_sparsity_coef: ClassVar[float] = 0.0
     """The sparsity coefficient when none is given (coders without a fixed k)."""
+    targets_l0_itself: ClassVar[bool] = False
+    """True where the penalty itself aims at L0 = k, so the coefficient is not steered (JumpReLU)."""
 
     def __init__(self, d_model: int, n_latents: int):
         super().__init__()

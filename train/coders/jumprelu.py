@@ -81,14 +81,17 @@ class StepFunction(torch.autograd.Function):
 
 class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
     """pre = W_enc (x - b_dec) + b_enc; f = pre * 1[pre > theta]; x_hat = W_dec f + b_dec; unit-norm
-    decoder rows; penalty = lambda * L0, in NormMSE units."""
+    decoder rows. Penalty, with a target L0 of k: lambda * (mean L0 / k - 1)^2 (dictionary_learning's
+    form: it pulls the thresholds down when too few latents fire, where lambda * L0 can only push
+    them up; on the demo store the latter ended at L0 23 for a target of 32 even as its steered
+    lambda fell to 0.3, the former at 32); without k, Gemma Scope's lambda * L0 in NormMSE units."""
 
     name = "jumprelu"
-    # the NormMSE one more latent buys near L0 64 in the demo (TopK k32 -> k64: 0.12 / 32) times d = 576
-    default_sparsity_coef = 3.0
+    default_sparsity_coef = 1.0  # a 10% miss of the target costs 0.01, a NormMSE-sized amount
+    targets_l0_itself = True
 
     def __init__(self, d_model: int, n_latents: int, k: int = 0, generator: torch.Generator | None = None,
-                 bandwidth: float = BANDWIDTH):
+                 bandwidth: float | None = None):
         super().__init__(d_model, n_latents)
         rows = unit_rows(n_latents, d_model, generator)
         self.W_enc = nn.Parameter(rows.clone())
@@ -97,7 +100,7 @@ class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
         self.b_dec = nn.Parameter(torch.zeros(d_model))
         self.threshold = nn.Parameter(torch.full((n_latents,), THRESHOLD_FLOOR, dtype=torch.float32))
         """[n_latents] theta, float32 always (a bf16 threshold stops learning)."""
-        self.bandwidth = bandwidth
+        self.bandwidth = BANDWIDTH if bandwidth is None else bandwidth
         self._init_start(k, n_latents)
 
     def _place(self, quantile: Tensor) -> None:
@@ -116,7 +119,11 @@ class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
         f = JumpReLUFunction.apply(pre, theta, self.bandwidth)
         x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
         l0 = StepFunction.apply(pre, theta, self.bandwidth).sum(-1)
-        return CoderOutput(x_hat, None, None, None, sparsity_coef * per_input_norm(l0, x), (pre > theta).detach())
+        if self.target_fraction > 0:  # toward the target L0 from either side (dictionary_learning's form)
+            penalty = sparsity_coef * (l0.mean() / (self.target_fraction * self.n_latents) - 1).square()
+        else:
+            penalty = sparsity_coef * per_input_norm(l0, x)
+        return CoderOutput(x_hat, None, None, None, penalty, (pre > theta).detach())
 
     def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
         return [(self.threshold, THRESHOLD_LR_SCALE)]

@@ -7,6 +7,7 @@ from routesae.train.saes.base import ARCHITECTURES, SAE, TrainOutput, register
 from routesae.train.saes import single  # noqa: F401  (registers "topk", "batchtopk", "vanilla", "gated", "jumprelu")
 from routesae.train.saes import route  # noqa: F401  (registers "routesae")
 from routesae.train.saes import mlsae  # noqa: F401  (registers "mlsae")
+from routesae.train.saes import crosscoder  # noqa: F401  (registers "crosscoder")
 
 from routesae.train.config import SAEConfig
 

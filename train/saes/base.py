@@ -67,7 +67,7 @@ class SAE(nn.Module, abc.ABC):
         super().__init__()
         self.config = config
         """The SAEConfig the SAE was built from (saved as config.json)."""
-        self.coder = build_coder(self.coder_name, config.d_model, config.n_latents, config.k, generator)
+        self.coder = build_coder(self.coder_name, self.coder_width(config), config.n_latents, config.k, generator)
         scale = config.dataset_scale if config.normalization == "dataset" else None
         if config.normalization == "dataset" and (scale is None or len(scale) != len(config.layers)):
             raise ValueError("dataset normalization needs one scale per layer")
@@ -75,6 +75,11 @@ class SAE(nn.Module, abc.ABC):
         self.register_buffer(
             "dataset_scale", torch.tensor(scale if scale else [1.0] * len(config.layers)).view(-1, 1), persistent=False
         )
+
+    @classmethod
+    def coder_width(cls, config: SAEConfig) -> int:
+        """Width of the vectors the coder encodes (d_model; a crosscoder's are all its layers side by side)."""
+        return config.d_model
 
     @classmethod
     def coder_fixed_l0(cls) -> bool:
