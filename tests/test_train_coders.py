@@ -12,7 +12,7 @@ import torch
 from routesae.train.coders import CODERS, BatchTopKCoder, GatedCoder, JumpReLUCoder, ReLUCoder, build_coder
 from routesae.train.coders.base import per_input_norm
 from routesae.train.sparse_ops import select_batch_topk
-from routesae.train.sparsity import SparsityControl
+from routesae.train.sparsity import STEER_RATE, SparsityControl
 
 D, N = 4, 6
 
@@ -45,7 +45,7 @@ def sae_lens_encode(name: str, t: dict[str, np.ndarray], x: np.ndarray, k: int) 
     pre = xc @ t["W_enc"] + t["b_enc"]
     if name == "relu":
         return np.maximum(pre, 0)
-    if name in ("jumprelu", "batchtopk"):
+    if name in ("jumprelu", "batchtopk", "matryoshka"):
         return pre * (pre > t["threshold"])
     if name == "topk":
         out = np.zeros_like(pre)
@@ -58,9 +58,9 @@ def sae_lens_encode(name: str, t: dict[str, np.ndarray], x: np.ndarray, k: int) 
 
 @pytest.mark.parametrize("name", sorted(CODERS))
 def test_exported_tensors_encode_and_decode_as_the_equations_say(name):
-    coder = build_coder(name, D, N, 2)
+    coder = build_coder(name, D, N, 2, **({"prefixes": [2, 4]} if name == "matryoshka" else {}))
     hand_weights(coder)
-    if name == "batchtopk":
+    if name in ("batchtopk", "matryoshka"):
         coder.threshold_estimate.fill_(0.4)
     x = torch.randn(7, D, generator=torch.Generator().manual_seed(1))
     t = {key: v.double().numpy() for key, v in coder.export_tensors().items()}
@@ -73,7 +73,7 @@ def test_exported_tensors_encode_and_decode_as_the_equations_say(name):
     np.testing.assert_allclose(decoded.double().numpy(), want @ t["W_dec"] + t["b_dec"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sparse.numpy(), decoded.numpy(), atol=1e-5)  # the sparse form decodes the same
     # and the export loads back into a fresh coder
-    other = build_coder(name, D, N, 2)
+    other = build_coder(name, D, N, 2, **({"prefixes": [2, 4]} if name == "matryoshka" else {}))
     other.load_exported(coder.export_tensors())
     with torch.no_grad():
         assert torch.equal(other.encode(x), z)
@@ -159,9 +159,13 @@ def test_sparsity_control_warms_up_then_steers():
     c.update(40, 0.05)  # during the warm-up nothing is steered
     assert c.coef == 2.0
     c.update(40, 0.5)  # too many active latents: the coefficient rises, clipped at a relative error of 1
-    assert c.coef == pytest.approx(2.0 * math.exp(0.03))
-    c.update(5, 0.6)
-    assert c.coef == pytest.approx(2.0 * math.exp(0.03) * math.exp(-0.015))
+    assert c.coef == pytest.approx(2.0 * math.exp(STEER_RATE))
+    c.update(5, 0.6)  # it reads a running L0: 0.9 * 40 + 0.1 * 5 = 36.5, still too many
+    assert c.l0_average == pytest.approx(36.5)
+    assert c.coef == pytest.approx(2.0 * math.exp(2 * STEER_RATE))
+    for _ in range(60):  # a sustained low L0 brings it down
+        c.update(5, 0.7)
+    assert c.coef < 2.0 and c.l0_average == pytest.approx(5, rel=0.05)
     fixed = SparsityControl(coef=2.0, warmup=0.0)
     fixed.update(40, 0.5)
     assert fixed.coef == 2.0

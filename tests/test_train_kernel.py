@@ -148,3 +148,35 @@ def test_decoder_constraint_keeps_unit_rows_and_removes_parallel_gradient():
         c.W_dec.mul_(3)
     c.constrain_weights_()
     torch.testing.assert_close(c.W_dec.norm(dim=1), torch.ones(20))
+
+
+@pytest.mark.parametrize("prefixes", [(), (8, 24)])
+def test_batch_topk_and_matryoshka_kernel_gradients_equal_dense_autograd(prefixes):
+    """BatchTopK's batch-wide selection and Matryoshka's nested decodes through the sparse kernel,
+    against the same losses written densely (the same selection, as a dense mask)."""
+    g = torch.Generator().manual_seed(11)
+    n, d, m, k = 50, 12, 40, 3
+    x = torch.randn(n, d, generator=g)
+    leaves = [torch.randn(m, d, generator=g), torch.randn(m, generator=g) * 0.1, torch.randn(m, d, generator=g),
+              torch.randn(d, generator=g) * 0.1]
+    ours = [t.clone().requires_grad_(True) for t in leaves]
+    ref = [t.clone().requires_grad_(True) for t in leaves]
+
+    out = topk_sae_forward(x, *ours, k, batch=True, prefixes=prefixes)
+    loss = (out.x_hat - x).pow(2).sum()
+    if prefixes:
+        loss = loss + (out.prefix_hat - x).pow(2).sum()
+    loss.backward()
+
+    W_enc, b_enc, W_dec, b_dec = ref
+    pre = (x - b_dec) @ W_enc.T + b_enc
+    keep = torch.zeros(n * m, dtype=torch.bool)
+    keep[pre.detach().reshape(-1).topk(k * n).indices] = True
+    z = pre.relu() * keep.view(n, m)
+    want = (z @ W_dec + b_dec - x).pow(2).sum()
+    for boundary in prefixes:
+        want = want + (z[:, :boundary] @ W_dec[:boundary] + b_dec - x).pow(2).sum()
+    want.backward()
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-4)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)

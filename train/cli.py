@@ -47,7 +47,8 @@ def parse_int_list(text: str, what: str) -> list[int]:
 @click.option("--cache", required=True, type=click.Path(), help="Activation store written by `routesae harvest`.")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (several SAEs: one subfolder each, ARCH-kK).")
 @click.option("--arch", default="routesae", show_default=True,
-              help="routesae, topk, batchtopk, vanilla, gated, jumprelu, or a list: topk,routesae.")
+              help="routesae, mlsae, crosscoder, topk, batchtopk, matryoshka, vanilla, gated, jumprelu, or a list: "
+              "topk,routesae.")
 @click.option("--k", "k", default=None, help="Active latents per token (the L0 that vanilla, gated and jumprelu are "
               "steered to); a list such as 32,64,128 trains one SAE each on the same batches [default: 64, or --target-l0].")
 @click.option("--latents", default=None, help="Dictionary size (default: --expansion x d_model).")
@@ -74,6 +75,8 @@ def parse_int_list(text: str, what: str) -> list[int]:
               "target vanilla, gated and jumprelu are steered to (the same as --k N).")
 @click.option("--sparsity-coef", default=None, type=float, help="Sparsity coefficient of vanilla, gated, jumprelu "
               "(NormMSE units), kept fixed [default: the coder's own; vanilla's and gated's steered toward L0 = k].")
+@click.option("--matryoshka-prefixes", default=None, help="Matryoshka's nested dictionary sizes below the latent "
+              "count, e.g. 288,576,1152,2304 [default: 1/16, 1/8, 1/4, 1/2 of it].")
 @click.option("--sparsity-warmup", default=0.05, show_default=True, type=float,
               help="Fraction of the budget over which the sparsity coefficient ramps up from 0.")
 @click.option("--dead-tokens", default=None, help="Tokens without firing before a latent counts as dead [default: 10M, or budget/4 if less].")
@@ -116,6 +119,8 @@ def fit(**kw) -> None:
         target_l0=kw["target_l0"],
         sparsity_coef=kw["sparsity_coef"],
         sparsity_warmup=kw["sparsity_warmup"],
+        matryoshka_prefixes=(parse_int_list(kw["matryoshka_prefixes"], "--matryoshka-prefixes")
+                             if kw["matryoshka_prefixes"] else None),
         dead_tokens=parse_count(kw["dead_tokens"], "--dead-tokens") if kw["dead_tokens"] is not None else None,
         log_every=kw["log_every"],
         checkpoint_every=kw["checkpoint_every"],

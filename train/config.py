@@ -30,6 +30,8 @@ class SAEConfig:
     """RouteSAE only: how the router pools the normalized routed layers, 'sum' or 'mean'."""
     normalization: str = "token"
     """'token' (zero mean, unit variance across d_model per token), 'dataset' (times sqrt(d_model) / mean norm) or 'none'."""
+    prefixes: list[int] | None = None
+    """Matryoshka only: the nested dictionary sizes below n_latents (default n/16, n/8, n/4, n/2)."""
     dataset_scale: list[float] | None = None
     """With normalization 'dataset': the factor per entry of `layers`, from the cache's statistics."""
     cache_fingerprint: str = ""
@@ -109,6 +111,8 @@ class FitConfig:
     """Sparsity coefficient of the coders without a k (vanilla, gated, jumprelu), in NormMSE units
     (see coders/base.py); given, it is kept fixed; default each coder's own, steered toward L0 = k
     (vanilla, gated; JumpReLU's penalty aims at k itself)."""
+    matryoshka_prefixes: list[int] | None = None
+    """Matryoshka's nested dictionary sizes below the latent count (default n/16, n/8, n/4, n/2)."""
     target_l0: float | None = None
     """The L0 every SAE aims at, the same as ks = [target_l0] (kept to say how ks was chosen)."""
     sparsity_warmup: float = 0.05

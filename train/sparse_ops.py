@@ -37,6 +37,9 @@ class SparseForward(NamedTuple):
     """[n, k] their latent indices, int64."""
     aux_hat: Tensor | None
     """[n, d] reconstruction from the top-k_aux dead latents (no decoder bias), or None."""
+    prefix_hat: Tensor | None = None
+    """[len(prefixes), n, d] reconstructions from the kept latents below each prefix boundary
+    (decoder bias included; Matryoshka), or None."""
 
 
 def _csr(indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
@@ -143,10 +146,14 @@ def select_batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 class _TopKSAEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, compute_dtype, dead, k_aux, select=select_topk):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, compute_dtype, dead, k_aux, select=select_topk, prefixes=()):
         pre = encoder_preactivations(x, W_enc, b_enc, b_dec, compute_dtype)
         values, indices = select(pre, k)
         x_hat = sparse_decode(values, indices, W_dec) + b_dec
+        ctx.prefixes = tuple(prefixes)
+        prefix_hat = None
+        if prefixes:
+            prefix_hat = torch.stack([sparse_decode(values * (indices < m), indices, W_dec) + b_dec for m in prefixes])
         aux_values = aux_indices = aux_hat = None
         if dead is not None:
             dead_ids = dead.nonzero().squeeze(1)
@@ -158,13 +165,24 @@ class _TopKSAEFunction(torch.autograd.Function):
         del pre
         ctx.save_for_backward(x, b_dec, W_enc, W_dec, values, indices, aux_values, aux_indices)
         ctx.mark_non_differentiable(values, indices)
-        return x_hat, values, indices, aux_hat
+        return x_hat, values, indices, aux_hat, prefix_hat
 
     @staticmethod
-    def backward(ctx, grad_x_hat, _gv, _gi, grad_aux_hat):
+    def backward(ctx, grad_x_hat, _gv, _gi, grad_aux_hat, grad_prefix_hat):
         x, b_dec, W_enc, W_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
         n_latents = W_enc.shape[0]
-        groups = [(values, indices, grad_x_hat)]
+        if ctx.prefixes and grad_prefix_hat is not None:
+            # a latent below boundary m_g feeds prefix g and every wider one, the full output too:
+            # group h (bounds[h] <= j < bounds[h + 1]) gets grad_x_hat plus the prefix gradients from h on
+            bounds = [0, *ctx.prefixes, n_latents]
+            groups, suffix = [], grad_x_hat
+            for h in reversed(range(len(bounds) - 1)):
+                if h < len(ctx.prefixes):
+                    suffix = suffix + grad_prefix_hat[h]
+                in_group = (indices >= bounds[h]) & (indices < bounds[h + 1])
+                groups.append((values * in_group, indices, suffix))
+        else:
+            groups = [(values, indices, grad_x_hat)]
         if aux_indices is not None and grad_aux_hat is not None:
             groups.append((aux_values, aux_indices, grad_aux_hat))
         need_x, need_W_enc = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -189,8 +207,12 @@ class _TopKSAEFunction(torch.autograd.Function):
         # x_hat = decode + b_dec, and the encoder sees x - b_dec: b_dec's gradient is the
         # output gradient minus what flows into the encoder input. Summed over tokens, the latter
         # is grad_b_enc @ W_enc, with no need for the full [n, d] input gradient.
-        grad_b_dec = grad_x_hat.sum(0) - grad_b_enc @ W_enc if ctx.needs_input_grad[4] else None
-        return grad_xc, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None, None
+        grad_b_dec = None
+        if ctx.needs_input_grad[4]:
+            grad_b_dec = grad_x_hat.sum(0) - grad_b_enc @ W_enc
+            if ctx.prefixes and grad_prefix_hat is not None:
+                grad_b_dec = grad_b_dec + grad_prefix_hat.sum((0, 1))
+        return grad_xc, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None, None, None
 
 
 def topk_sae_forward(
@@ -204,15 +226,17 @@ def topk_sae_forward(
     dead: Tensor | None = None,
     k_aux: int = 0,
     batch: bool = False,
+    prefixes: tuple[int, ...] = (),
 ) -> SparseForward:
     """Training forward of a TopK SAE with a sparse backward.
 
     x: [n, d] float32 input in the SAE's space; W_enc, W_dec: [n_latents, d] (one row per latent);
     dead: optional [n_latents] bool mask: when given, also returns the reconstruction built from
     the k_aux largest dead pre-activations (for the AuxK loss); batch: BatchTopK's selection (k * n
-    over the whole batch) instead of k per token."""
+    over the whole batch) instead of k per token; prefixes: Matryoshka's boundaries, for which it
+    also returns the reconstruction from the latents below each (prefix_hat)."""
     select = select_batch_topk if batch else select_topk
-    x_hat, values, indices, aux_hat = _TopKSAEFunction.apply(
-        x, W_enc, b_enc, W_dec, b_dec, k, compute_dtype, dead, k_aux, select
+    x_hat, values, indices, aux_hat, prefix_hat = _TopKSAEFunction.apply(
+        x, W_enc, b_enc, W_dec, b_dec, k, compute_dtype, dead, k_aux, select, tuple(prefixes)
     )
-    return SparseForward(x_hat, values, indices, aux_hat)
+    return SparseForward(x_hat, values, indices, aux_hat, prefix_hat)

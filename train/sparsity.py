@@ -14,8 +14,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-STEER_RATE = 0.03
+STEER_RATE = 0.01
 """Change of log(coef) per step at a relative L0 error of 1 (or more)."""
+SMOOTHING = 0.9
+"""Weight of the past in the running L0 the steering reads: a ReLU code's L0 answers the
+coefficient steeply and late, and steering on single batches made vanilla's L0 swing 2 -> 156."""
 
 
 @dataclass
@@ -35,11 +38,16 @@ class SparsityControl:
             return self.coef * progress / self.warmup
         return self.coef
 
+    l0_average: float | None = None
+    """Running mean of the batches' L0 that the steering reads (None before the first step past the warm-up)."""
+
     def update(self, l0: float, progress: float) -> None:
         """After a step at `progress` whose batch had mean L0 `l0`."""
         if self.target_l0 is None or progress < self.warmup or not math.isfinite(l0):
             return
-        error = max(-1.0, min(1.0, l0 / self.target_l0 - 1))
+        avg = l0 if self.l0_average is None else SMOOTHING * self.l0_average + (1 - SMOOTHING) * l0
+        self.l0_average = avg
+        error = max(-1.0, min(1.0, avg / self.target_l0 - 1))
         self.coef *= math.exp(STEER_RATE * error)
 
     def state(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from routesae.train.checkpoint import (
     write_safetensors,
     write_text,
 )
+from routesae.train.coders.matryoshka import default_prefixes
 from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig, SAEConfig
 from routesae.cpu_memory import keep_freed_memory
 from routesae.train.data import WORKERS, Batch, ChunkLoader, Position, TokenSplit, can_map
@@ -169,10 +170,16 @@ def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
         raise RouteSAEError("--buffer-tokens must be positive")
     if cfg.log_every < 1 or cfg.checkpoint_every < 1:
         raise RouteSAEError("--log-every and --checkpoint-every must be at least 1")
-    fixed = [a for a in cfg.archs if not ARCHITECTURES[a].coder_fixed_l0() and a != "jumprelu"]
-    if fixed and cfg.sparsity_coef is not None and len(cfg.ks) > 1:
-        raise RouteSAEError(f"{', '.join(fixed)} with a fixed --sparsity-coef would train the same SAE for every --k; "
-                            "give one --k, or leave the coefficient to be steered")
+    coders = {a: ARCHITECTURES[a].coder_class() for a in cfg.archs}
+    unsteered = [a for a, c in coders.items() if not c.fixed_l0 and not c.targets_l0_itself]
+    if unsteered and cfg.sparsity_coef is not None and len(cfg.ks) > 1:
+        raise RouteSAEError(f"{', '.join(unsteered)} with a fixed --sparsity-coef would train the same SAE for every "
+                            "--k; give one --k, or leave the coefficient to be steered")
+    if cfg.matryoshka_prefixes is not None:
+        prefixes = list(cfg.matryoshka_prefixes)
+        if prefixes != sorted(set(prefixes)) or not all(0 < m < n_latents for m in prefixes):
+            raise RouteSAEError(f"--matryoshka-prefixes must rise strictly between 0 and the latent count {n_latents}, "
+                                f"got {prefixes}")
     if cfg.target_l0 is not None and not cfg.target_l0 > 0:
         raise RouteSAEError("--target-l0 must be positive")
     if cfg.target_l0 is not None and cfg.ks != [round(cfg.target_l0)]:
@@ -225,6 +232,8 @@ def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
                 aggregate=cfg.aggregate,
                 normalization=cfg.normalization,
                 dataset_scale=scales,
+                prefixes=(list(cfg.matryoshka_prefixes or default_prefixes(n_latents))
+                          if ARCHITECTURES[arch].coder_name == "matryoshka" else None),
                 cache_fingerprint=cache.fingerprint,
                 model=cache.model,
             )

@@ -46,15 +46,19 @@ class BatchTopKCoder(TopKCoder):
     ) -> CoderOutput:
         out = topk_sae_forward(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, compute_dtype, dead,
                                k_aux, batch=True)
-        kept = out.values[out.values > 0]
+        self._track_threshold(out.values)
+        return no_penalty(out)
+
+    @torch.no_grad()
+    def _track_threshold(self, values: Tensor) -> None:
+        """Fold this training batch's smallest kept activation into the inference threshold."""
+        kept = values[values > 0]
         if self.training and kept.numel():
             smallest = float(kept.min())
-            with torch.no_grad():
-                if self.threshold_estimate < 0:
-                    self.threshold_estimate.fill_(smallest)
-                else:
-                    self.threshold_estimate.mul_(1 - THRESHOLD_RATE).add_(THRESHOLD_RATE * smallest)
-        return no_penalty(out)
+            if self.threshold_estimate < 0:
+                self.threshold_estimate.fill_(smallest)
+            else:
+                self.threshold_estimate.mul_(1 - THRESHOLD_RATE).add_(THRESHOLD_RATE * smallest)
 
     def export_tensors(self) -> dict[str, Tensor]:
         """TopK's names plus `threshold` [d_sae] (every entry the same): it loads as a JumpReLU SAE."""

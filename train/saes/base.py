@@ -67,7 +67,9 @@ class SAE(nn.Module, abc.ABC):
         super().__init__()
         self.config = config
         """The SAEConfig the SAE was built from (saved as config.json)."""
-        self.coder = build_coder(self.coder_name, self.coder_width(config), config.n_latents, config.k, generator)
+        options = {"prefixes": config.prefixes} if config.prefixes is not None else {}
+        self.coder = build_coder(self.coder_name, self.coder_width(config), config.n_latents, config.k, generator,
+                                 **options)
         scale = config.dataset_scale if config.normalization == "dataset" else None
         if config.normalization == "dataset" and (scale is None or len(scale) != len(config.layers)):
             raise ValueError("dataset normalization needs one scale per layer")
@@ -82,11 +84,11 @@ class SAE(nn.Module, abc.ABC):
         return config.d_model
 
     @classmethod
-    def coder_fixed_l0(cls) -> bool:
-        """Whether this architecture's coder sets its L0 by k (no sparsity coefficient)."""
+    def coder_class(cls) -> type:
+        """This architecture's coder class (coders/): what it says of its sparsity (fixed_l0, ...)."""
         from routesae.train.coders import CODERS
 
-        return CODERS[cls.coder_name].fixed_l0
+        return CODERS[cls.coder_name]
 
     # --- shared helpers --------------------------------------------------------------------------
     @property
@@ -108,9 +110,8 @@ class SAE(nn.Module, abc.ABC):
         self, out: CoderOutput, target: Tensor, dead: Tensor | None, auxk_coef: float, extra: dict[str, Tensor]
     ) -> TrainOutput:
         nmse = normalized_mse(out.x_hat, target)
-        loss = nmse
-        if not self.coder.fixed_l0:
-            loss = loss + out.penalty
+        loss = nmse + out.penalty  # 0 for TopK, BatchTopK
+        if not self.coder.fixed_l0 or self.coder_name == "matryoshka":
             extra = {**extra, "penalty": out.penalty.detach()}
         aux = torch.zeros((), device=target.device)
         if out.aux_hat is not None and dead is not None:

@@ -48,6 +48,12 @@ class BatchTopKSAE(SingleLayerSAE):
 
 
 @register
+class MatryoshkaSAE(SingleLayerSAE):
+    arch = "matryoshka"
+    coder_name = "matryoshka"
+
+
+@register
 class VanillaSAE(SingleLayerSAE):
     """ReLU + L1 (the paper's "Vanilla")."""
 
