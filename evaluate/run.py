@@ -307,16 +307,9 @@ def run_eval(cfg: EvalConfig) -> Report:
         rows.append(Row(t.name, str(s.path), t.arch, "layer" if per_layer else t.routing if t.routed else "-",
                         t.written_layers, t.config.k, t.config.n_latents, cr, layer_of=s.name if per_layer else None))
     report.rows = rows
-    short = short_training(saes)
-    if short:
-        report.notes.append(short)
-        if cfg.progress:
-            tqdm.write(f"routesae: note: {short}", file=sys.stderr)
-    mismatch = l0_mismatch(rows)
-    if mismatch:
-        report.notes.append(mismatch)
-        if cfg.progress:
-            tqdm.write(f"routesae: note: {mismatch}", file=sys.stderr)
+    for warning in (short_training(saes), l0_mismatch(rows)):
+        if warning:
+            _say(report, warning)
 
     used = {t.routing for t in targets if t.routed and t.routing != "router"}
     for b in BASELINES:
@@ -330,9 +323,7 @@ def run_eval(cfg: EvalConfig) -> Report:
             if not t.can_splice:
                 rows[i].splice_note = t.cannot_splice_reason
         if skipped:
-            note = f"Not spliced: {', '.join(t.name for t in skipped)}: {skipped[0].cannot_splice_reason}."
-            report.notes.append(note)
-            tqdm.write(f"routesae: note: {note}", file=sys.stderr)
+            _say(report, f"Not spliced: {', '.join(t.name for t in skipped)}: {skipped[0].cannot_splice_reason}.")
         if spliceable:
             run = splice_metrics(loaded.model, cache, [targets[i] for i in spliceable], start, stop,
                                  cfg.batch_size or cache.harvest_batch_size or 8, cfg.prefix, cfg.progress)
@@ -350,6 +341,13 @@ def run_eval(cfg: EvalConfig) -> Report:
             report.splice_batches = run.batches
     _add_layer_means(report)
     return report
+
+
+def _say(report: Report, note: str) -> None:
+    """A note that changes how the table reads: in the report, and once on the terminal (--quiet
+    silences progress bars, not this)."""
+    report.notes.append(note)
+    tqdm.write(f"routesae: note: {note}", file=sys.stderr)
 
 
 def _add_layer_means(report: Report) -> None:

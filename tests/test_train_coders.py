@@ -192,3 +192,15 @@ def test_jumprelu_with_a_target_penalizes_the_distance_to_it():
         l0 = (coder.encode(x) != 0).sum(-1).float().mean()
     torch.testing.assert_close(out.penalty, 0.5 * (l0 / 2 - 1) ** 2)
     assert abs(float(l0) - 2) <= 0.5  # started at the target: each latent fires on 2/6 of this batch
+
+
+def test_a_crosscoders_l1_weighs_the_sum_of_its_per_layer_decoder_norms():
+    coder = ReLUCoder(2 * D, N, blocks=2)
+    hand_weights(coder, seed=10)
+    x = torch.randn(9, 2 * D, generator=torch.Generator().manual_seed(11))
+    out = coder.forward_train(x, torch.float32, sparsity_coef=0.7)
+    with torch.no_grad():
+        f = coder.encode(x)
+        per_layer = coder.W_dec[:, :D].norm(dim=1) + coder.W_dec[:, D:].norm(dim=1)
+    torch.testing.assert_close(out.penalty, 0.7 * (f @ per_layer / x.pow(2).sum(-1)).mean(), rtol=1e-5, atol=1e-7)
+    assert float((per_layer - coder.W_dec.detach().norm(dim=1)).min()) > 0  # not the norm of the whole row

@@ -9,7 +9,7 @@ kernels gather rows; `export_tensors` writes the SAELens orientation (W_enc [d_i
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,8 @@ class Coder(nn.Module, abc.ABC):
     name: ClassVar[str]
     fixed_l0: ClassVar[bool] = False
     """True where the code has a set number of active latents per token (k): no sparsity coefficient."""
+    has_penalty: ClassVar[bool] = False
+    """True where forward_train's penalty can be non-zero (logged as `penalty` in metrics.jsonl)."""
     default_sparsity_coef: ClassVar[float] = 0.0
     """The sparsity coefficient when none is given (coders without a fixed k)."""
     targets_l0_itself: ClassVar[bool] = False
@@ -188,18 +190,23 @@ class StartsAtTargetL0:
         self.target_fraction = min(1.0, k / n_latents) if k > 0 else 0.0
         """Share of tokens each latent fires on at the start (0: no such start)."""
         self.register_buffer("started", torch.tensor(False))
+        self._seen_started = False
 
     @abc.abstractmethod
     def _place(self, quantile: Tensor) -> None:
         """Set the firing points from the per-latent quantile [n_latents] of this batch."""
 
     @torch.no_grad()
-    def start_from(self, pre: Tensor) -> None:
-        """On the first training batch: `pre` [n, n_latents], the pre-activations the firing points cut."""
-        if self.training and not bool(self.started):
+    def start_from(self, pre: Callable[[], Tensor]) -> None:
+        """On the first training batch: pre() gives the [n, n_latents] pre-activations the firing
+        points cut (called then only: every later step skips it)."""
+        if not self.training or self._seen_started:
+            return
+        if not bool(self.started):  # read once (a host sync on a GPU), then remembered
             if self.target_fraction > 0:
-                self._place(torch.quantile(pre.float(), 1 - self.target_fraction, dim=0))
+                self._place(torch.quantile(pre().float(), 1 - self.target_fraction, dim=0))
             self.started.fill_(True)
+        self._seen_started = True
 
     @torch.no_grad()
     def load_exported(self, tensors: dict[str, Tensor]) -> None:

@@ -33,6 +33,7 @@ class GatedCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
     both in NormMSE units."""
 
     name = "gated"
+    has_penalty = True
     default_sparsity_coef = 5.0  # as ReLU + L1's, the L1 on the gate
 
     def __init__(self, d_model: int, n_latents: int, k: int = 0, generator: torch.Generator | None = None):
@@ -62,7 +63,7 @@ class GatedCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
         self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, k_aux: int = 0,
         sparsity_coef: float = 0.0,
     ) -> CoderOutput:
-        self.start_from(((x - self.b_dec) @ self.W_enc.T).detach())
+        self.start_from(lambda: (x - self.b_dec) @ self.W_enc.T)
         gate, mag = self._paths(x, compute_dtype)
         fires = gate > 0
         f = fires * mag.relu()

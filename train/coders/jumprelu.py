@@ -87,6 +87,7 @@ class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
     lambda fell to 0.3, the former at 32); without k, Gemma Scope's lambda * L0 in NormMSE units."""
 
     name = "jumprelu"
+    has_penalty = True
     default_sparsity_coef = 1.0  # a 10% miss of the target costs 0.01, a NormMSE-sized amount
     targets_l0_itself = True
 
@@ -114,7 +115,7 @@ class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
         sparsity_coef: float = 0.0,
     ) -> CoderOutput:
         pre = dense_encode(x - self.b_dec, self.W_enc, self.b_enc, compute_dtype)
-        self.start_from(pre.detach())
+        self.start_from(lambda: pre)
         theta = self.threshold.float()
         f = JumpReLUFunction.apply(pre, theta, self.bandwidth)
         x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)

@@ -26,6 +26,7 @@ class MatryoshkaCoder(BatchTopKCoder):
     """BatchTopK's encoder and inference threshold; every prefix of the dictionary decodes too."""
 
     name = "matryoshka"
+    has_penalty = True
 
     def __init__(self, d_model: int, n_latents: int, k: int, generator: torch.Generator | None = None,
                  prefixes: list[int] | None = None):

@@ -25,13 +25,19 @@ DECODER_INIT_NORM = 0.1
 
 class ReLUCoder(StartsAtTargetL0, Coder):
     """f = ReLU(W_enc (x - b_dec) + b_enc); x_hat = W_dec f + b_dec;
-    penalty = lambda * sum_i f_i ||W_dec,i||, in NormMSE units."""
+    penalty = lambda * sum_i f_i ||W_dec,i|| (a crosscoder's: sum_i f_i sum_l ||W_dec,i^l||), in NormMSE units."""
 
     name = "relu"
+    has_penalty = True
     default_sparsity_coef = 5.0  # the April-2024 recipe's lambda at input norm sqrt(d)
 
-    def __init__(self, d_model: int, n_latents: int, k: int = 0, generator: torch.Generator | None = None):
+    def __init__(self, d_model: int, n_latents: int, k: int = 0, generator: torch.Generator | None = None,
+                 blocks: int = 1):
         super().__init__(d_model, n_latents)
+        if d_model % blocks:
+            raise ValueError(f"{blocks} decoder blocks do not divide the width {d_model}")
+        self.blocks = blocks
+        """Equal parts of a decoder row whose norms are summed in the penalty (a crosscoder's layers; 1: the row)."""
         rows = unit_rows(n_latents, d_model, generator) * DECODER_INIT_NORM
         self.W_enc = nn.Parameter(rows.clone())
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
@@ -42,6 +48,12 @@ class ReLUCoder(StartsAtTargetL0, Coder):
     def _place(self, quantile: Tensor) -> None:
         self.b_enc.copy_(-quantile)
 
+    def decoder_norms(self) -> Tensor:
+        """[n_latents] the weight of each latent's L1: its decoder row's norm, or the sum of its blocks' norms."""
+        if self.blocks == 1:
+            return self.W_dec.norm(dim=1)
+        return self.W_dec.view(self.n_latents, self.blocks, -1).norm(dim=-1).sum(-1)
+
     def encode(self, x: Tensor) -> Tensor:
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T).relu()
 
@@ -49,8 +61,8 @@ class ReLUCoder(StartsAtTargetL0, Coder):
         self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, k_aux: int = 0,
         sparsity_coef: float = 0.0,
     ) -> CoderOutput:
-        self.start_from(((x - self.b_dec) @ self.W_enc.T).detach())
+        self.start_from(lambda: (x - self.b_dec) @ self.W_enc.T)
         f = dense_encode(x - self.b_dec, self.W_enc, self.b_enc, compute_dtype).relu()
         x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
-        weighted_l1 = f @ self.W_dec.norm(dim=1)
+        weighted_l1 = f @ self.decoder_norms()
         return CoderOutput(x_hat, None, None, None, sparsity_coef * per_input_norm(weighted_l1, x), (f > 0).detach())

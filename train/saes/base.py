@@ -67,9 +67,8 @@ class SAE(nn.Module, abc.ABC):
         super().__init__()
         self.config = config
         """The SAEConfig the SAE was built from (saved as config.json)."""
-        options = {"prefixes": config.prefixes} if config.prefixes is not None else {}
         self.coder = build_coder(self.coder_name, self.coder_width(config), config.n_latents, config.k, generator,
-                                 **options)
+                                 **self.coder_options(config))
         scale = config.dataset_scale if config.normalization == "dataset" else None
         if config.normalization == "dataset" and (scale is None or len(scale) != len(config.layers)):
             raise ValueError("dataset normalization needs one scale per layer")
@@ -82,6 +81,11 @@ class SAE(nn.Module, abc.ABC):
     def coder_width(cls, config: SAEConfig) -> int:
         """Width of the vectors the coder encodes (d_model; a crosscoder's are all its layers side by side)."""
         return config.d_model
+
+    @classmethod
+    def coder_options(cls, config: SAEConfig) -> dict[str, Any]:
+        """The coder's own settings (Matryoshka's prefixes; a crosscoder's per-layer decoder blocks)."""
+        return {"prefixes": config.prefixes} if config.prefixes is not None else {}
 
     @classmethod
     def coder_class(cls) -> type:
@@ -111,7 +115,7 @@ class SAE(nn.Module, abc.ABC):
     ) -> TrainOutput:
         nmse = normalized_mse(out.x_hat, target)
         loss = nmse + out.penalty  # 0 for TopK, BatchTopK
-        if not self.coder.fixed_l0 or self.coder_name == "matryoshka":
+        if self.coder.has_penalty:
             extra = {**extra, "penalty": out.penalty.detach()}
         aux = torch.zeros((), device=target.device)
         if out.aux_hat is not None and dead is not None:

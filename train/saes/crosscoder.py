@@ -8,6 +8,8 @@ code uses: W_enc [n_layers, d_in, d_sae], W_dec [d_sae, n_layers, d_in], b_dec [
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -70,3 +72,16 @@ class Crosscoder(SAE):
         c.b_enc.copy_(tensors["b_enc"])
         c.W_dec.copy_(tensors["W_dec"].reshape(c.W_dec.shape))
         c.b_dec.copy_(tensors["b_dec"].reshape(-1))
+
+
+@register
+class ReLUCrosscoder(Crosscoder):
+    """The crosscoder's L1 form: ReLU, the L1 of each latent weighted by the sum of its per-layer
+    decoder norms, the sparsity coefficient steered toward L0 = k (as vanilla's)."""
+
+    arch = "crosscoder-relu"
+    coder_name = "relu"
+
+    @classmethod
+    def coder_options(cls, config: SAEConfig) -> dict[str, Any]:
+        return {"blocks": len(config.layers)}
