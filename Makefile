@@ -3,7 +3,10 @@ PY ?= python3
 STAMP := .setup.stamp
 DEMO ?= demo
 
-.PHONY: setup test demo clean-demo
+COMPARE ?= compare
+COMPARE_ARCHS ?= topk,batchtopk,matryoshka,vanilla,gated,jumprelu,routesae,mlsae,crosscoder
+
+.PHONY: setup test demo clean-demo compare
 
 # Installs when pyproject.toml changed since the last install, or when the installed packages are
 # gone (a checkout that kept its stamp on a fresh Python).
@@ -27,3 +30,12 @@ demo: setup
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# Every architecture at k 32 and 64 on the same batches of the offline model's store, then scored
+# with --splice on a store of other text (the standard library's docstrings): the README's table.
+compare: setup
+	test -d $(COMPARE)/train.zarr || routesae harvest --model smollm2 --dataset builtin --tokens 131072 --context-len 512 --out $(COMPARE)/train.zarr
+	test -d $(COMPARE)/eval.zarr || routesae harvest --model smollm2 --dataset builtin:docstrings --tokens 16384 --context-len 512 --out $(COMPARE)/eval.zarr
+	routesae fit --cache $(COMPARE)/train.zarr --arch $(COMPARE_ARCHS) --k 32,64 --batch-size 1024 --epochs 3 --out $(COMPARE)/runs
+	routesae eval --sae $(COMPARE)/runs --cache $(COMPARE)/eval.zarr --all-tokens --splice --out $(COMPARE)/report
+

@@ -25,10 +25,21 @@ def builtin_documents() -> Iterator[str]:
     """Real English text that ships with CPython: the pydoc topic pages (~110k tokens), then the
     docstrings of the standard library's modules, classes and functions (read with `ast`,
     nothing imported; a few hundred thousand tokens more)."""
+    yield from pydoc_topics()
+    yield from stdlib_docstrings()
+
+
+def pydoc_topics() -> Iterator[str]:
+    """The pydoc topic pages, in name order (`--dataset builtin:topics`)."""
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
         yield topics[name]
+
+
+def stdlib_docstrings() -> Iterator[str]:
+    """The standard library's docstrings of 200 characters or more (`--dataset builtin:docstrings`):
+    text the start of `builtin` does not hold, for an evaluation store of other text."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(stdlib.rglob("*.py")):
         rel = path.relative_to(stdlib).parts
@@ -133,6 +144,8 @@ def document_source(dataset: str, split: str = "train", text_field: str = "text"
     Checking here, before the model loads, makes a bad --dataset fail in a second."""
     if dataset.lower() in BUILTIN_NAMES:
         return builtin_documents
+    if dataset.lower() in BUILTIN_PARTS:
+        return BUILTIN_PARTS[dataset.lower()]
     path = Path(dataset).expanduser()
     if path.exists():
         if path.is_file() and path.suffix not in LOCAL_SUFFIXES:
@@ -166,3 +179,8 @@ def shuffled(docs: Iterator[str], seed: int, buffer: int) -> Iterator[str]:
         pool[i] = doc
     rng.shuffle(pool)
     yield from pool
+
+
+BUILTIN_PARTS: dict[str, Callable[[], Iterator[str]]] = {"builtin:topics": pydoc_topics,
+                                                          "builtin:docstrings": stdlib_docstrings}
+"""The two halves of the built-in corpus on their own."""

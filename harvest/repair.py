@@ -118,9 +118,7 @@ def repair_store(cfg: RepairConfig, loaded: LoadedModel | None = None) -> Repair
                 for path in damaged[shard]:
                     path.unlink(missing_ok=True)
                     rewritten += 1
-                raw = acts.view(torch.int16).numpy().view(np.uint16) if acts.dtype == torch.bfloat16 else acts.numpy()
-                positions = np.tile(np.arange(ctx, dtype=np.int32), n_ctx)
-                writer.write_shard(shard, raw, token_ids, positions, special.mask(token_ids))
+                writer.write_contexts(shard, acts, token_ids, special.mask(token_ids))
                 bar.update(1)
     finally:
         bar.close()

@@ -109,9 +109,8 @@ class _BackgroundWriter:
 
     A bounded queue gives back-pressure, so RAM holds at most three shards whatever --tokens is."""
 
-    def __init__(self, store: StoreWriter, context_len: int):
+    def __init__(self, store: StoreWriter):
         self.store = store
-        self.context_len = context_len
         self.error: BaseException | None = None
         self._queue: queue.Queue[_Shard | None] = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._run, name="routesae-writer", daemon=True)
@@ -120,11 +119,7 @@ class _BackgroundWriter:
     def _run(self) -> None:
         try:
             while (shard := self._queue.get()) is not None:
-                n = shard.token_ids.shape[0]
-                acts = shard.acts
-                raw = acts.view(torch.int16).numpy().view(np.uint16) if acts.dtype == torch.bfloat16 else acts.numpy()
-                positions = np.tile(np.arange(self.context_len, dtype=np.int32), n // self.context_len)
-                self.store.write_shard(shard.index, raw, shard.token_ids, positions, shard.special)
+                self.store.write_contexts(shard.index, shard.acts, shard.token_ids, shard.special)
                 self.store.commit(shard.tokens_after, shard.state.to_json(), shard.stats)
         except BaseException as e:  # handed to the main thread, which reports it
             self.error = e
@@ -278,7 +273,7 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
     storage_dtype = TORCH_DTYPES[store.attrs["storage_dtype"]]
     d_model = store.attrs["d_model"]
 
-    writer = _BackgroundWriter(store, ctx)
+    writer = _BackgroundWriter(store)
     bar = tqdm(total=target_ctx * ctx, initial=done_ctx * ctx, unit="tok", unit_scale=True,
                desc="harvest", disable=not cfg.progress, dynamic_ncols=True)
     shard_index = done_ctx // shard_ctx

@@ -271,6 +271,14 @@ class StoreWriter:
         self.positions[start : start + n] = positions
         self.special[start : start + n] = special
 
+    def write_contexts(self, shard_index: int, acts: torch.Tensor, token_ids: np.ndarray, special: np.ndarray) -> None:
+        """`write_shard` for whole contexts as the model computed them: acts [n_layers, n, d_model] a
+        CPU tensor in the storage dtype (bf16 written as its bits); positions follow from the layout."""
+        raw = acts.view(torch.int16).numpy().view(np.uint16) if acts.dtype == torch.bfloat16 else acts.numpy()
+        ctx = int(self.attrs["context_len"])
+        positions = np.tile(np.arange(ctx, dtype=np.int32), token_ids.shape[0] // ctx)
+        self.write_shard(shard_index, raw, token_ids, positions, special)
+
     def commit(self, tokens: int, resume: dict[str, Any] | None, stats: dict[str, Any], complete: bool = False) -> None:
         """Publish the first `tokens` tokens. zarr's local store replaces zarr.json atomically,
         so a reader (or a resumed harvest) sees either the previous commit or this one."""

@@ -102,3 +102,15 @@ def test_dataset_ends_before_budget(tiny_llama_dir, tmp_path):
     assert cache.complete and 0 < cache.n_tokens < 100_000 and cache.n_tokens % CTX == 0
     assert cache._arrays[2].shape[0] == cache.n_tokens
     assert Cache.open(tmp_path / "s.zarr").n_tokens == cache.n_tokens
+
+
+def test_the_builtin_corpus_halves_stand_alone():
+    # builtin is the pydoc topics, then the docstrings; each half on its own is other text than the other
+    from routesae.harvest.corpus import document_source
+    from pydoc_data.topics import topics
+
+    whole = document_source("builtin")
+    first = list(itertools.islice(whole(), len(topics) + 5))
+    assert list(itertools.islice(document_source("builtin:topics")(), len(topics) + 5)) == first[: len(topics)]
+    docstrings = list(itertools.islice(document_source("builtin:docstrings")(), 5))
+    assert docstrings == first[len(topics):] and not set(docstrings) & set(first[: len(topics)])
