@@ -307,13 +307,16 @@ def _sparsity_figure(plt, rows: list[Row]):
     metrics = [(key, title) for key, title in SPARSITY_METRICS
                if any(not math.isnan(r.flat()[key]) for r in rows)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.8), squeeze=False)
-    for label, rs in groups.items():
+    colors = plt.get_cmap("tab20").colors  # ten architectures and their baselines: no colour twice
+    for n, (label, rs) in enumerate(groups.items()):
         rs = sorted(rs, key=lambda r: r.cache.l0)
         for ax, (key, _) in zip(axes[0], metrics):
             pts = [(r.cache.l0, r.flat()[key]) for r in rs if not math.isnan(r.flat()[key])]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-    for ax, (_, title) in zip(axes[0], metrics):
+                ax.plot(*zip(*pts), marker="osD^v"[n % 5], color=colors[n % len(colors)], label=label)
+    for ax, (key, title) in zip(axes[0], metrics):
+        if key == "kl_per_token":
+            ax.set_yscale("log")  # a collapsed SAE or a degenerate baseline sits orders of magnitude up
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("L0 (active latents per token)")
         ax.legend(fontsize=7)

@@ -17,7 +17,7 @@ from routesae.errors import RouteSAEError
 from routesae.evaluate.cache_eval import evaluate_cache
 from routesae.evaluate.report import Report, Row, layer_mean_row
 from routesae.evaluate.splice import PREFIXES, SpliceEvaluator
-from routesae.evaluate.targets import ROUTING_NOTES, LayerOfJointTarget, Target
+from routesae.evaluate.targets import ROUTING_NOTES, JointCodes, LayerOfJointTarget, Target
 from routesae.harvest.models import load_store_model, resolve_device
 from routesae.harvest.store import Cache
 from routesae.harvest.verify import raise_if_damaged
@@ -146,7 +146,8 @@ def build_targets(saes: list[LoadedSAE], baselines: list[str], seed: int) -> lis
                        for layer in s.sae.config.layers)
             continue
         if s.sae.multi_layer and s.sae.config.arch != "routesae":  # one code of all layers (crosscoder)
-            out.extend((s, LayerOfJointTarget(f"{s.name} @{layer}", s.sae, layer)) for layer in s.sae.config.layers)
+            codes = JointCodes()
+            out.extend((s, LayerOfJointTarget(f"{s.name} @{layer}", s.sae, layer, codes)) for layer in s.sae.config.layers)
             continue
         out.append((s, Target(s.name, s.sae, "router", seed)))
         if s.sae.config.arch == "routesae":

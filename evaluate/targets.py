@@ -230,10 +230,12 @@ class LayerOfJointTarget(Target):
     reconstruction is scored and spliced in (later layers run on the modified stream). Splicing
     every layer at once would leave only the deepest layer's replacement to be seen."""
 
-    def __init__(self, name: str, sae: torch.nn.Module, layer: int):
+    def __init__(self, name: str, sae: torch.nn.Module, layer: int, codes: "JointCodes | None" = None):
+        """codes: shared by the targets of one SAE's layers, so a batch is encoded once for all of them."""
         super().__init__(name, sae)
         self.layer = layer
         self.position = sae.config.layers.index(layer)
+        self.codes = codes or JointCodes()
 
     @property
     def written_layers(self) -> list[int]:
@@ -244,21 +246,30 @@ class LayerOfJointTarget(Target):
         return True
 
     @torch.no_grad()
-    def _parts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x [n, n_layers, d] model space -> (this layer's coder input and output slices in the
-        normalized space, its model-space reconstruction, the code's values and indices)."""
-        sae, i, d = self.sae, self.position, self.config.d_model
-        x_norm, mean, std = sae.normalize_input(x.to(self.device).float())
-        lat = sae.coder.encode_sparse(x_norm.reshape(x.shape[0], -1))
-        out = sae.coder.decode_sparse(lat).view_as(x_norm)[:, i]
-        x_hat = denormalize(out, mean[:, i], std[:, i])
-        return x_norm[:, i], out, x_hat, lat.values, lat.indices
+    def _parts(self, sources: list[Tensor], keep: Tensor | None = None) -> tuple[Tensor, ...]:
+        """sources: each layer's model-space activations ([n, d], or [batch, seq, d] with `keep`
+        [batch, seq] naming the positions to encode) -> (this layer's coder input and output slices
+        in the normalized space, its model-space reconstruction, the code's values and indices, the
+        layer's activations), for those rows in order."""
+        sae, i = self.sae, self.position
+
+        def encode() -> tuple[Tensor, ...]:
+            flat = [src.reshape(-1, src.shape[-1]) for src in sources]
+            if keep is not None:
+                rows = keep.reshape(-1).nonzero().squeeze(1).to(flat[0].device)
+                flat = [src[rows] for src in flat]
+            x = torch.stack([src.to(self.device).float() for src in flat], dim=1)
+            x_norm, mean, std = sae.normalize_input(x)
+            lat = sae.coder.encode_sparse(x_norm.reshape(x.shape[0], -1))
+            return x, x_norm, mean, std, sae.coder.decode_sparse(lat).view_as(x_norm), lat.values, lat.indices
+
+        x, x_norm, mean, std, out, values, indices = self.codes.get([*sources, keep], encode)
+        return x_norm[:, i], out[:, i], denormalize(out[:, i], mean[:, i], std[:, i]), values, indices, x[:, i]
 
     @torch.no_grad()
     def cache_batch(self, acts: dict[int, Tensor], token_ids: Tensor) -> CacheBatch:
-        x = torch.stack([acts[layer].to(self.device).float() for layer in self.layers], dim=1)
-        coder_in, coder_out, x_hat, values, indices = self._parts(x)
-        return CacheBatch(coder_in, coder_out, x[:, self.position], x_hat, values, indices, None, None)
+        coder_in, coder_out, x_hat, values, indices, x = self._parts([acts[layer] for layer in self.layers])
+        return CacheBatch(coder_in, coder_out, x, x_hat, values, indices, None, None)
 
     def splicer(self) -> "JointLayerSplicer":
         return JointLayerSplicer(self)
@@ -278,12 +289,30 @@ class JointLayerSplicer:
         t = self.target
         b, s = keep.shape
         where = keep.reshape(-1).nonzero().squeeze(1)
-        x = torch.stack([clean[layer].reshape(b * s, -1)[where] for layer in t.layers], dim=1)
         rows = torch.zeros(b * s, t.config.d_model, device=keep.device)
-        rows[where] = t._parts(x)[2].to(keep.device)
+        rows[where] = t._parts([clean[layer] for layer in t.layers], keep)[2].to(keep.device)
 
         def replace(layer: int, x_live: Tensor, idx: Tensor) -> Tensor:
             # earlier layers are clean in this pass, so the live activation here is the clean one
             return rows[idx].to(x_live.device, x_live.dtype)
 
         return SplicePlan({t.layer: keep}, replace)
+
+
+class JointCodes:
+    """The last batch's code of a crosscoder, shared by its per-layer targets: each would otherwise
+    encode all the layers again (16 times the work for 16 layers). The batch is recognised by the
+    identity of its tensors, which are kept referenced, so no later tensor can take their place."""
+
+    def __init__(self) -> None:
+        self._inputs: list | None = None
+        self._value: tuple | None = None
+
+    def get(self, inputs: list, compute: Callable[[], tuple]) -> tuple:
+        same = self._inputs is not None and len(inputs) == len(self._inputs) and all(
+            a is b for a, b in zip(inputs, self._inputs))
+        if not same:
+            self._inputs, self._value = None, None  # free the last batch's before computing this one's
+            self._value = compute()
+            self._inputs = list(inputs)
+        return self._value

@@ -219,3 +219,27 @@ def test_crosscoder_exports_the_per_layer_layouts():
     other = build_sae(cfg)
     other.load_exported(t)
     torch.testing.assert_close(other.reconstruct(x), sae.reconstruct(x))
+
+
+def test_a_crosscoders_layer_targets_encode_each_batch_once_and_agree_with_their_own():
+    from routesae.evaluate.targets import JointCodes, LayerOfJointTarget
+
+    cfg = SAEConfig(arch="crosscoder", d_model=D, n_latents=64, k=4, layers=ROUTED)
+    sae = build_sae(cfg, torch.Generator().manual_seed(3)).eval()
+    calls = []
+    encode = sae.coder.encode_sparse
+    sae.coder.encode_sparse = lambda x: calls.append(1) or encode(x)
+    g = torch.Generator().manual_seed(4)
+    acts = {layer: torch.randn(30, D, generator=g) for layer in ROUTED}
+    codes = JointCodes()
+    shared = [LayerOfJointTarget(f"cc @{x}", sae, x, codes).cache_batch(acts, torch.arange(30)) for x in ROUTED]
+    assert len(calls) == 1  # one encode for the three layers' rows
+    alone = [LayerOfJointTarget(f"cc @{x}", sae, x).cache_batch(acts, torch.arange(30)) for x in ROUTED]
+    assert len(calls) == 4
+    for a, b in zip(shared, alone):
+        for u, v in zip(a, b):
+            assert (u is None and v is None) or torch.equal(u, v)
+    # another batch (other tensors, even of the same shape) is encoded anew
+    acts2 = {layer: t.clone() + 1 for layer, t in acts.items()}
+    LayerOfJointTarget("cc @1", sae, 1, codes).cache_batch(acts2, torch.arange(30))
+    assert len(calls) == 5
