@@ -275,15 +275,10 @@ class LayerOfJointTarget(Target):
         return JointLayerSplicer(self)
 
 
-class JointLayerSplicer:
+class JointLayerSplicer(TargetSplicer):
     """Splices one layer of a crosscoder's reconstruction, computed from all its clean layers."""
 
-    def __init__(self, target: LayerOfJointTarget):
-        self.target = target
-        self.name = target.name
-
-    def clean_layers(self) -> list[int]:
-        return self.target.layers
+    target: LayerOfJointTarget
 
     def plan(self, clean: dict[int, Tensor], keep: Tensor, token_ids: Tensor) -> SplicePlan:
         t = self.target

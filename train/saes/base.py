@@ -54,8 +54,9 @@ def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
 
 
 class SAE(nn.Module, abc.ABC):
-    """Base class of the architectures. Subclasses set `arch` and implement `coder_input`,
-    `training_loss` and `reconstruct`; weights live in `self.coder` (+ any routing parameters)."""
+    """Base class of the architectures. Subclasses set `arch` (and `coder_name`) and implement
+    `coder_input` and `reconstruct` (and `training_loss` where the coder's input is not all it
+    needs, as RouteSAE's routing statistics); weights live in `self.coder` (+ any routing parameters)."""
 
     arch: ClassVar[str]
     coder_name: ClassVar[str] = "topk"
@@ -143,13 +144,16 @@ class SAE(nn.Module, abc.ABC):
     def coder_input(self, x: Tensor) -> Tensor:
         """Model space -> [n, d] float32: exactly what the coder encodes (normalized space)."""
 
-    @abc.abstractmethod
     def training_loss(
         self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0,
         sparsity_coef: float = 0.0,
     ) -> TrainOutput:
-        """Training forward on a batch in model space (any float dtype; bf16 from the store).
+        """Training forward on a batch in model space (any float dtype; bf16 from the store): the
+        coder's training forward on `coder_input(x)`, which is also its target.
         sparsity_coef: the coder's sparsity coefficient now (coders without a fixed k)."""
+        inp = self.coder_input(x)
+        out = self.coder.forward_train(inp, compute_dtype, dead, self.config.d_model // 2, sparsity_coef)
+        return self._train_output(out, inp, dead, auxk_coef, {})
 
     @abc.abstractmethod
     def reconstruct(self, x: Tensor) -> Any:

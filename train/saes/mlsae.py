@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from routesae.train.normalize import denormalize
-from routesae.train.saes.base import SAE, TrainOutput, register
+from routesae.train.saes.base import SAE, register
 from routesae.train.saes.single import SingleLayerSAE
 
 
@@ -32,14 +32,6 @@ class MLSAE(SAE):
         """Model space [n, n_layers, d] -> [n * n_layers, d] normalized vectors, token-major."""
         self._check_input(x, self.n_layers)
         return self.normalize_input(x)[0].reshape(-1, self.config.d_model)
-
-    def training_loss(
-        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0,
-        sparsity_coef: float = 0.0,
-    ) -> TrainOutput:
-        inp = self.coder_input(x)
-        out = self.coder.forward_train(inp, compute_dtype, dead, self.config.d_model // 2, sparsity_coef)
-        return self._train_output(out, inp, dead, auxk_coef, {})
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from routesae.train.normalize import denormalize
-from routesae.train.saes.base import SAE, TrainOutput, register
+from routesae.train.saes.base import SAE, register
 
 
 class SingleLayerSAE(SAE):
@@ -17,14 +17,6 @@ class SingleLayerSAE(SAE):
         """Model space [n, d_model] -> the normalized input the coder encodes."""
         self._check_input(x, None)
         return self.normalize_input(x)[0]
-
-    def training_loss(
-        self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, auxk_coef: float = 0.0,
-        sparsity_coef: float = 0.0,
-    ) -> TrainOutput:
-        x_norm = self.coder_input(x)
-        out = self.coder.forward_train(x_norm, compute_dtype, dead, self.config.d_model // 2, sparsity_coef)
-        return self._train_output(out, x_norm, dead, auxk_coef, {})
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
