@@ -66,7 +66,7 @@ class Target:
         self.seed = seed
         if self.arch != "routesae" and routing != "router":
             raise RouteSAEError(f"{name}: random-routing baselines apply to RouteSAE only")
-        if self.arch != "routesae" and sae.multi_layer and not isinstance(self, LayerOfJointTarget):
+        if self.arch != "routesae" and sae.multi_layer and not self.reads_joint_code:
             raise RouteSAEError(f"{name}: eval does not know the multi-layer architecture {self.arch!r}")
 
     # --- description ---------------------------------------------------------------------------
@@ -74,6 +74,9 @@ class Target:
     def layers(self) -> list[int]:
         """hidden_states indices the target reads."""
         return list(self.config.layers)
+
+    reads_joint_code = False
+    """True for the targets that evaluate one layer of a multi-layer code (LayerOfJointTarget)."""
 
     @property
     def written_layers(self) -> list[int]:
@@ -229,6 +232,8 @@ class LayerOfJointTarget(Target):
     crosscoder): the code comes from the clean activations of all its layers, and only `layer`'s
     reconstruction is scored and spliced in (later layers run on the modified stream). Splicing
     every layer at once would leave only the deepest layer's replacement to be seen."""
+
+    reads_joint_code = True
 
     def __init__(self, name: str, sae: torch.nn.Module, layer: int, codes: "JointCodes | None" = None):
         """codes: shared by the targets of one SAE's layers, so a batch is encoded once for all of them."""

@@ -58,6 +58,21 @@ def _hidden_states(model, ids):
         return model(ids, output_hidden_states=True).hidden_states
 
 
+def _continue_recording_blocks(model, sm, clean, plan):
+    """Run the spliced continuation with hooks that record each block's input and output,
+    [B * T, D] per block index. -> (inputs, outputs)."""
+    inputs, outputs, handles = {}, {}, []
+    for j, block in enumerate(decoder_layers(model)):
+        handles.append(block.register_forward_pre_hook(lambda m, a, j=j: inputs.__setitem__(j, a[0].reshape(B * T, D).clone())))
+        handles.append(block.register_forward_hook(lambda m, a, o, j=j: outputs.__setitem__(j, (o[0] if isinstance(o, tuple) else o).reshape(B * T, D).clone())))
+    try:
+        sm.continue_from(clean, plan)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, outputs
+
+
 @pytest.mark.parametrize("routing", ["router", "uniform", "random-layer"])
 def test_hard_routing_splice_modifies_exactly_the_routed_layer_of_each_token(routing):
     model = _model()
@@ -81,18 +96,8 @@ def test_hard_routing_splice_modifies_exactly_the_routed_layer_of_each_token(rou
     want[flat_keep] = torch.tensor(ROUTED)[want_index]
     assert len(set(want[flat_keep].tolist())) == len(ROUTED)  # the test covers every layer
 
-    # Hooks record each block's input, and each block's output, during the spliced continuation.
+    inputs, outputs = _continue_recording_blocks(model, sm, clean, plan)
     blocks = decoder_layers(model)
-    inputs, outputs = {}, {}
-    handles = []
-    for j, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, a, j=j: inputs.__setitem__(j, a[0].reshape(B * T, D).clone())))
-        handles.append(block.register_forward_hook(lambda m, a, o, j=j: outputs.__setitem__(j, (o[0] if isinstance(o, tuple) else o).reshape(B * T, D).clone())))
-    try:
-        sm.continue_from(clean, plan)
-    finally:
-        for h in handles:
-            h.remove()
     start = min(inputs)
     modified = torch.zeros(B * T, len(blocks), dtype=torch.bool)
     for j in inputs:
@@ -182,16 +187,7 @@ def test_crosscoder_layer_splice_modifies_exactly_its_layer_with_the_joint_recon
     stack = torch.stack([hs[x].reshape(B * T, D) for x in ROUTED], dim=1)[flat_keep]
     want = sae.reconstruct(stack)[:, ROUTED.index(layer)]  # from the clean activations of all three layers
 
-    blocks = decoder_layers(model)
-    inputs, outputs, handles = {}, {}, []
-    for j, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, a, j=j: inputs.__setitem__(j, a[0].reshape(B * T, D).clone())))
-        handles.append(block.register_forward_hook(lambda m, a, o, j=j: outputs.__setitem__(j, (o[0] if isinstance(o, tuple) else o).reshape(B * T, D).clone())))
-    try:
-        sm.continue_from(clean, plan)
-    finally:
-        for h in handles:
-            h.remove()
+    inputs, outputs = _continue_recording_blocks(model, sm, clean, plan)
     start = min(inputs)
     for j in inputs:
         before = outputs[j - 1] if j > start else hs[j].reshape(B * T, D)

@@ -58,11 +58,12 @@ def dense_decode(f: Tensor, W_dec: Tensor, b_dec: Tensor, compute_dtype: torch.d
     return (f.to(compute_dtype) @ W_dec.to(compute_dtype)).float() + b_dec
 
 
-def dense_encode(x: Tensor, W_enc: Tensor, bias: Tensor, compute_dtype: torch.dtype) -> Tensor:
-    """x [n, d] @ W_enc.T + bias with the matmul in compute_dtype, float32 out (autograd-friendly)."""
+def dense_encode(x: Tensor, W_enc: Tensor, bias: Tensor | None, compute_dtype: torch.dtype) -> Tensor:
+    """x [n, d] @ W_enc.T (+ bias) with the matmul in compute_dtype, float32 out (autograd-friendly)."""
     if compute_dtype == torch.float32:
-        return torch.addmm(bias, x, W_enc.T)
-    return (x.to(compute_dtype) @ W_enc.to(compute_dtype).T).float() + bias
+        return x @ W_enc.T if bias is None else torch.addmm(bias, x, W_enc.T)
+    out = (x.to(compute_dtype) @ W_enc.to(compute_dtype).T).float()
+    return out if bias is None else out + bias
 
 
 class Coder(nn.Module, abc.ABC):

@@ -52,7 +52,7 @@ class GatedCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
 
     def _paths(self, x: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """-> (pi_gate, pi_mag), [n, n_latents] float32."""
-        shared = dense_encode(x - self.b_dec, self.W_enc, torch.zeros_like(self.b_gate), compute_dtype)
+        shared = dense_encode(x - self.b_dec, self.W_enc, None, compute_dtype)
         return shared + self.b_gate, shared * self.r_mag.exp() + self.b_mag
 
     def encode(self, x: Tensor) -> Tensor:
