@@ -63,10 +63,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from routesae.cpu_memory import keep_freed_memory
-    from routesae.evaluate.run import load_saes, splice_metrics
+    from routesae.evaluate.run import splice_metrics
+    from routesae.sae_folders import load_saes
     from routesae.evaluate.targets import Target
-    from routesae.harvest.models import load_model, resolve_device
-    from routesae.harvest.store import Cache
+    from routesae.model.loading import load_model, resolve_device
+    from routesae.store.zarr_store import Cache
 
     tmp = None
     if not args.cache or not args.sae:

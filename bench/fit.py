@@ -170,7 +170,7 @@ def child_dense(store: str, arch: str, steps: int) -> dict:
 def child_llm(store: str, arch: str, steps: int) -> dict:
     """Rerun SmolLM2 for every batch (8 contexts of 512 tokens), then the trainer's own step."""
     from routesae import Cache
-    from routesae.harvest.models import load_model
+    from routesae.model.loading import load_model
     from routesae.train.data import Position
     from routesae.train.trainer import Trainer, plan_fit, size_budget
 

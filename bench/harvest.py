@@ -29,9 +29,9 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from routesae import Cache
-from routesae.harvest.capture import HiddenStateCapture, parse_layers
+from routesae.model.hooks import HiddenStateCapture, parse_layers
 from routesae.harvest.corpus import builtin_documents
-from routesae.harvest.models import load_model
+from routesae.model.loading import load_model
 from routesae.harvest.packing import pack_contexts
 from routesae.harvest.run import HarvestConfig, run_harvest
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from routesae.evaluate.metrics import VarianceAccumulator, normmse_per_token
 from routesae.evaluate.targets import Target
-from routesae.harvest.store import Cache
+from routesae.store.zarr_store import Cache
 
 # log10 firing-frequency bins of the histogram; a latent that never fired is counted apart as dead
 HIST_EDGES = np.linspace(-8.0, 0.0, 33)

@@ -7,25 +7,9 @@ from pathlib import Path
 import click
 
 from routesae.errors import RouteSAEError
+from routesae.sae_folders import expand_sae_paths
 from routesae.evaluate.run import BASELINES, EvalConfig, run_eval
-from routesae.harvest.cli import parse_count
-
-
-def expand_sae_paths(paths: list[str]) -> list[str]:
-    """SAE folders as given; a fit output folder holding several SAEs (subfolders with a
-    config.json, and none of its own) stands for all of them."""
-    out: list[str] = []
-    for p in paths:
-        path = Path(p)
-        if not path.exists():
-            raise RouteSAEError(f"no SAE at {p}")
-        if path.is_dir() and not (path / "config.json").is_file():
-            subs = sorted(d for d in path.iterdir() if d.is_dir() and (d / "config.json").is_file())
-            if subs:
-                out.extend(str(d) for d in subs)
-                continue
-        out.append(p)
-    return out
+from routesae.cli_args import parse_count
 
 
 def _baselines(text: str) -> list[str]:
@@ -75,7 +59,7 @@ def eval_command(saes, more_saes, cache, splice, all_tokens, tokens, baselines, 
         raise RouteSAEError("no SAE given: pass --sae PATH [PATH...]")
     cfg = EvalConfig(
         saes=paths, cache=cache, splice=splice, all_tokens=all_tokens,
-        tokens=parse_count(tokens) if tokens is not None else None, baselines=_baselines(baselines),
+        tokens=parse_count(tokens, "--tokens") if tokens is not None else None, baselines=_baselines(baselines),
         batch_size=batch_size, model=model, device=device, prefix=prefix, seed=seed, progress=not quiet,
     )
     report = run_eval(cfg)

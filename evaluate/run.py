@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -18,9 +17,10 @@ from routesae.evaluate.cache_eval import evaluate_cache
 from routesae.evaluate.report import Report, Row, layer_mean_row
 from routesae.evaluate.splice import PREFIXES, SpliceEvaluator
 from routesae.evaluate.targets import ROUTING_NOTES, JointCodes, LayerOfJointTarget, Target
-from routesae.harvest.models import load_store_model, resolve_device
-from routesae.harvest.store import Cache
-from routesae.harvest.verify import raise_if_damaged
+from routesae.model.loading import load_store_model, resolve_device
+from routesae.sae_folders import LoadedSAE, check_compatible, held_out_range, load_saes
+from routesae.store.zarr_store import Cache
+from routesae.store.verify import raise_if_damaged
 
 BASELINES = ("uniform", "random-layer")
 
@@ -57,85 +57,6 @@ class EvalConfig:
     run at the first spliced layer from the store; 'live': always run the whole forward."""
     progress: bool = True
     """Show progress bars."""
-
-
-class LoadedSAE(NamedTuple):
-    """An SAE folder, loaded."""
-
-    name: str
-    path: Path
-    sae: torch.nn.Module
-    training: dict[str, Any]
-    """The 'training' record fit saved in config.json (ranges, arguments); {} if absent."""
-
-
-def load_saes(paths: list[str], device: torch.device) -> list[LoadedSAE]:
-    from routesae.train.load import load_sae
-
-    if not paths:
-        raise RouteSAEError("no SAE given: pass one or more SAE folders to --sae")
-    out = []
-    names: set[str] = set()
-    for p in paths:
-        path = Path(p)
-        sae = load_sae(path, device=device).requires_grad_(False)
-        training: dict[str, Any] = dict(getattr(sae, "training_info", None) or {})
-        name = path.resolve().name
-        if name in names:  # two runs/x/topk-k32: qualify with the parent folder
-            name = f"{path.resolve().parent.name}/{name}"
-        names.add(name)
-        out.append(LoadedSAE(name, path, sae, training))
-    return out
-
-
-def check_compatible(s: LoadedSAE, cache: Cache) -> None:
-    """Refuse an SAE trained on another model, width or layers than the store holds."""
-    cfg = s.sae.config
-    theirs, mine = cfg.model or {}, cache.model
-    for key in ("id", "revision"):
-        if theirs.get(key) != mine.get(key):
-            raise RouteSAEError(
-                f"{s.name} was trained on model {theirs.get('id')!r} (revision {theirs.get('revision')}), "
-                f"but {cache.path} holds {mine.get('id')!r} (revision {mine.get('revision')})"
-            )
-    if cfg.d_model != cache.d_model:
-        raise RouteSAEError(f"{s.name} reads d_model {cfg.d_model}, the store holds {cache.d_model}")
-    missing = [layer for layer in cfg.layers if layer not in cache.layers]
-    if missing:
-        raise RouteSAEError(f"{s.name} reads layers {list(cfg.layers)}; the store has no layer {missing} (it holds {cache.layers})")
-
-
-def pick_range(cfg: EvalConfig, cache: Cache, saes: list[LoadedSAE]) -> tuple[int, int]:
-    """Store tokens to evaluate: whole contexts of the held-out tail common to all SAEs (or of the
-    whole store), capped by cfg.tokens."""
-    ctx, n = cache.context_len, cache.n_tokens
-    if cfg.all_tokens:
-        start = 0
-    else:
-        start = 0
-        for s in saes:
-            if s.sae.config.cache_fingerprint != cache.fingerprint:
-                raise RouteSAEError(
-                    f"{s.name} was trained on another store (fingerprint {s.sae.config.cache_fingerprint}, "
-                    f"{cache.path} is {cache.fingerprint}): its held-out tail is not in this one; pass --all-tokens "
-                    "to evaluate on this whole store (one harvested separately for evaluation)"
-                )
-            rng = s.training.get("eval_range")
-            if not rng:
-                raise RouteSAEError(f"{s.name} records no held-out range (config.json 'training.eval_range'); pass --all-tokens")
-            start = max(start, int(rng[0]))
-        start = math.ceil(start / ctx) * ctx  # splicing needs whole contexts
-    stop = n // ctx * ctx
-    if stop <= start:
-        raise RouteSAEError(
-            f"the held-out tail of {cache.path} is empty (tokens {start:,}..{n:,} hold no whole context of {ctx}); "
-            "fit with --eval-tokens above 0, or pass --all-tokens with a store harvested for evaluation"
-        )
-    if cfg.tokens is not None:
-        if cfg.tokens < ctx:
-            raise RouteSAEError(f"--tokens {cfg.tokens} is less than one context of {ctx} tokens")
-        stop = min(stop, start + cfg.tokens // ctx * ctx)
-    return start, stop
 
 
 def build_targets(saes: list[LoadedSAE], baselines: list[str], seed: int) -> list[tuple[LoadedSAE, Target]]:
@@ -287,7 +208,7 @@ def run_eval(cfg: EvalConfig) -> Report:
     saes = load_saes(cfg.saes, device)
     for s in saes:
         check_compatible(s, cache)
-    start, stop = pick_range(cfg, cache, saes)
+    start, stop = held_out_range(cache, saes, cfg.all_tokens, cfg.tokens)
     pairs = build_targets(saes, cfg.baselines, cfg.seed)
     targets = [t for _, t in pairs]
 

@@ -32,8 +32,8 @@ import torch
 
 from routesae.errors import RouteSAEError
 from routesae.evaluate.metrics import kl_from_logits, logit_stats, loss_recovered
-from routesae.harvest.capture import StopForward, block_hidden
-from routesae.harvest.models import decoder_layers, final_norm
+from routesae.model.hooks import StopForward, block_hidden
+from routesae.model.loading import decoder_layers, final_norm
 
 # (layer, live activations [n, d] in the model's dtype, flat positions [n] into batch*seq) -> [n, d]
 ReplaceFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import json
-import re
 
 import click
 import numpy as np
 
+from routesae.cli_args import parse_count
 from routesae.errors import RouteSAEError
 from routesae.harvest.corpus import DEFAULT_DATASET
 from routesae.harvest.repair import RepairConfig, repair_store, repair_summary
 from routesae.harvest.run import HarvestConfig, run_harvest
-from routesae.harvest.store import ZARR_DTYPES, Cache
-from routesae.harvest.verify import Damage, check_files
-from routesae.harvest.verify import verify as verify_store
-
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
-
-
-def parse_count(text: str) -> int:
-    """'100M', '1.5B', '250k', '20000', '20_000' -> int."""
-    m = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMbBgG]?)\s*", text)
-    if not m:
-        raise RouteSAEError(f"cannot read a count from {text!r}: use e.g. 100M, 1.5B, 250k or 20000")
-    return int(float(m.group(1).replace("_", "")) * _SUFFIX[m.group(2).lower()])
-
+from routesae.store.zarr_store import ZARR_DTYPES, Cache
+from routesae.store.verify import Damage, check_files
+from routesae.store.verify import verify as verify_store
 
 @click.command()
 @click.option("--model", default=HarvestConfig.model, show_default=True,
@@ -56,7 +45,7 @@ def harvest(**kw) -> None:
     Killed or interrupted, the same command continues from the last committed shard."""
     cfg = HarvestConfig(
         out=kw["out"], model=kw["model"], dataset=kw["dataset"], split=kw["split"], text_field=kw["text_field"],
-        tokens=parse_count(kw["tokens"]), layers=kw["layers"], context_len=kw["context_len"],
+        tokens=parse_count(kw["tokens"], "--tokens"), layers=kw["layers"], context_len=kw["context_len"],
         batch_size=kw["batch_size"], dtype=kw["dtype"], device=kw["device"], seed=kw["seed"],
         shuffle_buffer=kw["shuffle_buffer"], overwrite=kw["overwrite"], shard_tokens=kw["shard_tokens"],
         compression=kw["compression"], progress=not kw["quiet"],

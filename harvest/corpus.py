@@ -153,7 +153,7 @@ def document_source(dataset: str, split: str = "train", text_field: str = "text"
         return lambda: _local_documents(path, text_field)
     if dataset.endswith(LOCAL_SUFFIXES) or dataset.startswith((".", "/", "~")):
         raise RouteSAEError(f"no such dataset file or folder: {dataset}")
-    from routesae.harvest.models import hub_reachable
+    from routesae.model.loading import hub_reachable
 
     if not hub_reachable():
         raise RouteSAEError(

@@ -22,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from routesae.errors import RouteSAEError
-from routesae.harvest.capture import HiddenStateCapture
+from routesae.model.hooks import HiddenStateCapture
 from routesae.harvest.corpus import document_source, shuffled
-from routesae.harvest.models import LoadedModel, load_store_model
+from routesae.model.loading import LoadedModel, load_store_model
 from routesae.harvest.packing import PackState, SpecialTokens, pack_contexts
-from routesae.harvest.store import TORCH_DTYPES, Cache, StoreWriter
-from routesae.harvest.verify import Damage, verify
+from routesae.store.zarr_store import TORCH_DTYPES, Cache, StoreWriter
+from routesae.store.verify import Damage, verify
 
 DEFAULT_BATCH = 8
 """Contexts per forward for stores that do not record the harvest's (routesae 0.1.0 before it did)."""

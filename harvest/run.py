@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from routesae import __version__
 from routesae.errors import RouteSAEError
-from routesae.harvest.capture import HiddenStateCapture, parse_layers
+from routesae.model.hooks import HiddenStateCapture, parse_layers
 from routesae.harvest.corpus import DEFAULT_DATASET, document_source, shuffled
-from routesae.harvest.models import (
+from routesae.model.loading import (
     LoadedModel,
     config_max_positions,
     config_n_layers,
@@ -30,7 +30,7 @@ from routesae.harvest.models import (
     resolve_dtype,
 )
 from routesae.harvest.packing import PackState, SpecialTokens, pack_contexts
-from routesae.harvest.store import (
+from routesae.store.zarr_store import (
     ZARR_DTYPES,
     Cache,
     StatsAccumulator,

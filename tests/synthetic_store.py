@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from routesae.harvest.store import Cache, StatsAccumulator, StoreLayout, StoreWriter, ZARR_DTYPES
+from routesae.store.zarr_store import Cache, StatsAccumulator, StoreLayout, StoreWriter, ZARR_DTYPES
 
 ActsFn = Callable[[int, int, int], np.ndarray]
 """(layer position, start, stop) -> float32 activations [stop - start, d_model]."""

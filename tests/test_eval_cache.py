@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from routesae.evaluate.cache_eval import evaluate_cache
-from routesae.evaluate.run import EvalConfig, load_saes, pick_range
+from routesae.sae_folders import held_out_range, load_saes
 from routesae.evaluate.targets import Target
 from routesae.train.config import FitConfig
 from routesae.train.trainer import fit
@@ -56,7 +56,7 @@ def _fvu(x, x_hat):
 
 def test_cache_metrics_equal_an_independent_numpy_computation(fitted):
     cache, saes = fitted
-    start, stop = pick_range(EvalConfig(saes=[], cache=str(cache.path)), cache, saes)
+    start, stop = held_out_range(cache, saes)
     assert start == saes[0].training["eval_range"][0] and stop == cache.n_tokens
     targets = [Target(s.name, s.sae) for s in saes]
     topk, route = evaluate_cache(cache, targets, start, stop, batch_tokens=200, progress=False)
@@ -104,7 +104,7 @@ def test_cache_metrics_equal_an_independent_numpy_computation(fitted):
 def test_baseline_routings_from_the_cache(fitted):
     cache, saes = fitted
     route = saes[1]
-    start, stop = pick_range(EvalConfig(saes=[], cache=str(cache.path)), cache, saes)
+    start, stop = held_out_range(cache, saes)
     uni, rnd = evaluate_cache(cache, [Target("u", route.sae, "uniform"), Target("r", route.sae, "random-layer")],
                               start, stop, progress=False)
     n_layers = len(route.sae.config.layers)

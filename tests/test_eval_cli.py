@@ -196,7 +196,7 @@ def test_eval_batches_default_to_the_harvests(tmp_path):
     # here), so where kernels round differently with the batch's size a whole live batch can still
     # show the store equal; on this CPU one probe context does, and every batch starts from the store
     from routesae.evaluate.run import EvalConfig, run_eval
-    from routesae.harvest.store import Cache
+    from routesae.store.zarr_store import Cache
 
     model_dir = save_tiny("llama", tmp_path / "model")
     run_harvest(HarvestConfig(out=str(tmp_path / "s.zarr"), model=str(model_dir), dataset="builtin", tokens=2048,

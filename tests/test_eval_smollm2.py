@@ -84,8 +84,8 @@ def test_topk_and_routesae_from_the_smollm2_store_end_to_end_with_splice(smollm2
 
     # KL and CE of a fitted SAE spliced into the real model equal a float64 computation from the
     # logits of a plain forward whose block 21 is hooked to return the reconstruction
-    from routesae.evaluate.run import load_saes
-    from routesae.harvest.models import decoder_layers
+    from routesae.sae_folders import load_saes
+    from routesae.model.loading import decoder_layers
 
     (topk,) = load_saes([str(tmp_path / "runs" / "topk-k32")], torch.device("cpu"))
     cache = Cache.open(smollm2_store)

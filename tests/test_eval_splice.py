@@ -10,7 +10,7 @@ import torch
 
 from routesae.errors import RouteSAEError
 from routesae.evaluate.splice import SpliceEvaluator, SpliceModel, SplicePlan, same_args
-from routesae.harvest.models import decoder_layers
+from routesae.model.loading import decoder_layers
 from tiny_models import tiny_model
 
 B, T = 3, 24

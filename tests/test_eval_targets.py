@@ -9,7 +9,7 @@ import torch
 from routesae.errors import RouteSAEError
 from routesae.evaluate.splice import SpliceEvaluator, SpliceModel
 from routesae.evaluate.targets import Target, random_layers
-from routesae.harvest.models import decoder_layers
+from routesae.model.loading import decoder_layers
 from routesae.train.config import SAEConfig
 from routesae.train.saes import build_sae
 from tiny_models import tiny_model

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from routesae.cli import main
-from routesae.harvest.models import load_model
+from routesae.model.loading import load_model
 from routesae.harvest.repair import RepairConfig, repair_store
 from routesae.harvest.run import HarvestConfig, run_harvest
-from routesae.harvest.store import Cache
+from routesae.store.zarr_store import Cache
 from tiny_models import tiny_model, tiny_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""The direct shard-file reader (harvest/shard_files.py) against zarr's own reads of the same store."""
+"""The direct shard-file reader (store/shard_files.py) against zarr's own reads of the same store."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from routesae import Cache
 from routesae.errors import RouteSAEError
-from routesae.harvest.store import TORCH_DTYPES
+from routesae.store.zarr_store import TORCH_DTYPES
 
 from synthetic_store import make_store
 
@@ -90,7 +90,7 @@ def test_an_unfinished_store_reads_only_committed_shards(tmp_path):
 
 @pytest.mark.parametrize("compression,preadv", [("none", True), ("none", False), ("blosc-zstd", True)])
 def test_scattered_reads_put_each_row_at_its_place(tmp_path, monkeypatch, compression, preadv):
-    import routesae.harvest.shard_files as shard_files
+    import routesae.store.shard_files as shard_files
 
     if not preadv:  # as where the C library's preadv cannot be had: read, then copy
         monkeypatch.setattr(shard_files, "_preadv", None)
@@ -111,7 +111,7 @@ def test_scattered_reads_put_each_row_at_its_place(tmp_path, monkeypatch, compre
 
 @pytest.mark.parametrize("n_tokens", [208, 224, 192])  # last shard ends mid-chunk, on a chunk, on the shard
 def test_direct_shard_writes_are_byte_identical_to_zarrs(tmp_path, n_tokens):
-    import routesae.harvest.store as store_mod
+    import routesae.store.zarr_store as store_mod
 
     kw = {**KW, "n_tokens": n_tokens, "storage_dtype": "bfloat16", "compression": "none", "context_len": 16}
     direct = make_store(tmp_path / "direct.zarr", **kw)
@@ -133,7 +133,7 @@ def test_direct_shard_writes_are_byte_identical_to_zarrs(tmp_path, n_tokens):
 
 
 def test_reopening_a_store_for_writing_removes_killed_writes(tmp_path):
-    from routesae.harvest.store import StoreWriter
+    from routesae.store.zarr_store import StoreWriter
 
     make_store(tmp_path / "s.zarr", compression="none", finish=False, **KW)
     debris = tmp_path / "s.zarr" / "acts" / "1" / "c" / "2" / ".0.12345.partial"

@@ -9,13 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from routesae.cli import main
-from routesae.harvest.verify import check_files, verify
-from routesae.harvest.store import Cache
+from routesae.store.verify import check_files, verify
+from routesae.store.zarr_store import Cache
 from synthetic_store import make_store
 
 ARRAYS = ["token_ids", "positions", "special", "acts/1"]

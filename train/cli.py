@@ -5,25 +5,8 @@ from __future__ import annotations
 import click
 
 from routesae.errors import RouteSAEError
+from routesae.cli_args import parse_count
 from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig
-
-_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
-
-
-def parse_count(text: str, what: str) -> int:
-    """'20000', '20k', '1.5M' -> int."""
-    t = text.strip().lower().replace("_", "")
-    mult = _SUFFIXES.get(t[-1:], 1)
-    if mult != 1:
-        t = t[:-1]
-    try:
-        value = float(t) * mult
-    except ValueError:
-        raise RouteSAEError(f"{what} must be a number such as 20000, 20k or 1.5M; got {text!r}") from None
-    if value != int(value):
-        raise RouteSAEError(f"{what} must be a whole number of tokens; got {text!r}")
-    return int(value)
-
 
 def parse_int_list(text: str, what: str) -> list[int]:
     """'32,64,128' or '7-22' or '7-10,12' -> [ints]."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from routesae.errors import RouteSAEError
-from routesae.harvest.store import TORCH_DTYPES, Cache
+from routesae.store.zarr_store import TORCH_DTYPES, Cache
 
 if TYPE_CHECKING:
     from routesae.train.mapped import MappedBuffer

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from routesae.harvest.shard_files import populate, release_address_space, reserve_address_space
-from routesae.harvest.store import TORCH_DTYPES, Cache
+from routesae.store.shard_files import populate, release_address_space, reserve_address_space
+from routesae.store.zarr_store import TORCH_DTYPES, Cache
 
 
 class MappedBuffer:

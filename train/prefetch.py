@@ -176,7 +176,7 @@ def _worker(
     parent_pid: int,
 ) -> None:
     """The loader process: fill the slot each request names, answer (slot, tokens) or (slot, error)."""
-    from routesae.harvest.store import Cache
+    from routesae.store.zarr_store import Cache
 
     torch.set_num_threads(1)
     slot = -1

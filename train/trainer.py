@@ -21,9 +21,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from routesae.errors import RouteSAEError
-from routesae.harvest.models import resolve_device
-from routesae.harvest.store import Cache
-from routesae.harvest.verify import raise_if_damaged
+from routesae.model.loading import resolve_device
+from routesae.store.zarr_store import Cache
+from routesae.store.verify import raise_if_damaged
 from routesae.train.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from routesae.errors import RouteSAEError
-from routesae.harvest.models import decoder_layers, final_norm
+from routesae.model.loading import decoder_layers, final_norm
 
 
 class StopForward(Exception):

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from routesae.errors import RouteSAEError
 
-from routesae.harvest.shard_files import VERIFY_HINT
-from routesae.harvest.store import TOKEN_ARRAYS, Cache, first_line, shard_path, shard_rows
+from routesae.store.shard_files import VERIFY_HINT
+from routesae.store.zarr_store import TOKEN_ARRAYS, Cache, first_line, shard_path, shard_rows
 
 STATS_RTOL = 1e-4
 """Relative difference of a layer's summed norms beyond which its values changed since the harvest

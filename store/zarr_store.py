@@ -21,7 +21,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from zarr.codecs import BloscCodec
 
 from routesae.errors import RouteSAEError
-from routesae.harvest.shard_files import VERIFY_HINT, ShardFiles, check_row_indices
+from routesae.store.shard_files import VERIFY_HINT, ShardFiles, check_row_indices
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "routesae"
