@@ -67,7 +67,8 @@ def _register() -> None:
     main.add_command(harvest)
     main.add_command(info)
     main.add_command(repair)
-    for module, name in (("routesae.train.cli", "fit"), ("routesae.evaluate.cli", "eval_command")):
+    for module, name in (("routesae.train.cli", "fit"), ("routesae.evaluate.cli", "eval_command"),
+                         ("routesae.interpret.cli", "contexts")):
         try:
             mod = __import__(module, fromlist=[name])
         except ModuleNotFoundError as e:

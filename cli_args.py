@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Any, Callable
+
+import click
 
 from routesae.errors import RouteSAEError
 
@@ -18,3 +21,21 @@ def parse_count(text: str, what: str = "the count") -> int:
     if value != int(value):
         raise RouteSAEError(f"{what} must be a whole number; got {text!r}")
     return int(value)
+
+
+def sae_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--sae PATH` (repeatable) and plain PATH arguments: the SAEs a command reads. The command
+    gets `saes` and `more_saes`; `sae_paths` joins and expands them."""
+    command = click.argument("more_saes", nargs=-1, metavar="[PATH]...")(command)
+    return click.option("--sae", "saes", multiple=True, metavar="PATH",
+                        help="SAE folder (or a fit output folder holding several); more may follow as plain arguments."
+                        )(command)
+
+
+def sae_paths(saes: tuple[str, ...], more_saes: tuple[str, ...]) -> list[str]:
+    from routesae.sae_folders import expand_sae_paths
+
+    paths = expand_sae_paths([*saes, *more_saes])
+    if not paths:
+        raise RouteSAEError("no SAE given: pass --sae PATH [PATH...]")
+    return paths

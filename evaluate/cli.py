@@ -7,9 +7,8 @@ from pathlib import Path
 import click
 
 from routesae.errors import RouteSAEError
-from routesae.sae_folders import expand_sae_paths
 from routesae.evaluate.run import BASELINES, EvalConfig, run_eval
-from routesae.cli_args import parse_count
+from routesae.cli_args import parse_count, sae_options, sae_paths
 
 
 def _baselines(text: str) -> list[str]:
@@ -26,9 +25,7 @@ def _baselines(text: str) -> list[str]:
 
 
 @click.command("eval")
-@click.option("--sae", "saes", multiple=True, metavar="PATH",
-              help="SAE folder (or a fit output folder holding several); more may follow as plain arguments.")
-@click.argument("more_saes", nargs=-1, metavar="[PATH]...")
+@sae_options
 @click.option("--cache", required=True, help="The activation store (its held-out tail is evaluated).")
 @click.option("--splice", is_flag=True, help="Reload the store's LLM and measure KL, delta-CE and loss recovered.")
 @click.option("--all-tokens", is_flag=True, help="Evaluate on the whole store (one harvested for evaluation).")
@@ -54,9 +51,7 @@ def eval_command(saes, more_saes, cache, splice, all_tokens, tokens, baselines, 
     delta-CE and loss recovered with each SAE's reconstruction spliced into the LLM.
 
     Example: routesae eval --sae runs/topk-k64 runs/route-k64 --cache store.zarr --splice --json report.json"""
-    paths = expand_sae_paths([*saes, *more_saes])
-    if not paths:
-        raise RouteSAEError("no SAE given: pass --sae PATH [PATH...]")
+    paths = sae_paths(saes, more_saes)
     cfg = EvalConfig(
         saes=paths, cache=cache, splice=splice, all_tokens=all_tokens,
         tokens=parse_count(tokens, "--tokens") if tokens is not None else None, baselines=_baselines(baselines),

@@ -327,6 +327,11 @@ class Cache:
 
     # --- description ---------------------------------------------------------------------------
     @property
+    def has_token_ids(self) -> bool:
+        """Whether the store holds its token ids (what contexts are rebuilt from)."""
+        return "token_ids" in self._group
+
+    @property
     def harvest_batch_size(self) -> int | None:
         """Contexts per forward of the harvest that wrote the store (None: not recorded)."""
         value = self.attrs.get("batch_size")

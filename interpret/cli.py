@@ -1,0 +1,72 @@
+"""`routesae contexts` (and the later interpretation commands)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from routesae.cli_args import parse_count, sae_options, sae_paths
+from routesae.interpret.contexts import RULES, ContextsConfig, ContextsResult, run_contexts
+
+
+def counts_table(results: list[ContextsResult], rule: str, min_contexts: int) -> str:
+    """The interpretable-feature counts of the SAEs side by side, as markdown."""
+    lines = [f"Interpretable features, rule {rule!r} (activation > threshold, at most 32 distinct tokens, "
+             f"at least {min_contexts} contexts):", "",
+             "| SAE | latents | interpretable | kept | active | dead |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r.name} | {r.n_latents} | {r.interpretable} | {r.kept} | {r.active} | {r.dead} |" for r in results]
+    return "\n".join(lines)
+
+
+@click.command("contexts")
+@sae_options
+@click.option("--cache", required=True, help="The activation store (its held-out tail is read).")
+@click.option("--out", required=True, help="Output folder (one SAE), or the parent of one folder per SAE.")
+@click.option("--all-tokens", is_flag=True, help="Read the whole store, not the SAEs' held-out tail.")
+@click.option("--tokens", default=None, help="At most this many tokens (whole contexts): 100k, 1M, 20000.")
+@click.option("--rule", type=click.Choice(list(RULES)), default="paper", show_default=True,
+              help="Interpretable-feature rule: paper (at least 4 contexts) or paper-code (at least 5, as its code).")
+@click.option("--top", default=ContextsConfig.top, show_default=True, type=int, help="Top activations per latent.")
+@click.option("--left", default=ContextsConfig.left, show_default=True, type=int, help="Window tokens before the token.")
+@click.option("--right", default=ContextsConfig.right, show_default=True, type=int, help="Window tokens after it.")
+@click.option("--quantiles", default=ContextsConfig.quantiles, show_default=True, type=int,
+              help="Activation quantiles to sample examples from.")
+@click.option("--per-quantile", default=ContextsConfig.per_quantile, show_default=True, type=int,
+              help="Examples per quantile.")
+@click.option("--samples", default=ContextsConfig.samples, show_default=True, type=int,
+              help="Activating examples per latent held out for scoring.")
+@click.option("--negatives", default=ContextsConfig.negatives, show_default=True, type=int,
+              help="Windows per latent where it is zero.")
+@click.option("--threshold", default=ContextsConfig.threshold, show_default=True, type=float,
+              help="Paper rule: activation above which a latent counts as active.")
+@click.option("--min-contexts", default=None, type=int, help="Paper rule: contexts needed (default: the rule's).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the samples and negatives.")
+@click.option("--model", default=None, help="Load the tokenizer from here instead of the store's model id.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace finished contexts of other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def contexts(saes, more_saes, cache, out, all_tokens, tokens, rule, top, left, right, quantiles, per_quantile, samples,
+             negatives, threshold, min_contexts, seed, model, device, overwrite, quiet) -> None:
+    """Per latent: firing count, activation histogram, top and quantile contexts, held-out and
+    zero windows, rebuilt from the store's token ids (no LLM run); and the RouteSAE paper's
+    interpretable-feature count per SAE.
+
+    Example: routesae contexts --sae runs/topk-k64 runs/routesae-k64 --cache store.zarr --out ctx"""
+    paths = sae_paths(saes, more_saes)
+    cfg = ContextsConfig(
+        saes=paths, cache=cache, out=out, rule=rule, left=left, right=right, top=top, quantiles=quantiles,
+        per_quantile=per_quantile, samples=samples, negatives=negatives, all_tokens=all_tokens,
+        tokens=parse_count(tokens, "--tokens") if tokens is not None else None, threshold=threshold, min_contexts=min_contexts,
+        seed=seed, model=model, device=device, progress=not quiet, overwrite=overwrite,
+    )
+    results = run_contexts(cfg)
+    table = counts_table(results, rule, cfg.settings()["min_contexts"])
+    click.echo(table)
+    for r in results:
+        click.echo(f"{r.name}: {'already there' if r.already_done else 'wrote'} {r.out}")
+    if len(results) > 1:
+        root = Path(out)
+        (root / "counts.md").write_text(table + "\n")
+        (root / "counts.json").write_text(json.dumps([r._asdict() | {"out": str(r.out)} for r in results], indent=1))
