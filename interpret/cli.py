@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -18,6 +19,15 @@ def counts_table(results: list[ContextsResult], rule: str, min_contexts: int) ->
              "| SAE | latents | interpretable | kept | active | dead |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r.name} | {r.n_latents} | {r.interpretable} | {r.kept} | {r.active} | {r.dead} |" for r in results]
     return "\n".join(lines)
+
+
+def threshold_note(results: list[ContextsResult], threshold: float) -> str:
+    """Why a count is 0: the paper's threshold is an absolute activation, sized for its models."""
+    names = ", ".join(f"{r.name} (largest {r.max_activation:.2f})" for r in results)
+    scaled = ", ".join(sorted({f"{15 * math.sqrt(r.d_model / 2048):.1f} at d_model {r.d_model}" for r in results}))
+    return (f"Note: no activation of {names} exceeds {threshold:g}, so the rule counts nothing. The paper's 15 is on "
+            "its models' scale (inputs normalized per token to norm sqrt(d_model), d_model 2048 or 3072); the same "
+            f"relative size is 15 * sqrt(d_model / 2048): {scaled}. Pass --threshold to count at another.")
 
 
 @click.command("contexts")
@@ -63,6 +73,9 @@ def contexts(saes, more_saes, cache, out, all_tokens, tokens, rule, top, left, r
     )
     results = run_contexts(cfg)
     table = counts_table(results, rule, cfg.settings()["min_contexts"])
+    quiet_rule = [r for r in results if r.active == 0]
+    if quiet_rule:
+        table += "\n\n" + threshold_note(quiet_rule, threshold)
     click.echo(table)
     for r in results:
         click.echo(f"{r.name}: {'already there' if r.already_done else 'wrote'} {r.out}")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from routesae.errors import RouteSAEError
 from routesae.store.zarr_store import Cache
 from routesae.interpret.codes import has_layer_per_activation, sae_input, token_codes
-from routesae.interpret.tables import Batch, NegativeTable, PaperTable, SampleTable, TopTable
+from routesae.interpret.tables import Batch, NegativeTable, PaperTable, SampleTable, TopTable, sorted_code
 from routesae.interpret.windows import segments, sentence_bounds, sentence_end_tokens, window_bounds
 
 FORMAT = "routesae-contexts"
@@ -116,6 +116,10 @@ class ContextsResult(NamedTuple):
     """Latents with any activation above the threshold."""
     dead: int
     """Latents that never fired."""
+    max_activation: float
+    """The largest activation of any latent."""
+    d_model: int
+    """Width the SAE reads (what the paper's threshold scales with)."""
     already_done: bool
 
 
@@ -188,7 +192,7 @@ class _SAEPass:
         self.device = device
 
     def add(self, acts: dict[int, torch.Tensor], token_ids: torch.Tensor, special: torch.Tensor, offset: int,
-            first: torch.Tensor, end: torch.Tensor, dense: torch.Tensor) -> None:
+            first: torch.Tensor, end: torch.Tensor) -> None:
         keep = (~special).nonzero().squeeze(1)
         if keep.numel() == 0:
             return
@@ -205,14 +209,13 @@ class _SAEPass:
         if self.has_layers:
             self.layer_counts += torch.bincount(latents * self.n_layers + layers, minlength=self.layer_counts.numel())
         win_start, win_stop = window_bounds(torch.arange(special.numel()), first, end, self.cfg.left, self.cfg.right)
-        dense[rows, latents] = values
-        batch = Batch(offset, rows, latents, values, layers, win_start, win_stop, dense)
+        batch = Batch(offset, rows, latents, values, layers, win_start, win_stop,
+                      *sorted_code(rows, latents, values, special.numel()))
         self.top.add(batch)
         self.sample.add(batch)
         if self.cfg.negatives:
             self.negatives.add(batch, keep)
         self.paper.add(batch, token_ids)
-        dense[rows, latents] = 0
 
 
 def _read_tokens(cache: Cache, spans: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
@@ -269,7 +272,9 @@ class _Writer:
         layer_counts = p.layer_counts.view(p.n_latents, p.n_layers)
         paper = _paper_contexts(p.paper)
         names = ("score", "value", "token", "start", "stop", "layer")
-        top_t = {n: getattr(p.top, n).numpy() for n in names} | {"acts": p.top.acts.float().numpy()}
+        order = p.top.ordered()  # slots are unordered during the pass
+        top_t = {n: getattr(p.top, n).gather(1, order).numpy() for n in names}
+        top_t["acts"] = p.top.acts.gather(1, order[:, :, None].expand_as(p.top.acts)).float().numpy()
         pool_t = {n: getattr(p.sample, n).numpy() for n in names} | {"acts": p.sample.acts.float().numpy()}
         neg_key, neg_start, neg_stop = p.negatives.key.numpy(), p.negatives.start.numpy(), p.negatives.stop.numpy()
         out = []
@@ -357,9 +362,9 @@ def _manifest(cfg: ContextsConfig, loaded: Any, cache: Cache, start: int, stop: 
     c = loaded.sae.config
     m: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "complete": counts is not None,
-        "sae": {"name": loaded.name, "path": str(loaded.path), "arch": c.arch, "layers": list(c.layers),
+        "sae": {"name": loaded.name, "path": str(Path(loaded.path).resolve()), "arch": c.arch, "layers": list(c.layers),
                 "n_latents": c.n_latents, "k": c.k, "weights_sha256": _weights_digest(loaded.path)},
-        "store": {"path": str(cache.path), "fingerprint": cache.fingerprint, "context_len": cache.context_len},
+        "store": {"path": str(Path(cache.path).resolve()), "fingerprint": cache.fingerprint, "context_len": cache.context_len},
         "tokens": [start, stop], "n_tokens": n_tokens, "settings": cfg.settings(),
         "layers": list(c.layers) if has_layer_per_activation(loaded.sae) else None,
     }
@@ -432,7 +437,7 @@ def run_contexts(cfg: ContextsConfig) -> list[ContextsResult]:
         if _prepare(outs[s.name], want, cfg.overwrite):
             old = json.loads((outs[s.name] / "contexts.json").read_text())["paper_rule"]
             results.append(ContextsResult(s.name, outs[s.name], s.sae.config.n_latents, old["interpretable"], old["kept"],
-                                          old["active"], old["dead"], True))
+                                          old["active"], old["dead"], old["max_activation"], s.sae.config.d_model, True))
         else:
             todo.append(s)
     if todo:
@@ -448,7 +453,6 @@ def run_contexts(cfg: ContextsConfig) -> list[ContextsResult]:
 def _stream(cache: Cache, passes: list[_SAEPass], start: int, stop: int, cfg: ContextsConfig) -> None:
     layers = sorted({layer for p in passes for layer in p.sae.config.layers})
     step = cfg.batch_contexts * cache.context_len
-    dense: dict[int, torch.Tensor] = {}
     bar = tqdm(total=stop - start, unit="tok", unit_scale=True, desc="contexts", disable=not cfg.progress,
                dynamic_ncols=True)
     for a in range(start, stop, step):
@@ -457,10 +461,7 @@ def _stream(cache: Cache, passes: list[_SAEPass], start: int, stop: int, cfg: Co
         acts = {layer: cache.acts(layer, a, b) for layer in layers}
         first, end = segments(special, cache.context_len)
         for p in passes:
-            scratch = dense.get(p.n_latents)
-            if scratch is None or scratch.shape[0] < b - a:
-                scratch = dense[p.n_latents] = torch.zeros(step, p.n_latents)
-            p.add(acts, token_ids, special, a, first, end, scratch[: b - a])
+            p.add(acts, token_ids, special, a, first, end)
         bar.update(b - a)
     bar.close()
 
@@ -471,7 +472,7 @@ def _finish(p: _SAEPass, cache: Cache, vocab: _Vocab, out: Path, cfg: ContextsCo
     interpretable = sum(r["interpretable"] for r in records)
     active = int(p.paper.active.sum())
     counts = {"interpretable": interpretable, "kept": int((p.paper.active & ~p.paper.dropped).sum()), "active": active,
-              "dead": int((p.count == 0).sum())}
+              "dead": int((p.count == 0).sum()), "max_activation": float(p.max.max())}
     _write_json(out / "tokens.json", vocab.texts)
     tmp = out / "latents.jsonl.partial"
     with open(tmp, "w") as f:
@@ -479,4 +480,5 @@ def _finish(p: _SAEPass, cache: Cache, vocab: _Vocab, out: Path, cfg: ContextsCo
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, out / "latents.jsonl")
     _write_json(out / "contexts.json", _manifest(cfg, p.loaded, cache, start, stop, n_tokens, p, counts))
-    return ContextsResult(p.loaded.name, out, p.n_latents, interpretable, counts["kept"], active, counts["dead"], False)
+    return ContextsResult(p.loaded.name, out, p.n_latents, interpretable, counts["kept"], active, counts["dead"],
+                          counts["max_activation"], p.sae.config.d_model, False)

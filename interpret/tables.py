@@ -33,40 +33,83 @@ class Batch(NamedTuple):
     """[n] row where the window around each row starts."""
     win_stop: Tensor
     """[n] row one past where it stops."""
-    dense: Tensor
-    """[n, n_latents] the same code, dense (zeros elsewhere)."""
+    code_keys: Tensor
+    """[E] latent * n + row of every entry, sorted: the code as a sorted sparse array (no dense copy)."""
+    code_values: Tensor
+    """[E] the value of each key."""
+
+    def windows(self, latents: Tensor, start: Tensor, stop: Tensor, width: int) -> Tensor:
+        """[C] windows of rows [start, stop) (at most `width` long) of latents -> [C, width] values,
+        0 where the latent does not fire and past the window. A latent's entries sit in row order in
+        the sorted keys, so one search per window finds them all."""
+        n, e = self.win_start.numel(), self.code_keys.numel()
+        out = torch.zeros(latents.numel(), width)
+        if e == 0:
+            return out
+        base = latents * n + start
+        offs = torch.arange(width)
+        idx = torch.searchsorted(self.code_keys, base)[:, None] + offs
+        pos = self.code_keys[idx.clamp_max(e - 1)] - base[:, None]  # row within the window
+        ok = (idx < e) & (pos >= 0) & (pos < (stop - start)[:, None])
+        vals = torch.where(ok, self.code_values[idx.clamp_max(e - 1)], 0.0)
+        return out.scatter_add_(1, torch.where(ok, pos, 0), vals)
+
+    def fires_in(self, latents: Tensor, start: Tensor, stop: Tensor) -> Tensor:
+        """[C] whether each latent fires anywhere in its window of rows [start, stop)."""
+        n, e = self.win_start.numel(), self.code_keys.numel()
+        if e == 0:
+            return torch.zeros(latents.numel(), dtype=torch.bool)
+        idx = torch.searchsorted(self.code_keys, latents * n + start)
+        return (idx < e) & (self.code_keys[idx.clamp_max(e - 1)] < latents * n + stop)
+
+
+def sorted_code(rows: Tensor, latents: Tensor, values: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """-> (code_keys, code_values) for a Batch of n rows."""
+    key = latents * n + rows
+    order = torch.sort(key).indices
+    return key[order], values[order]
 
 
 def grouped(groups: Tensor, key: Tensor, n_groups: int, descending: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Entries sorted by group, then by key -> (order, rank within its group, entries per group)."""
-    order = torch.sort(key, descending=descending, stable=True).indices
-    order = order[torch.sort(groups[order], stable=True).indices]
+    """Entries sorted by group, then by key (>= 0), equal keys in entry order -> (order, rank within
+    its group, entries per group). One sort of an int64 (group, key) composite: a non-negative
+    float32's bits order as the float does."""
+    bits = key.float().contiguous().view(torch.int32).long()
+    if descending:
+        bits = (1 << 31) - 1 - bits
+    order = torch.sort(groups * (1 << 32) + bits, stable=True).indices
     g = groups[order]
     counts = torch.bincount(g, minlength=n_groups)
     starts = torch.cumsum(counts, 0) - counts
     return order, torch.arange(order.numel()) - starts[g], counts
 
 
-def window_acts(dense: Tensor, latents: Tensor, start: Tensor, stop: Tensor, width: int) -> Tensor:
-    """[C] windows of rows [start, stop) of latent columns -> [C, width] float16 activations, 0-padded."""
-    offs = torch.arange(width)
-    rows = (start[:, None] + offs).clamp_max(dense.shape[0] - 1)
-    acts = dense[rows, latents[:, None]]
-    return torch.where(offs < (stop - start)[:, None], acts, 0).half()
+def window_acts(batch: Batch, latents: Tensor, start: Tensor, stop: Tensor, width: int) -> Tensor:
+    """[C] windows of rows [start, stop) of latents -> [C, width] float16 activations, 0-padded."""
+    return batch.windows(latents, start, stop, width).half()
 
 
 def greedy_nms(value: Tensor, start: Tensor, stop: Tensor, keep: int) -> Tensor:
     """[G, M] candidates per group, by value descending (-inf: none) -> [G, M] bool, the first `keep`
-    that overlap no larger one kept before them: greedy non-maximum suppression of windows."""
+    that overlap no larger one kept before them: greedy non-maximum suppression of windows.
+
+    Computed as the fixed point of kept_j = valid_j and no kept i < j overlaps j, iterated for all j
+    at once: the greedy answer is its only fixed point, and each round settles at least the next
+    candidate in order, so it ends in at most M rounds (in practice a handful)."""
     valid = value > NEG
-    overlap = (start[:, :, None] < stop[:, None, :]) & (start[:, None, :] < stop[:, :, None])
-    kept = torch.zeros_like(valid)
-    n_kept = torch.zeros(value.shape[0], dtype=torch.long)
-    for j in range(value.shape[1]):
-        clash = (overlap[:, j, :j] & kept[:, :j]).any(-1) if j else torch.zeros_like(valid[:, 0])
-        kept[:, j] = valid[:, j] & ~clash & (n_kept < keep)
-        n_kept += kept[:, j]
-    return kept
+    m = value.shape[1]
+    earlier = torch.ones(m, m, dtype=torch.bool).tril(-1)  # [j, i]: i comes before j
+    prior = (start[:, :, None] < stop[:, None, :]) & (start[:, None, :] < stop[:, :, None]) & earlier
+    kept = valid.clone()
+    clash = prior.any(2).any(1).nonzero().squeeze(1)  # groups where some windows overlap at all
+    prior, valid_c, kept_c = prior[clash], valid[clash], valid[clash]
+    for _ in range(m):
+        nxt = valid_c & ~(prior & kept_c[:, None, :]).any(-1)
+        if torch.equal(nxt, kept_c):
+            break
+        kept_c = nxt
+    kept[clash] = kept_c
+    return kept & (torch.cumsum(kept, 1) <= keep)
 
 
 class _Slots:
@@ -84,39 +127,61 @@ class _Slots:
         self.acts = torch.zeros(n_latents, width, window, dtype=torch.float16)
         self.window = window
 
+    def may_enter(self, latents: Tensor, scores: Tensor) -> Tensor:
+        """[E] whether each candidate beats its latent's worst slot (strictly: on equal scores the
+        older example stays), so it may enter; the others need no further look."""
+        if self.largest:
+            return scores > self.score.amin(1)[latents]
+        return scores < self.score.amax(1)[latents]
+
     def merge(self, batch: Batch, cand_latents: Tensor, cand_entries: Tensor, cand_score: Tensor) -> None:
-        """Merge candidates (entries of `batch`, at most `width` per latent, any order) into the slots."""
-        n_latents, width = self.score.shape
-        order, rank, _ = grouped(cand_latents, cand_score, n_latents, self.largest)
+        """Merge candidates (entries of `batch`, any number per latent, any order) into the slots.
+        Slots are not kept in order: the chosen new examples take the slots of the evicted ones, so
+        only those are written (their windows' values included); latents without a candidate are
+        not touched at all."""
+        if cand_latents.numel() == 0:
+            return
+        width = self.score.shape[1]
+        touched, local = torch.unique(cand_latents, return_inverse=True)
+        n = touched.numel()
+        order, rank, _ = grouped(local, cand_score, n, self.largest)
         order, rank = order[rank < width], rank[rank < width]
-        lat, ent = cand_latents[order], cand_entries[order]
+        lat, ent = local[order], cand_entries[order]
         fill = NEG if self.largest else float("inf")
-        new_score = torch.full((n_latents, width), fill)
+        new_score = torch.full((n, width), fill)
         new_score[lat, rank] = cand_score[order]
-        both = torch.cat([self.score, new_score], 1)
-        # a stable sort, not topk: equal activations stay in store order (older slots, then this batch's by row)
-        best = torch.sort(both, dim=1, descending=self.largest, stable=True).indices[:, :width]
-        from_new = best >= width
-        # entry of each new candidate, by (latent, rank)
-        new_entry = torch.full((n_latents, width), -1, dtype=torch.long)
+        new_entry = torch.full((n, width), -1, dtype=torch.long)
         new_entry[lat, rank] = ent
-        self.score = both.gather(1, best)
-        keep_old = best.clamp_max(width - 1)
-        cols = {name: getattr(self, name).gather(1, keep_old) for name in ("value", "token", "start", "stop", "layer")}
-        acts = self.acts.gather(1, keep_old[:, :, None].expand(-1, -1, self.window))
-        g, s = from_new.nonzero(as_tuple=True)
-        e = new_entry[g, (best[g, s] - width)]
+        new_token = torch.full((n, width), torch.iinfo(torch.long).max)
+        new_token[lat, rank] = batch.offset + batch.rows[ent]
+        # by score, equal scores in store order (empty old slots first among the empty)
+        both = torch.cat([self.score[touched], new_score], 1)
+        by_token = torch.sort(torch.cat([self.token[touched], new_token], 1), dim=1, stable=True).indices
+        best = by_token.gather(1, torch.sort(both.gather(1, by_token), dim=1, descending=self.largest,
+                                             stable=True).indices[:, :width])
+        chosen = torch.zeros(n, 2 * width, dtype=torch.bool).scatter_(1, best, True)
+        g, slot = (~chosen[:, :width]).nonzero(as_tuple=True)  # row-major: grouped by latent, as below
+        g2, col = chosen[:, width:].nonzero(as_tuple=True)
+        assert torch.equal(g, g2)
+        e = new_entry[g2, col]
+        real = e >= 0
+        g, slot, col, e = g[real], slot[real], col[real], e[real]
         rows = batch.rows[e]
         w0, w1 = batch.win_start[rows], batch.win_stop[rows]
-        cols["value"][g, s] = batch.values[e]
-        cols["token"][g, s] = batch.offset + rows
-        cols["start"][g, s] = batch.offset + w0
-        cols["stop"][g, s] = batch.offset + w1
-        cols["layer"][g, s] = batch.layers[e]
-        acts[g, s] = window_acts(batch.dense, batch.latents[e], w0, w1, self.window)
-        for name, col in cols.items():
-            setattr(self, name, col)
-        self.acts = acts
+        at = touched[g]
+        self.score[at, slot] = new_score[g, col]
+        self.value[at, slot] = batch.values[e]
+        self.token[at, slot] = batch.offset + rows
+        self.start[at, slot] = batch.offset + w0
+        self.stop[at, slot] = batch.offset + w1
+        self.layer[at, slot] = batch.layers[e]
+        self.acts[at, slot] = window_acts(batch, batch.latents[e], w0, w1, self.window)
+
+    def ordered(self) -> Tensor:
+        """[n_latents, width] slot indices by score (largest first for top tables), ties in store order."""
+        by_token = torch.sort(self.token, dim=1, stable=True).indices
+        return by_token.gather(1, torch.sort(self.score.gather(1, by_token), dim=1, descending=self.largest,
+                                             stable=True).indices)
 
 
 class TopTable(_Slots):
@@ -127,14 +192,17 @@ class TopTable(_Slots):
 
     def add(self, batch: Batch) -> None:
         n_latents, width = self.score.shape
-        order, rank, counts = grouped(batch.latents, batch.values, n_latents, descending=True)
+        # an entry at or below its latent's worst slot can neither enter nor suppress one that can
+        cand = self.may_enter(batch.latents, batch.values).nonzero().squeeze(1)
+        latents, values = batch.latents[cand], batch.values[cand]
+        order, rank, counts = grouped(latents, values, n_latents, descending=True)
         todo = counts > 0
         depth = 2 * width
         picked: list[Tensor] = []
         while bool(todo.any()):
             # candidates of the latents still to do: their `depth` largest entries
-            sel = todo[batch.latents[order]] & (rank < depth)
-            ent, r = order[sel], rank[sel]
+            sel = todo[latents[order]] & (rank < depth)
+            ent, r = cand[order[sel]], rank[sel]
             lat = batch.latents[ent]
             rows_of = torch.full((n_latents,), -1, dtype=torch.long)
             ids = todo.nonzero().squeeze(1)
@@ -167,9 +235,7 @@ class SampleTable(_Slots):
 
     def add(self, batch: Batch) -> None:
         keys = torch.rand(batch.values.numel(), generator=self.generator)
-        n_latents, width = self.score.shape
-        order, rank, _ = grouped(batch.latents, keys, n_latents, descending=False)
-        ent = order[rank < width]
+        ent = self.may_enter(batch.latents, keys).nonzero().squeeze(1)
         self.merge(batch, batch.latents[ent], ent, keys[ent])
 
 
@@ -188,20 +254,27 @@ class NegativeTable:
         """candidates: [m] rows that may centre a window (the non-special ones)."""
         if candidates.numel() == 0:
             return
-        pick = candidates[torch.randint(candidates.numel(), (self.per_batch,), generator=self.generator)]
+        pick = candidates[torch.randperm(candidates.numel(), generator=self.generator)[: self.per_batch]]
         w0, w1 = batch.win_start[pick], batch.win_stop[pick]
-        width = int((w1 - w0).max())
-        offs = torch.arange(width)
-        rows = (w0[:, None] + offs).clamp_max(batch.dense.shape[0] - 1)
-        inside = offs < (w1 - w0)[:, None]
-        peak = torch.where(inside[:, :, None], batch.dense[rows], 0).amax(1)  # [per_batch, n_latents]
-        keys = torch.rand(peak.shape, generator=self.generator).masked_fill(peak > 0, float("inf")).T
+        keys = torch.rand(self.key.shape[0], pick.numel(), generator=self.generator)
+        # only (latent, window) pairs whose key would enter need the zero check
+        lat, q = (keys < self.key.amax(1, keepdim=True)).nonzero(as_tuple=True)
+        if lat.numel() == 0:
+            return
+        zero = ~batch.fires_in(lat, w0[q], w1[q])
+        lat, q = lat[zero], q[zero]
+        if lat.numel() == 0:
+            return
+        touched, local = torch.unique(lat, return_inverse=True)
+        new = torch.full((touched.numel(), pick.numel()), float("inf"))
+        new[local, q] = keys[lat, q]
         n = self.key.shape[1]
-        both = torch.cat([self.key, keys], 1)
+        both = torch.cat([self.key[touched], new], 1)
         best = both.topk(n, dim=1, largest=False).indices
-        starts = torch.cat([self.start, (batch.offset + w0).expand(self.key.shape[0], -1)], 1)
-        stops = torch.cat([self.stop, (batch.offset + w1).expand(self.key.shape[0], -1)], 1)
-        self.key, self.start, self.stop = both.gather(1, best), starts.gather(1, best), stops.gather(1, best)
+        starts = torch.cat([self.start[touched], (batch.offset + w0).expand(touched.numel(), -1)], 1)
+        stops = torch.cat([self.stop[touched], (batch.offset + w1).expand(touched.numel(), -1)], 1)
+        self.key[touched], self.start[touched], self.stop[touched] = (both.gather(1, best), starts.gather(1, best),
+                                                                      stops.gather(1, best))
 
 
 class PaperTable:

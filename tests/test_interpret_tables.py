@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from routesae.interpret.tables import Batch, NegativeTable, PaperTable, SampleTable, TopTable
+from routesae.interpret.tables import Batch, NegativeTable, PaperTable, SampleTable, TopTable, sorted_code
 from routesae.interpret.windows import segments, sentence_bounds, window_bounds
 
 CTX, N_LAT, LEFT, RIGHT = 32, 12, 3, 2
@@ -50,7 +50,8 @@ def _batches(z, special, token_ids, per_batch=4):
         first, end = segments(sp, CTX)
         rows, lat = zb.nonzero(as_tuple=True)
         ws, we = window_bounds(torch.arange(len(zb)), first, end, LEFT, RIGHT)
-        yield Batch(a, rows, lat, zb[rows, lat], torch.full_like(lat, -1), ws, we, zb.clone()), torch.from_numpy(
+        yield Batch(a, rows, lat, zb[rows, lat], torch.full_like(lat, -1), ws, we,
+                    *sorted_code(rows, lat, zb[rows, lat], len(zb))), torch.from_numpy(
             token_ids[a:a + step]), sp
 
 
@@ -77,10 +78,11 @@ def test_top_table_is_the_global_greedy_non_overlapping_top_n():
                 kept.append((v, t, w))
             if len(kept) == 5:
                 break
+        cols = [int(c) for c in top.ordered()[lat] if top.score[lat, c] > float("-inf")]
         got = [(float(top.value[lat, c]), int(top.token[lat, c]), (int(top.start[lat, c]), int(top.stop[lat, c])))
-               for c in range(5) if top.score[lat, c] > float("-inf")]
+               for c in cols]
         assert got == kept, lat
-        for c, (_, t, (a, b)) in enumerate(kept):  # the shading: the latent's code over the window
+        for c, (_, t, (a, b)) in zip(cols, kept):  # the shading: the latent's code over the window
             np.testing.assert_allclose(top.acts[lat, c, : b - a].float().numpy(), z[a:b, lat], rtol=1e-3)
             assert top.acts[lat, c, b - a:].abs().sum() == 0
 
