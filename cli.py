@@ -68,7 +68,9 @@ def _register() -> None:
     main.add_command(info)
     main.add_command(repair)
     for module, name in (("routesae.train.cli", "fit"), ("routesae.evaluate.cli", "eval_command"),
-                         ("routesae.interpret.cli", "contexts")):
+                         ("routesae.interpret.cli", "contexts"), ("routesae.interpret.judge_cli", "interpret"),
+                         ("routesae.model.cli", "export_model"),
+                         ("routesae.interpret.dashboard_cli", "dashboard")):
         try:
             mod = __import__(module, fromlist=[name])
         except ModuleNotFoundError as e:

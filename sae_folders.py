@@ -4,6 +4,7 @@ Shared by eval, contexts and the later stages."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -109,3 +110,12 @@ def held_out_range(cache: Cache, saes: list[LoadedSAE], all_tokens: bool = False
             raise RouteSAEError(f"--tokens {tokens} is less than one context of {ctx} tokens")
         stop = min(stop, start + tokens // ctx * ctx)
     return start, stop
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of an SAE folder's sae.safetensors: which trained weights an output was made from."""
+    h = hashlib.sha256()
+    with open(folder / "sae.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

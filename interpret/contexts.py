@@ -5,7 +5,6 @@ token ids, so the LLM never runs. The output (formats.md) is plain JSON."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from routesae.errors import RouteSAEError
+from routesae.sae_folders import weights_digest
 from routesae.store.zarr_store import Cache
 from routesae.interpret.codes import has_layer_per_activation, sae_input, token_codes
 from routesae.interpret.tables import Batch, NegativeTable, PaperTable, SampleTable, TopTable, sorted_code
@@ -134,14 +134,6 @@ def check_config(cfg: ContextsConfig) -> None:
             raise RouteSAEError(f"--{name} must not be negative")
     if not cfg.threshold >= 0:
         raise RouteSAEError("--threshold must be a non-negative number")
-
-
-def _weights_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path / "sae.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Vocab(NamedTuple):
@@ -363,7 +355,7 @@ def _manifest(cfg: ContextsConfig, loaded: Any, cache: Cache, start: int, stop: 
     m: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "complete": counts is not None,
         "sae": {"name": loaded.name, "path": str(Path(loaded.path).resolve()), "arch": c.arch, "layers": list(c.layers),
-                "n_latents": c.n_latents, "k": c.k, "weights_sha256": _weights_digest(loaded.path)},
+                "n_latents": c.n_latents, "k": c.k, "weights_sha256": weights_digest(Path(loaded.path))},
         "store": {"path": str(Path(cache.path).resolve()), "fingerprint": cache.fingerprint, "context_len": cache.context_len},
         "tokens": [start, stop], "n_tokens": n_tokens, "settings": cfg.settings(),
         "layers": list(c.layers) if has_layer_per_activation(loaded.sae) else None,

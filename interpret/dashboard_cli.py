@@ -1,0 +1,31 @@
+"""`routesae dashboard`: static HTML pages of an SAE's latents from its contexts folder."""
+
+from __future__ import annotations
+
+import click
+
+from routesae.interpret.dashboard import DashboardConfig, run_dashboard
+
+
+@click.command("dashboard")
+@click.option("--contexts", "contexts_dir", required=True, help="A contexts folder (one SAE's) from routesae contexts.")
+@click.option("--out", required=True, help="Output folder: index.html and latents/<i>.html.")
+@click.option("--interp", default=None, help="interp.json from routesae interpret on the same contexts folder.")
+@click.option("--latents", default=None,
+              help="The first N latents (500, 1k) or a selection (3,17,40-49; one latent: 17,). Default: all.")
+@click.option("--no-unembed", is_flag=True, help="Skip the decoder direction's top and bottom tokens (no LLM load).")
+@click.option("--model", default=None, help="Load the unembedding from here instead of the SAE's recorded model id.")
+@click.option("--sae", default=None,
+              help="The SAE folder, when the path contexts.json records is not reachable from here.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def dashboard(contexts_dir, out, interp, latents, no_unembed, model, sae, quiet) -> None:
+    """An index of latents (sortable by frequency, count, max activation, judge score, layer) and a page
+    per latent: top and quantile contexts shaded by activation, histogram, layer distribution, the decoder
+    direction's top and bottom tokens, and the judge's verdict. Static HTML that opens offline.
+
+    Example: routesae dashboard --contexts ctx/routesae-k64 --interp interp.json --out dash"""
+    cfg = DashboardConfig(contexts=contexts_dir, out=out, interp=interp, latents=latents, unembed=not no_unembed,
+                          model=model, sae=sae, progress=not quiet)
+    r = run_dashboard(cfg)
+    click.echo(f"wrote {r.pages} latent pages ({r.live} live, {r.dead} dead) and {r.out / 'index.html'} "
+               f"in {r.seconds:.1f} s")
