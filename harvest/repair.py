@@ -25,7 +25,8 @@ from routesae.errors import RouteSAEError
 from routesae.model.hooks import HiddenStateCapture
 from routesae.harvest.corpus import document_source, shuffled
 from routesae.model.loading import LoadedModel, load_store_model
-from routesae.harvest.packing import PackState, SpecialTokens, pack_contexts
+from routesae.harvest.packing import PackState, pack_contexts
+from routesae.model.special_tokens import SpecialTokens
 from routesae.store.zarr_store import TORCH_DTYPES, Cache, StoreWriter
 from routesae.store.verify import Damage, verify
 

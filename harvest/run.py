@@ -29,7 +29,8 @@ from routesae.model.loading import (
     load_model,
     resolve_dtype,
 )
-from routesae.harvest.packing import PackState, SpecialTokens, pack_contexts
+from routesae.harvest.packing import PackState, pack_contexts
+from routesae.model.special_tokens import SpecialTokens
 from routesae.store.zarr_store import (
     ZARR_DTYPES,
     Cache,
