@@ -12,12 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from routesae.cli import main
-from routesae.harvest.run import HarvestConfig, run_harvest
 from routesae.sae_folders import held_out_range, load_saes
 from routesae.store.zarr_store import Cache
-from routesae.train.config import FitConfig
-from routesae.train.trainer import fit
-from tiny_models import save_tiny
+from tiny_models import tiny_store_with_saes
 
 CTX, THRESHOLD = 32, 1.0
 
@@ -25,12 +22,7 @@ CTX, THRESHOLD = 32, 1.0
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("contexts")
-    model_dir = save_tiny("llama", root / "model")
-    run_harvest(HarvestConfig(out=str(root / "s.zarr"), model=str(model_dir), dataset="builtin", tokens=4096,
-                              layers="all", context_len=CTX, batch_size=8, progress=False, min_chunk_bytes=1024))
-    fit(FitConfig(cache=str(root / "s.zarr"), out=str(root / "runs"), archs=["topk", "routesae", "mlsae", "vanilla"],
-                  ks=[8], latents=64, batch_size=256, eval_tokens=0.25, layer=3, routed_layers=[1, 2, 3],
-                  progress=False, tokens=4096))
+    tiny_store_with_saes(root, ["topk", "routesae", "mlsae", "vanilla"])
     result = _run("--sae", root / "runs", "--cache", root / "s.zarr", "--out", root / "ctx", "--threshold", THRESHOLD,
                   "--top", 6, "--left", 4, "--right", 2, "--quiet")
     assert result.exit_code == 0, result.output

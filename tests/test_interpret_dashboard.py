@@ -19,13 +19,10 @@ import torch
 from click.testing import CliRunner
 
 from routesae.cli import main
-from routesae.harvest.run import HarvestConfig, run_harvest
 from routesae.interpret import dashboard as D
 from routesae.interpret import dashboard_html as H
 from routesae.interpret.unembed import decoder_directions, top_bottom_tokens
-from routesae.train.config import FitConfig
-from routesae.train.trainer import fit
-from tiny_models import save_tiny
+from tiny_models import tiny_store_with_saes
 
 EVIL_TOKEN = "<script>alert(1)</script>"
 EVIL_EXPLANATION = "fires on <b>&\"' tokens"
@@ -43,12 +40,7 @@ def _lines(folder: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
-    model_dir = save_tiny("llama", root / "model")
-    run_harvest(HarvestConfig(out=str(root / "s.zarr"), model=str(model_dir), dataset="builtin", tokens=4096,
-                              layers="all", context_len=32, batch_size=8, progress=False, min_chunk_bytes=1024))
-    fit(FitConfig(cache=str(root / "s.zarr"), out=str(root / "runs"), archs=["topk", "routesae", "crosscoder"],
-                  ks=[8], latents=64, batch_size=256, eval_tokens=0.25, layer=3, routed_layers=[1, 2, 3],
-                  progress=False, tokens=4096))
+    model_dir = tiny_store_with_saes(root, ["topk", "routesae", "crosscoder"])
     made = CliRunner().invoke(main, ["contexts", "--sae", str(root / "runs"), "--cache", str(root / "s.zarr"),
                                      "--out", str(root / "ctx"), "--threshold", "1", "--top", "6", "--left", "4",
                                      "--right", "2", "--quiet"])

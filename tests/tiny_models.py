@@ -50,3 +50,19 @@ def save_tiny(kind: str, folder: Path, n_layers: int = 4) -> Path:
     tiny_model(kind, n_layers).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def tiny_store_with_saes(root: Path, archs: list[str], tokens: int = 4096) -> Path:
+    """A tiny Llama under root/model, a store of all its layers (contexts of 32) at root/s.zarr, and
+    SAEs of `archs` (k 8, 64 latents; single-layer ones at layer 3, multi-layer ones over 1..3)
+    trained from it into root/runs. -> the model folder."""
+    from routesae.harvest.run import HarvestConfig, run_harvest
+    from routesae.train.config import FitConfig
+    from routesae.train.trainer import fit
+
+    model_dir = save_tiny("llama", root / "model")
+    run_harvest(HarvestConfig(out=str(root / "s.zarr"), model=str(model_dir), dataset="builtin", tokens=tokens,
+                              layers="all", context_len=32, batch_size=8, progress=False, min_chunk_bytes=1024))
+    fit(FitConfig(cache=str(root / "s.zarr"), out=str(root / "runs"), archs=archs, ks=[8], latents=64, batch_size=256,
+                  eval_tokens=0.25, layer=3, routed_layers=[1, 2, 3], progress=False, tokens=tokens))
+    return model_dir

@@ -1,0 +1,269 @@
+"""`routesae diff`: which latents tell two prompt sets apart (the Goodfire-SAE study of prompt
+styles). The model recorded with the SAE runs every prompt live, the SAE encodes each token (BOS and
+other special tokens left out) and a prompt's activation of a latent is the mean, max or last of its
+tokens'. Then, per set and between the sets: active latents per prompt, exclusive latents, latents
+active on every prompt of one set and none of the other, a ranking by frequency difference, and,
+for paired sets (line i with line i), per-latent McNemar tests."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from routesae.errors import RouteSAEError
+from routesae.interpret.builtin_prompts import SETS
+from routesae.interpret.codes import sae_input, token_codes
+
+REDUCTIONS = ("mean", "max", "last")
+
+
+@dataclass
+class DiffConfig:
+    """The arguments of `routesae diff`."""
+
+    sae: str
+    """SAE folder."""
+    a: str
+    """First prompt set: a text file (one prompt per line), a .jsonl (a `text` field), or builtin:novice / builtin:expert."""
+    b: str
+    """Second prompt set, the same kinds."""
+    out: str
+    """Output folder: diff.md, diff.json, diff.png."""
+    reduce: str = "max"
+    """How a prompt's activation of a latent comes from its tokens': mean, max or last."""
+    top: int = 20
+    """Latents listed per ranking."""
+    model: str | None = None
+    """Load the LLM from here instead of the SAE's recorded model id (same revision)."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def read_prompts(spec: str) -> list[str]:
+    """A prompt set: builtin name, .jsonl with a `text` field, or one prompt per non-empty line."""
+    if spec in SETS:
+        return list(SETS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise RouteSAEError(f"no prompt file {spec} (or use {' / '.join(SETS)})")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise RouteSAEError(f"{spec}:{i}: not a JSON line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise RouteSAEError(f"{spec}:{i}: a JSON object with a string 'text' field is expected")
+            prompts.append(record["text"])
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise RouteSAEError(f"{spec} holds no prompts")
+    return prompts
+
+
+@torch.no_grad()
+def prompt_activations(model: Any, tokenizer: Any, sae: torch.nn.Module, prompts: list[str], reduce: str,
+                       progress: bool = False, desc: str = "") -> np.ndarray:
+    """[n_prompts, n_latents] each prompt's activation of each latent (0: it never fires)."""
+    from routesae.model.special_tokens import SpecialTokens
+
+    special = SpecialTokens.of(tokenizer)
+    layers = sorted(set(sae.config.layers))
+    device = next(model.parameters()).device
+    out = np.zeros((len(prompts), sae.config.n_latents), dtype=np.float32)
+    for i, text in enumerate(tqdm(prompts, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)):
+        ids = np.asarray([special.bos, *tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+        keep = torch.from_numpy(~special.mask(ids))
+        if not bool(keep.any()):
+            continue
+        hidden = model(torch.from_numpy(ids)[None].to(device), output_hidden_states=True).hidden_states
+        acts = {layer: hidden[layer][0][keep.to(device)].float() for layer in layers}
+        codes = token_codes(sae, sae_input(sae, acts))
+        z = torch.zeros(int(keep.sum()), sae.config.n_latents)
+        z[codes.rows.cpu(), codes.latents.cpu()] = codes.values.cpu()
+        out[i] = (z.mean(0) if reduce == "mean" else z.amax(0) if reduce == "max" else z[-1]).numpy()
+    return out
+
+
+class SetSummary(NamedTuple):
+    """One prompt set's activity."""
+
+    prompts: int
+    active_mean: float
+    """Active latents per prompt, mean."""
+    active_std: float
+    """... and its standard deviation over prompts."""
+    strength: float
+    """Mean activation over the (prompt, latent) pairs that are active."""
+    latents_used: int
+    """Latents active on at least one prompt."""
+
+
+def _summary(z: np.ndarray) -> SetSummary:
+    active = z > 0
+    per_prompt = active.sum(1)
+    return SetSummary(len(z), float(per_prompt.mean()), float(per_prompt.std()),
+                      float(z[active].mean()) if active.any() else 0.0, int(active.any(0).sum()))
+
+
+def mcnemar_p(only_a: np.ndarray, only_b: np.ndarray) -> np.ndarray:
+    """Exact two-sided McNemar p-values from the discordant pair counts (a binomial test at 1/2)."""
+    out = np.ones(len(only_a))
+    for i, (x, y) in enumerate(zip(only_a.tolist(), only_b.tolist())):
+        n = x + y
+        if n:
+            tail = sum(math.comb(n, j) for j in range(min(x, y) + 1)) / 2.0**n
+            out[i] = min(1.0, 2 * tail)
+    return out
+
+
+def compare(za: np.ndarray, zb: np.ndarray, top: int) -> dict[str, Any]:
+    """The diff of two sets' [n_prompts, n_latents] activations, as plain JSON-ready data."""
+    fa, fb = (za > 0).mean(0), (zb > 0).mean(0)
+    latents = np.arange(za.shape[1])
+
+    def entries(ids: np.ndarray) -> list[dict[str, Any]]:
+        return [{"latent": int(i), "freq_a": float(fa[i]), "freq_b": float(fb[i]),
+                 "mean_a": float(za[:, i].mean()), "mean_b": float(zb[:, i].mean())} for i in ids]
+
+    diff = fa - fb
+    # ties in the ranking broken by the stronger mean activation difference, then by index
+    order = np.lexsort((latents, -(za.mean(0) - zb.mean(0)), -diff))
+    result: dict[str, Any] = {
+        "a": _summary(za)._asdict(), "b": _summary(zb)._asdict(),
+        "exclusive_a": entries(latents[(fa > 0) & (fb == 0)]), "exclusive_b": entries(latents[(fb > 0) & (fa == 0)]),
+        "separating_a": entries(latents[(fa == 1) & (fb == 0)]), "separating_b": entries(latents[(fb == 1) & (fa == 0)]),
+        "more_in_a": entries([i for i in order[:top] if diff[i] > 0]),
+        "more_in_b": entries([i for i in order[::-1][:top] if diff[i] < 0]),
+        "paired": None,
+    }
+    if len(za) == len(zb):
+        aa, bb = za > 0, zb > 0
+        only_a, only_b = (aa & ~bb).sum(0), (bb & ~aa).sum(0)
+        p = mcnemar_p(only_a, only_b)
+        ranked = np.lexsort((latents, -np.abs(only_a - only_b), p))
+        result["paired"] = {
+            "pairs": len(za),
+            "only_a_per_pair": float((aa & ~bb).sum(1).mean()), "only_b_per_pair": float((bb & ~aa).sum(1).mean()),
+            "both_per_pair": float((aa & bb).sum(1).mean()),
+            "mcnemar": [{"latent": int(i), "only_a": int(only_a[i]), "only_b": int(only_b[i]),
+                         "both": int((aa & bb)[:, i].sum()), "p": float(p[i])}
+                        for i in ranked[:top] if only_a[i] + only_b[i] > 0],
+        }
+    return result
+
+
+def markdown(result: dict[str, Any], cfg: DiffConfig, name: str) -> str:
+    lines = [f"# routesae diff: {name}", "",
+             f"A = {cfg.a}, B = {cfg.b}; a prompt's activation of a latent is the {cfg.reduce} over its tokens "
+             "(special tokens left out); a latent is active on a prompt when that is above 0.", "",
+             "| set | prompts | active latents per prompt | std | mean activation when active | latents used |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key in ("a", "b"):
+        s = result[key]
+        lines.append(f"| {key.upper()} | {s['prompts']} | {s['active_mean']:.1f} | {s['active_std']:.1f} | "
+                     f"{s['strength']:.3f} | {s['latents_used']} |")
+    lines += ["", f"Exclusive latents (active on some prompt of one set, none of the other): A {len(result['exclusive_a'])}, "
+              f"B {len(result['exclusive_b'])}.",
+              f"Perfectly separating (active on every prompt of one set, none of the other): A {len(result['separating_a'])}, "
+              f"B {len(result['separating_b'])}.", ""]
+
+    def table(title: str, rows: list[dict[str, Any]]) -> None:
+        nonlocal lines
+        lines += [f"## {title}", ""]
+        if not rows:
+            lines += ["(none)", ""]
+            return
+        lines += ["| latent | freq A | freq B | mean A | mean B |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['latent']} | {r['freq_a']:.2f} | {r['freq_b']:.2f} | {r['mean_a']:.3f} | {r['mean_b']:.3f} |"
+                  for r in rows]
+        lines.append("")
+
+    table("Perfectly separating, A", result["separating_a"][: cfg.top])
+    table("Perfectly separating, B", result["separating_b"][: cfg.top])
+    table("Most more frequent in A", result["more_in_a"])
+    table("Most more frequent in B", result["more_in_b"])
+    paired = result["paired"]
+    if paired:
+        lines += ["## Paired (prompt i of A with prompt i of B)", "",
+                  f"{paired['pairs']} pairs; per pair, latents active only in A's prompt {paired['only_a_per_pair']:.1f}, "
+                  f"only in B's {paired['only_b_per_pair']:.1f}, in both {paired['both_per_pair']:.1f}. "
+                  "Exact McNemar tests per latent, smallest p first (not corrected for the number of latents):", "",
+                  "| latent | only A | only B | both | p |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['latent']} | {r['only_a']} | {r['only_b']} | {r['both']} | {r['p']:.2g} |" for r in paired["mcnemar"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(za: np.ndarray, zb: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fa, fb = (za > 0).mean(0), (zb > 0).mean(0)
+    used = (fa > 0) | (fb > 0)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    sep = used & (((fa == 1) & (fb == 0)) | ((fb == 1) & (fa == 0)))
+    excl = used & ((fa == 0) | (fb == 0)) & ~sep
+    rest = used & ~sep & ~excl
+    for mask, colour, label in ((rest, "#9aa5b1", "both sets"), (excl, "#e08a2c", "exclusive to one"),
+                                (sep, "#c0392b", "perfectly separating")):
+        left.scatter(fa[mask], fb[mask], s=10, c=colour, alpha=0.7, label=f"{label} ({int(mask.sum())})")
+    left.plot([0, 1], [0, 1], color="#555", lw=0.8, ls="--")
+    left.set(xlabel="fraction of A's prompts active", ylabel="fraction of B's prompts active",
+             title="latents that fire on either set", xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
+    left.legend(loc="upper left", fontsize=8)
+    counts_a, counts_b = (za > 0).sum(1), (zb > 0).sum(1)
+    bins = np.linspace(min(counts_a.min(), counts_b.min()), max(counts_a.max(), counts_b.max()) + 1, 20)
+    right.hist(counts_a, bins=bins, alpha=0.6, label="A", color="#2c7fb8")
+    right.hist(counts_b, bins=bins, alpha=0.6, label="B", color="#e08a2c")
+    right.set(xlabel="active latents per prompt", ylabel="prompts", title="how many latents a prompt uses")
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_diff(cfg: DiffConfig) -> tuple[dict[str, Any], Path]:
+    """Run both sets, compare them and write diff.md, diff.json and diff.png; -> (result, out folder)."""
+    from routesae.model.loading import load_store_model, resolve_device
+    from routesae.sae_folders import load_saes
+
+    if cfg.reduce not in REDUCTIONS:
+        raise RouteSAEError(f"--reduce {cfg.reduce!r}: use {', '.join(REDUCTIONS)}")
+    if cfg.top < 1:
+        raise RouteSAEError("--top must be at least 1")
+    prompts_a, prompts_b = read_prompts(cfg.a), read_prompts(cfg.b)
+    device = resolve_device(cfg.device)
+    (loaded,) = load_saes([cfg.sae], device)
+    sae = loaded.sae
+    if not sae.config.model.get("id") and not cfg.model:
+        raise RouteSAEError(f"{cfg.sae} records no model to run the prompts with; pass --model")
+    llm = load_store_model(loaded.path, sae.config.model, cfg.model, cfg.device, "run the prompts of")
+    sae.to(next(llm.model.parameters()).device)
+    za = prompt_activations(llm.model, llm.tokenizer, sae, prompts_a, cfg.reduce, cfg.progress, "A")
+    zb = prompt_activations(llm.model, llm.tokenizer, sae, prompts_b, cfg.reduce, cfg.progress, "B")
+    result = compare(za, zb, cfg.top)
+    result = {"sae": str(Path(cfg.sae).resolve()), "set_a": cfg.a, "set_b": cfg.b, "reduce": cfg.reduce,
+              "n_latents": sae.config.n_latents, **result}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diff.json").write_text(json.dumps(result, indent=1))
+    (out / "diff.md").write_text(markdown(result, cfg, loaded.name))
+    plot(za, zb, out / "diff.png", f"{loaded.name}: A = {cfg.a}, B = {cfg.b} ({cfg.reduce} over tokens)")
+    return result, out

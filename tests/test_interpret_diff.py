@@ -1,0 +1,91 @@
+"""`routesae diff` on a tiny Llama and its TopK/RouteSAE SAEs: every count against an independent
+computation here (a plain forward, the SAE's dense encode per token, numpy reductions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from routesae.cli import main
+from routesae.interpret.diff import mcnemar_p
+from routesae.train.load import load_sae
+from tiny_models import tiny_store_with_saes
+
+A = ["The cat sat on the mat.", "A function returns a value.", "Lists hold items in order.", "Open the file first."]
+B = ["An exception was raised.", "The module imports os.", "Dictionaries map keys to values.", "Close the socket."]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diff")
+    model_dir = tiny_store_with_saes(root, ["topk", "routesae"], tokens=2048)
+    (root / "a.txt").write_text("\n".join(A) + "\n\n")
+    (root / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in B))
+    return root, model_dir
+
+
+def _independent(model_dir, sae, prompts, reduce):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    layers = list(sae.config.layers)
+    out = []
+    for text in prompts:
+        ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+        with torch.no_grad():
+            hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        x = torch.stack([hs[layer][0, 1:].float() for layer in layers], 1)  # BOS left out
+        z = sae.encode(x if len(layers) > 1 else x[:, 0]).numpy()
+        out.append(z.mean(0) if reduce == "mean" else z.max(0) if reduce == "max" else z[-1])
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("name,reduce", [("topk-k8", "max"), ("routesae-k8", "mean"), ("topk-k8", "last")])
+def test_counts_exclusive_and_separating_latents_equal_an_independent_computation(world, tmp_path, name, reduce):
+    root, model_dir = world
+    result = CliRunner().invoke(main, ["diff", "--sae", str(root / "runs" / name), "--a", str(root / "a.txt"),
+                                       "--b", str(root / "b.jsonl"), "--reduce", reduce, "--out", str(tmp_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    got = json.loads((tmp_path / "diff.json").read_text())
+    sae = load_sae(root / "runs" / name)
+    za, zb = _independent(model_dir, sae, A, reduce), _independent(model_dir, sae, B, reduce)
+    fa, fb = (za > 0).mean(0), (zb > 0).mean(0)
+    assert got["a"]["active_mean"] == pytest.approx((za > 0).sum(1).mean())
+    assert got["b"]["latents_used"] == int((zb > 0).any(0).sum())
+    assert [r["latent"] for r in got["exclusive_a"]] == np.nonzero((fa > 0) & (fb == 0))[0].tolist()
+    assert [r["latent"] for r in got["exclusive_b"]] == np.nonzero((fb > 0) & (fa == 0))[0].tolist()
+    assert [r["latent"] for r in got["separating_a"]] == np.nonzero((fa == 1) & (fb == 0))[0].tolist()
+    assert [r["latent"] for r in got["separating_b"]] == np.nonzero((fb == 1) & (fa == 0))[0].tolist()
+    for r in got["more_in_a"]:
+        assert r["freq_a"] - r["freq_b"] > 0 and r["freq_a"] == pytest.approx(fa[r["latent"]])
+    paired = got["paired"]
+    only_a = ((za > 0) & ~(zb > 0)).sum(0)
+    assert paired["only_a_per_pair"] == pytest.approx(((za > 0) & ~(zb > 0)).sum(1).mean())
+    for r in paired["mcnemar"]:
+        assert r["only_a"] == only_a[r["latent"]]
+    assert (tmp_path / "diff.png").stat().st_size > 1000 and "Perfectly separating" in (tmp_path / "diff.md").read_text()
+
+
+def test_mcnemar_p_is_the_exact_binomial_test():
+    # 7 discordant pairs all one way: p = 2 * (1/2)^7; 3 vs 3: p = 1
+    np.testing.assert_allclose(mcnemar_p(np.array([7, 3, 0]), np.array([0, 3, 0])), [2 / 128, 1.0, 1.0])
+    x, y = 9, 2
+    want = 2 * sum(math.comb(11, j) for j in range(3)) / 2**11
+    assert mcnemar_p(np.array([x]), np.array([y]))[0] == pytest.approx(want)
+
+
+def test_bad_input_is_one_line(world, tmp_path):
+    root, _ = world
+    (tmp_path / "empty.txt").write_text("\n\n")
+    cases = [(["--a", str(tmp_path / "empty.txt"), "--b", "builtin:expert"], "holds no prompts"),
+             (["--a", str(tmp_path / "nope.txt"), "--b", "builtin:expert"], "no prompt file")]
+    for args, match in cases:
+        result = CliRunner().invoke(main, ["diff", "--sae", str(root / "runs" / "topk-k8"), *args, "--out", str(tmp_path)])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and match in lines[0], result.stderr
