@@ -70,7 +70,10 @@ def _register() -> None:
     for module, name in (("routesae.train.cli", "fit"), ("routesae.evaluate.cli", "eval_command"),
                          ("routesae.interpret.cli", "contexts"), ("routesae.interpret.judge_cli", "interpret"),
                          ("routesae.model.cli", "export_model"),
-                         ("routesae.interpret.dashboard_cli", "dashboard")):
+                         ("routesae.interpret.dashboard_cli", "dashboard"),
+                         ("routesae.interpret.diff_cli", "diff"),
+                         ("routesae.interop.cli", "import_command"), ("routesae.interop.cli", "export"),
+                         ("routesae.interpret.steer_cli", "steer")):
         try:
             mod = __import__(module, fromlist=[name])
         except ModuleNotFoundError as e:
