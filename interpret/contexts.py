@@ -295,8 +295,10 @@ class _Writer:
             groups = np.array_split(np.array(pool_cols, dtype=np.int64), cfg.quantiles) if pool_cols else []
             quantiles = [draw(g.tolist(), cfg.per_quantile) for g in groups]
             samples = draw(pool_cols, cfg.samples)
+            # zero windows that share no token with an example either (the explainer never saw their text)
             negatives = [_example(None, None, None, int(neg_start[latent, c]), int(neg_stop[latent, c]), None)
-                         for c in np.nonzero(neg_key[latent] < np.inf)[0]]
+                         for c in np.nonzero(neg_key[latent] < np.inf)[0]
+                         if not _overlaps((int(neg_start[latent, c]), int(neg_stop[latent, c])), taken)]
             dropped = bool(p.paper.dropped[latent])
             mine = paper.get(latent, [])
             paper_ex = None if dropped else [self._paper_example(v, t, layer) for v, t, layer in mine]

@@ -114,6 +114,7 @@ def test_every_recorded_figure_equals_a_brute_force_pass(world, name):
         for ex in rec["negatives"]:
             a, b = ex["start"] - start, ex["start"] - start + len(ex["token_ids"])
             assert (col[a:b] == 0).all() and not special[a:b].any()
+            assert all(not (ex["start"] < q and p < ex["start"] + len(ex["token_ids"])) for p, q in spans)
         # the paper's rule, from the definition
         groups: dict[str, list[float]] = {}
         for i in np.nonzero(col > THRESHOLD)[0]:

@@ -1,0 +1,293 @@
+"""The judge: an LLM behind any OpenAI-compatible chat-completions server (`--judge-url`), or a local
+transformers chat model run in-process (`--judge-model local:PATH`). Requests run a bounded number
+at a time, are retried with exponential backoff on connection errors, 5xx and 429, and every reply
+is cached on disk, one small JSON file per reply keyed by a sha256 of (model, messages, sampling
+settings): a rerun costs nothing and a killed run resumes where it stopped.
+
+The API key comes from the environment only (OPENAI_API_KEY; local servers ignore it) and goes
+into neither the cache key nor any file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from routesae.errors import RouteSAEError
+from tqdm.auto import tqdm
+
+Messages = list[dict[str, str]]
+API_KEY_ENV = "OPENAI_API_KEY"
+DUMMY_KEY = "not-needed"
+"""Sent when OPENAI_API_KEY is unset: local servers ignore the key, but the client wants one."""
+LOCAL_PREFIX = "local:"
+RETRY_STATUS = {408, 409, 429}
+"""HTTP statuses worth retrying besides 5xx: timeout, conflict, rate limit."""
+
+
+@dataclass
+class JudgeConfig:
+    """Who judges and how it is asked."""
+
+    model: str
+    """Model name as the server knows it, or 'local:PATH' for an in-process transformers model."""
+    url: str | None = None
+    """Base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (none for local:)."""
+    cache_dir: Path | None = None
+    """One JSON file per reply; None: no cache."""
+    temperature: float = 0.0
+    """Sampling temperature (0: greedy; the RouteSAE paper used 0.1)."""
+    max_tokens: int = 300
+    """Longest reply, in tokens."""
+    concurrency: int = 4
+    """Requests in flight at once."""
+    max_retries: int = 5
+    """Retries of a request after a connection error, 5xx or 429, with exponential backoff."""
+    timeout: float = 600.0
+    """Seconds a request may take (a CPU server with queued requests is slow)."""
+    check_timeout: float = 5.0
+    """Seconds the first look at the server's /models may take."""
+    retry_base: float = 1.0
+    """First backoff delay in seconds; doubled each retry, at most retry_cap."""
+    retry_cap: float = 30.0
+    """Longest backoff delay in seconds."""
+
+    @property
+    def local(self) -> bool:
+        return self.model.startswith(LOCAL_PREFIX)
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling settings sent with every request (part of the cache key, recorded in the output)."""
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens}
+
+
+class Backend(Protocol):
+    def check(self) -> None:
+        """Fail with one RouteSAEError line when the judge cannot answer at all."""
+
+    def complete(self, messages: Messages, sampling: dict[str, Any]) -> str:
+        """One reply; RouteSAEError when it cannot be had."""
+
+
+def cache_key(model: str, messages: Messages, sampling: dict[str, Any]) -> str:
+    blob = json.dumps({"model": model, "messages": messages, "sampling": sampling}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ReplyCache:
+    """One JSON file per reply in a folder, written atomically (tmp + os.replace)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def get(self, key: str) -> str | None:
+        try:
+            data = json.loads(self._path(key).read_text())
+        except (OSError, ValueError):
+            return None  # absent, or damaged by hand: asked again
+        reply = data.get("reply") if isinstance(data, dict) else None
+        return reply if isinstance(reply, str) else None
+
+    def put(self, key: str, model: str, sampling: dict[str, Any], reply: str) -> None:
+        path = self._path(key)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        tmp.write_text(json.dumps({"model": model, "sampling": sampling, "reply": reply}, ensure_ascii=False))
+        os.replace(tmp, path)
+
+
+def _first_line(e: BaseException) -> str:
+    cause = e.__cause__ or e.__context__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if cause is not None and str(cause).strip():
+        text += f" ({str(cause).strip().splitlines()[0]})"
+    return text
+
+
+def _status_detail(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        for key in ("detail", "message", "error"):
+            value = body.get(key)
+            if isinstance(value, dict):
+                value = value.get("message")
+            if value:
+                return str(value).strip().splitlines()[0]
+    return _first_line(e)
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible server through the `openai` client (its own retries off: ours back off)."""
+
+    def __init__(self, cfg: JudgeConfig):
+        from openai import OpenAI
+
+        self.cfg = cfg
+        self.url = cfg.url.rstrip("/")
+        self.client = OpenAI(base_url=self.url, api_key=os.environ.get(API_KEY_ENV) or DUMMY_KEY,
+                             max_retries=0, timeout=cfg.timeout)
+        self.served: list[str] = []
+
+    def check(self) -> None:
+        import openai
+
+        try:
+            models = self.client.with_options(timeout=self.cfg.check_timeout, max_retries=0).models.list()
+            self.served = [m.id for m in getattr(models, "data", None) or []]
+        except openai.APIConnectionError as e:
+            raise RouteSAEError(f"the judge at {self.url} does not answer ({_first_line(e)}); "
+                                "start the server or fix --judge-url") from None
+        except openai.AuthenticationError:
+            raise RouteSAEError(f"the judge at {self.url} refused the API key (HTTP 401); set {API_KEY_ENV}") from None
+        except openai.APIStatusError:
+            pass  # it answers; some servers have no /models
+
+    def complete(self, messages: Messages, sampling: dict[str, Any]) -> str:
+        import openai
+
+        cfg = self.cfg
+        for attempt in range(cfg.max_retries + 1):
+            try:
+                reply = self.client.chat.completions.create(model=cfg.model, messages=messages, **sampling)
+                choices = getattr(reply, "choices", None) or []
+                content = choices[0].message.content if choices and choices[0].message is not None else None
+                return content or ""
+            except openai.APIStatusError as e:
+                if e.status_code < 500 and e.status_code not in RETRY_STATUS:
+                    hint = f"; it serves {', '.join(self.served[:5])}" if self.served and cfg.model not in self.served else ""
+                    if e.status_code == 404 and not hint and not self.url.endswith("/v1"):
+                        hint = "; OpenAI-compatible servers usually answer under /v1 (--judge-url http://HOST:PORT/v1)"
+                    raise RouteSAEError(f"the judge at {self.url} refused the request (HTTP {e.status_code}): "
+                                        f"{_status_detail(e)}{hint}") from None
+                error: Exception = e
+            except openai.APIConnectionError as e:
+                error = e
+            if attempt == cfg.max_retries:
+                raise RouteSAEError(f"the judge at {self.url} failed {attempt + 1} times, last: {_first_line(error)}; "
+                                    "rerun to resume (answered requests are cached)")
+            # Exponential backoff with jitter, so parallel workers do not retry in lockstep.
+            time.sleep(min(cfg.retry_cap, cfg.retry_base * 2 ** attempt) * (0.5 + random.random() / 2))
+        raise AssertionError("unreachable")
+
+
+class LocalBackend:
+    """A transformers chat model in this process: chat template, then greedy (or sampled) generate."""
+
+    def __init__(self, cfg: JudgeConfig):
+        self.cfg = cfg
+        self.spec = cfg.model[len(LOCAL_PREFIX):]
+        self._loaded: Any = None
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        from routesae.model.loading import load_model
+
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = load_model(self.spec, "float32", "auto")
+                if not getattr(self._loaded.tokenizer, "chat_template", None):
+                    raise RouteSAEError(f"{self.spec} has no chat template: a judge must be a chat model")
+
+    def complete(self, messages: Messages, sampling: dict[str, Any]) -> str:
+        import torch
+
+        self.check()
+        model, tok = self._loaded.model, self._loaded.tokenizer
+        with self._lock:  # one generate at a time: the threads only queue here
+            inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True).to(model.device)
+            temperature = float(sampling["temperature"])
+            gen = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=int(sampling["max_tokens"]),
+                                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                                     top_p=None, top_k=None, **gen)
+            return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+class Judge:
+    """Asks a backend many conversations at once: cached replies first, the rest `concurrency` at a
+    time. The backend's first look (`check`) happens before the first request it really has to
+    answer, so a fully cached rerun needs no server."""
+
+    def __init__(self, cfg: JudgeConfig, backend: Backend | None = None):
+        if cfg.concurrency < 1:
+            raise RouteSAEError("--concurrency must be at least 1")
+        if cfg.max_retries < 0:
+            raise RouteSAEError("--max-retries must not be negative")
+        if cfg.max_tokens < 1:
+            raise RouteSAEError("--max-tokens must be at least 1")
+        if not cfg.temperature >= 0:
+            raise RouteSAEError("--temperature must be a non-negative number")
+        if not cfg.timeout > 0:
+            raise RouteSAEError("--timeout must be a positive number of seconds")
+        if not cfg.local and not cfg.url:
+            raise RouteSAEError("pass --judge-url (an OpenAI-compatible server), or --judge-model local:PATH")
+        self.cfg = cfg
+        self.backend = backend or (LocalBackend(cfg) if cfg.local else OpenAIBackend(cfg))
+        self.cache = ReplyCache(cfg.cache_dir) if cfg.cache_dir is not None else None
+        self.requests = 0
+        """Replies the backend produced (not from the cache) in this process."""
+        self.cached = 0
+        """Replies read from the cache."""
+        self._checked = False
+        self._lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        """The model as the cache key names it: a local path made absolute, a served name as given."""
+        if self.cfg.local:
+            spec = self.cfg.model[len(LOCAL_PREFIX):]
+            return LOCAL_PREFIX + (str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else spec)
+        return self.cfg.model
+
+    def _ensure_checked(self) -> None:
+        with self._lock:
+            if not self._checked:
+                self.backend.check()
+                self._checked = True
+
+    def _ask(self, messages: Messages, key: str) -> str:
+        self._ensure_checked()
+        sampling = self.cfg.sampling()
+        reply = self.backend.complete(messages, sampling)
+        if self.cache is not None:
+            self.cache.put(key, self.model_id, sampling, reply)
+        with self._lock:
+            self.requests += 1
+        return reply
+
+    def ask_many(self, conversations: list[Messages], desc: str = "judge", progress: bool = True) -> list[str]:
+        """Replies to every conversation, in order."""
+        sampling = self.cfg.sampling()
+        keys = [cache_key(self.model_id, m, sampling) for m in conversations]
+        replies: list[str | None] = [self.cache.get(k) if self.cache is not None else None for k in keys]
+        todo = [i for i, r in enumerate(replies) if r is None]
+        self.cached += len(conversations) - len(todo)
+        if not todo:
+            return replies  # type: ignore[return-value]
+        bar = tqdm(total=len(todo), desc=desc, unit="req", disable=not progress, dynamic_ncols=True)
+        pool = ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(todo)))
+        try:
+            futures = {pool.submit(self._ask, conversations[i], keys[i]): i for i in todo}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    replies[futures[f]] = f.result()  # a failed request raises here and stops the rest
+                    bar.update(1)
+        finally:
+            # On an error or Ctrl-C: drop what has not started; requests in flight finish and are cached.
+            pool.shutdown(wait=False, cancel_futures=True)
+            bar.close()
+        return replies  # type: ignore[return-value]
