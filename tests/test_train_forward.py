@@ -150,4 +150,4 @@ def test_wrong_input_shape_is_refused():
     with pytest.raises(ValueError, match="expects activations"):
         route_sae().encode(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="expects activations"):
-        topk_sae().encode(torch.zeros(3, 2, 3))
+        topk_sae().encode(torch.zeros(3, 2, 4))  # [batch, seq, d] is fine; a wrong width is not

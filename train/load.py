@@ -28,7 +28,8 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
       sae.decode(z)        latents -> reconstruction in the normalized space;
       sae.reconstruct(x)   model space -> model space (RouteSAE: a RoutedReconstruction);
       RouteSAE also: sae.route(x), sae.reconstruct_with_probs(x, probs), sae.reconstruct_at(x, layer_index, weight).
-    x is [n, d_model] for single-layer SAEs and [n, len(sae.config.layers), d_model] for routesae.
+    x is [..., d_model] for single-layer SAEs and [..., len(sae.config.layers), d_model] for the
+    multi-layer ones (any leading dimensions: [n, ...] or [batch, seq, ...]; the outputs keep them).
     sae.coder holds the weights (train/coders/: W_enc, W_dec as [n_latents, d_model] rows, ...)."""
     folder = Path(path)
     config_path, weights_path = folder / "config.json", folder / "sae.safetensors"

@@ -62,7 +62,7 @@ class SAE(nn.Module, abc.ABC):
     coder_name: ClassVar[str] = "topk"
     """The coder (coders/) that makes the code sparse."""
     multi_layer: ClassVar[bool] = False
-    """False: reads one layer, input [n, d_model]; True: reads the routed layers, [n, n_layers, d_model]."""
+    """False: reads one layer, input [..., d_model]; True: reads the routed layers, [..., n_layers, d_model]."""
 
     def __init__(self, config: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -139,6 +139,43 @@ class SAE(nn.Module, abc.ABC):
         if tuple(x.shape[1:]) != want or x.dim() != len(want) + 1:
             raise ValueError(f"{self.arch} SAE expects activations [n, {', '.join(map(str, want))}], got {list(x.shape)}")
 
+    # --- any leading dimensions ------------------------------------------------------------------
+    # The public methods take [..., d_model] (or [..., n_layers, d_model]) as SAELens's do: the
+    # leading dims are flattened into rows, the architecture works on [n, ...] as it always has,
+    # and the results get the leading dims back. A [n, ...] input is reshaped to itself (a view),
+    # so its results are exactly what they were.
+    @property
+    def input_tail(self) -> tuple[int, ...]:
+        """Trailing dims of an input: (d_model,) on one layer, (n_layers, d_model) for multi-layer SAEs."""
+        d = self.config.d_model
+        return (len(self.config.layers), d) if self.multi_layer else (d,)
+
+    def _flatten(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """[*lead, *input_tail] -> ([n, *input_tail], lead)."""
+        tail = self.input_tail
+        cut = x.dim() - len(tail)
+        if cut < 0 or tuple(x.shape[cut:]) != tail:
+            want = ", ".join(map(str, tail))
+            raise ValueError(f"{self.arch} SAE expects activations [..., {want}], got {list(x.shape)}")
+        lead = tuple(x.shape[:cut])
+        return x.reshape(-1, *tail), lead
+
+    @staticmethod
+    def _unflatten(t: Tensor, lead: tuple[int, ...]) -> Tensor:
+        """A per-row result [n, ...] back under the input's leading dims: [*lead, ...]."""
+        return t.reshape(*lead, *t.shape[1:])
+
+    def _codes_per_token(self) -> tuple[int, ...]:
+        """Codes one input row makes, as dims: () (one), MLSAE (n_layers,)."""
+        return ()
+
+    def _codes_out(self, t: Tensor, lead: tuple[int, ...]) -> Tensor:
+        """Codes of the flattened rows under the input's leading dims: [*lead, *codes_per_token, ...].
+        A [n, ...] input keeps the coder's own layout ([n * n_layers, ...] for MLSAE, token-major)."""
+        if len(lead) == 1:
+            return t
+        return t.reshape(*lead, *self._codes_per_token(), *t.shape[1:])
+
     # --- the architecture's part -----------------------------------------------------------------
     @abc.abstractmethod
     def coder_input(self, x: Tensor) -> Tensor:
@@ -157,30 +194,42 @@ class SAE(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def reconstruct(self, x: Tensor) -> Any:
-        """Model space in, reconstruction in model space out."""
+        """Model space in, reconstruction in model space out, both under the input's leading dims
+        (implementations flatten with `_flatten` and restore with `_unflatten`)."""
 
     # --- the public API --------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """Model space in (float [n, d_model], or [n, n_layers, d_model] for RouteSAE; the SAE
-        normalizes it itself) -> dense latent activations [n, n_latents], float32."""
-        return self.coder.encode(self.coder_input(x))
+        """Model space in (float [..., d_model], or [..., n_layers, d_model] for multi-layer SAEs; the
+        SAE normalizes it itself) -> dense latent activations [..., n_latents], float32.
+        MLSAE makes a code per layer: [n * n_layers, n_latents] (token-major) for a [n, n_layers, d]
+        input, [*lead, n_layers, n_latents] for other leading dims."""
+        flat, lead = self._flatten(x)
+        return self._codes_out(self.coder.encode(self.coder_input(flat)), lead)
 
     @torch.no_grad()
     def encode_sparse(self, x: Tensor) -> Latents:
-        """As `encode`, but only the k kept latents per token: Latents(values [n, k], indices [n, k])."""
-        return self.coder.encode_sparse(self.coder_input(x))
+        """As `encode`, but only the k kept latents per code: Latents(values [..., k], indices [..., k])."""
+        flat, lead = self._flatten(x)
+        lat = self.coder.encode_sparse(self.coder_input(flat))
+        return Latents(self._codes_out(lat.values, lead), self._codes_out(lat.indices, lead))
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
-        """Dense latents [n, n_latents] -> reconstruction [n, d_model] in the normalized space
-        (the coder's input space: for RouteSAE hard routing, an estimate of p * x_norm)."""
-        return self.coder.decode(z.to(self.device))
+        """Dense latents [..., n_latents] -> reconstruction [..., d_model] in the normalized space
+        (the coder's input space: for RouteSAE hard routing, an estimate of p * x_norm; a
+        crosscoder's is all its layers side by side, [..., n_layers * d_model])."""
+        z = z.to(self.device)
+        out = self.coder.decode(z.reshape(-1, z.shape[-1]))
+        return out.reshape(*z.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
     def decode_sparse(self, latents: Latents) -> Tensor:
-        """As `decode`, from Latents (values, indices)."""
-        return self.coder.decode_sparse(Latents(latents.values.to(self.device), latents.indices.to(self.device)))
+        """As `decode`, from Latents (values [..., k], indices [..., k])."""
+        values, indices = latents.values.to(self.device), latents.indices.to(self.device)
+        k = values.shape[-1]
+        out = self.coder.decode_sparse(Latents(values.reshape(-1, k), indices.reshape(-1, k)))
+        return out.reshape(*values.shape[:-1], out.shape[-1])
 
     # --- saving ----------------------------------------------------------------------------------
     def export_tensors(self) -> dict[str, Tensor]:

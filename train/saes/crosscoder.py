@@ -20,7 +20,7 @@ from routesae.train.saes.base import SAE, register
 
 @register
 class Crosscoder(SAE):
-    """Input and reconstruction: [n, n_layers, d_model], the layers `config.layers`, model space."""
+    """Input and reconstruction: [..., n_layers, d_model], the layers `config.layers`, model space."""
 
     arch = "crosscoder"
     coder_name = "topk"
@@ -41,11 +41,11 @@ class Crosscoder(SAE):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Model space [n, n_layers, d] -> [n, n_layers, d]: every layer's reconstruction from the one code."""
-        self._check_input(x, self.n_layers)
+        """Model space [..., n_layers, d] -> [..., n_layers, d]: every layer's reconstruction from the one code."""
+        x, lead = self._flatten(x)
         x_norm, mean, std = self.normalize_input(x)
         rec = self.coder.decode_sparse(self.coder.encode_sparse(x_norm.reshape(x.shape[0], -1))).view_as(x_norm)
-        return denormalize(rec, mean, std)
+        return self._unflatten(denormalize(rec, mean, std), lead)
 
     # --- saving: the per-layer layouts -----------------------------------------------------------
     def export_tensors(self) -> dict[str, Tensor]:

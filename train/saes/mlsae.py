@@ -17,8 +17,9 @@ from routesae.train.saes.single import SingleLayerSAE
 
 @register
 class MLSAE(SAE):
-    """Input: [n, n_layers, d_model], the layers `config.layers` of the same tokens, in model space;
-    the coder sees them as n * n_layers separate vectors."""
+    """Input: [n, n_layers, d_model] (or any leading dims before n_layers), the layers
+    `config.layers` of the same tokens, in model space; the coder sees them as n * n_layers
+    separate vectors."""
 
     arch = "mlsae"
     coder_name = "topk"
@@ -33,14 +34,17 @@ class MLSAE(SAE):
         self._check_input(x, self.n_layers)
         return self.normalize_input(x)[0].reshape(-1, self.config.d_model)
 
+    def _codes_per_token(self) -> tuple[int, ...]:
+        return (self.n_layers,)
+
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Model space [n, n_layers, d] -> [n, n_layers, d]: each layer's reconstruction, model space."""
-        self._check_input(x, self.n_layers)
+        """Model space [..., n_layers, d] -> [..., n_layers, d]: each layer's reconstruction, model space."""
+        x, lead = self._flatten(x)
         x_norm, mean, std = self.normalize_input(x)
         flat = x_norm.reshape(-1, self.config.d_model)
         rec = self.coder.decode_sparse(self.coder.encode_sparse(flat)).view_as(x_norm)
-        return denormalize(rec, mean, std)
+        return self._unflatten(denormalize(rec, mean, std), lead)
 
     def at_layer(self, layer: int) -> SingleLayerSAE:
         """This dictionary as a single-layer SAE of `layer` (sharing its weights): what evaluates

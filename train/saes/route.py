@@ -45,7 +45,8 @@ class RoutedReconstruction(NamedTuple):
 
 @register
 class RouteSAE(SAE):
-    """Input: [n, n_layers, d_model], the layers `config.layers` of the same tokens, in model space."""
+    """Input: [n, n_layers, d_model] (or any leading dims before n_layers), the layers
+    `config.layers` of the same tokens, in model space."""
 
     arch = "routesae"
     multi_layer = True
@@ -111,11 +112,11 @@ class RouteSAE(SAE):
     # --- routing ---------------------------------------------------------------------------------
     @torch.no_grad()
     def route(self, x: Tensor) -> Routing:
-        """Model space [n, n_layers, d_model] -> Routing(layer_index, weight, probs)."""
-        self._check_input(x, self.n_layers)
+        """Model space [..., n_layers, d_model] -> Routing(layer_index [...], weight [...], probs [..., n_layers])."""
+        x, lead = self._flatten(x)
         probs = self._route_parts(x)[3]
         weight, layer_index = probs.max(dim=-1)
-        return Routing(layer_index, weight, probs)
+        return Routing(*(self._unflatten(t, lead) for t in (layer_index, weight, probs)))
 
     def coder_input(self, x: Tensor) -> Tensor:
         """Model space [n, n_layers, d_model] -> [n, d_model], what the coder encodes:
@@ -135,20 +136,26 @@ class RouteSAE(SAE):
     # --- reconstruction (hard routing only) --------------------------------------------------------
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> RoutedReconstruction:
-        """Model space [n, n_layers, d_model] -> RoutedReconstruction: per token, the reconstruction
+        """Model space [..., n_layers, d_model] -> RoutedReconstruction (x_hat [..., d_model], layer_index
+        and weight [...]): per token, the reconstruction
         of its routed layer in model space, x_hat = denorm(decode(encode(p * x_norm)) / p).
         Soft routing mixes layers and has no single layer to put a reconstruction back into: it raises."""
+        x, lead = self._flatten(x)
         route = self.route(x)
-        return self.reconstruct_at(x, route.layer_index, route.weight)
+        return self._unflatten_rec(self.reconstruct_at(x, route.layer_index, route.weight), lead)
+
+    def _unflatten_rec(self, rec: RoutedReconstruction, lead: tuple[int, ...]) -> RoutedReconstruction:
+        return RoutedReconstruction(*(self._unflatten(t, lead) for t in rec))
 
     @torch.no_grad()
     def reconstruct_with_probs(self, x: Tensor, probs: Tensor) -> RoutedReconstruction:
         """As `reconstruct`, with `probs` [n, n_layers] in place of the router's output (random
         baselines): the layer is probs' arg-max (the first on ties) and p its value there. For a
-        random layer pass a one-hot row (p = 1) or any row whose maximum sits at that layer."""
-        self._check_input(x, self.n_layers)
-        weight, layer_index = probs.to(self.device).float().max(dim=-1)
-        return self.reconstruct_at(x, layer_index, weight)
+        random layer pass a one-hot row (p = 1) or any row whose maximum sits at that layer.
+        Leading dims as `reconstruct` (probs: [..., n_layers])."""
+        x, lead = self._flatten(x)
+        weight, layer_index = probs.to(self.device).float().reshape(-1, self.n_layers).max(dim=-1)
+        return self._unflatten_rec(self.reconstruct_at(x, layer_index, weight), lead)
 
     @torch.no_grad()
     def reconstruct_at(self, x: Tensor, layer_index: Tensor, weight: Tensor) -> RoutedReconstruction:
@@ -156,10 +163,11 @@ class RouteSAE(SAE):
         coder's input scaled by `weight` [n]; model space in and out.
 
         Soft routing mixes all routed layers, so it has a single layer to reconstruct only where the
-        mix is one-hot (weight 1: the random-layer baseline); any other weight raises."""
-        self._check_input(x, self.n_layers)
-        layer_index = layer_index.to(self.device)
-        weight = weight.to(self.device).float()
+        mix is one-hot (weight 1: the random-layer baseline); any other weight raises.
+        Leading dims as `reconstruct` (layer_index and weight: [...])."""
+        x, lead = self._flatten(x)
+        layer_index = layer_index.to(self.device).reshape(-1)
+        weight = weight.to(self.device).float().reshape(-1)
         if self.config.routing != "hard" and not bool((weight == 1).all()):
             raise RouteSAEError(
                 "soft routing has no single layer to reconstruct: its input mixes all routed layers"
@@ -169,7 +177,7 @@ class RouteSAE(SAE):
         mean, std = self._picked_stats(picked, layer_index)
         inp = weight[:, None] * ((picked - mean) / std)
         out = self.coder.decode_sparse(self.coder.encode_sparse(inp)) / weight[:, None]
-        return RoutedReconstruction(denormalize(out, mean, std), layer_index, weight)
+        return self._unflatten_rec(RoutedReconstruction(denormalize(out, mean, std), layer_index, weight), lead)
 
     def export_tensors(self) -> dict[str, Tensor]:
         """SAELens names for the coder, plus `router.weight` [n_layers, d_model]."""

@@ -11,7 +11,7 @@ from routesae.train.saes.base import SAE, register
 
 
 class SingleLayerSAE(SAE):
-    """Reads one layer, `config.layers[0]`; input and output are [n, d_model]."""
+    """Reads one layer, `config.layers[0]`; input and output are [..., d_model]."""
 
     def coder_input(self, x: Tensor) -> Tensor:
         """Model space [n, d_model] -> the normalized input the coder encodes."""
@@ -20,11 +20,11 @@ class SingleLayerSAE(SAE):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Model space [n, d_model] -> reconstruction [n, d_model] in model space (the per-token
+        """Model space [..., d_model] -> reconstruction [..., d_model] in model space (the per-token
         normalization is undone with x's own mean and std)."""
-        self._check_input(x, None)
+        x, lead = self._flatten(x)
         x_norm, mean, std = self.normalize_input(x)
-        return denormalize(self.coder.decode_sparse(self.coder.encode_sparse(x_norm)), mean, std)
+        return self._unflatten(denormalize(self.coder.decode_sparse(self.coder.encode_sparse(x_norm)), mean, std), lead)
 
 
 @register
