@@ -6,7 +6,7 @@ DEMO ?= demo
 COMPARE ?= compare
 COMPARE_ARCHS ?= topk,batchtopk,matryoshka,vanilla,gated,jumprelu,routesae,mlsae,crosscoder
 
-.PHONY: setup test demo clean-demo compare
+.PHONY: setup browser test demo clean-demo compare
 
 # Installs when pyproject.toml changed since the last install, or when the installed packages are
 # gone (a checkout that kept its stamp on a fresh Python).
@@ -19,7 +19,15 @@ setup:
 		touch $(STAMP); \
 	fi
 
-test: setup
+# The dashboard's browser tests need Chromium; where apt-get can install it (CI, a root shell) it
+# is installed, elsewhere those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; } || \
+		echo "no chromium: the dashboard's browser tests will skip"
+
+test: setup browser
 	$(PY) -m pytest -q
 
 demo: setup
@@ -27,6 +35,13 @@ demo: setup
 	routesae info $(DEMO)/store.zarr
 	routesae fit --cache $(DEMO)/store.zarr --arch topk,routesae --k 32,64 --out $(DEMO)/runs
 	routesae eval --sae $(DEMO)/runs --cache $(DEMO)/store.zarr --splice --out $(DEMO)/report
+	routesae contexts --sae $(DEMO)/runs --cache $(DEMO)/store.zarr --out $(DEMO)/contexts --threshold 3 --overwrite
+	routesae dashboard --contexts $(DEMO)/contexts/routesae-k32 --out $(DEMO)/dashboard
+	routesae diff --sae $(DEMO)/runs/topk-k32 --a builtin:novice --b builtin:expert --out $(DEMO)/diff --quiet --top 5
+	@# latent 779 of this demo's TopK fires on " should": pick yours from the dashboard
+	routesae steer --sae $(DEMO)/runs/topk-k32 --latent 779 --mode set --value 10 --max-new-tokens 24 \
+		--prompt "When you visit a new city, you"
+	@echo "open $(DEMO)/dashboard/index.html in a browser"
 
 clean-demo:
 	rm -rf $(DEMO)
