@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import unicodedata
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 GENERATOR = "routesae dashboard"
 """The generator meta tag of every page: how a rerun knows a folder is a dashboard."""
@@ -172,6 +172,31 @@ def example_rows(examples: Iterable[dict[str, Any]], vis: list[str], latent_max:
 
 # --------------------------------------------------------------------------------------------- charts
 
+class _Frame(NamedTuple):
+    """An SVG bar chart's opening and axes, and where its plot area lies."""
+
+    parts: list[str]
+    w: int
+    h: int
+    left: int
+    top: int
+    pw: float
+    ph: float
+    bw: float
+
+
+def _bar_frame(css_class: str, label: str, height: int, n_bars: int, peak: int) -> _Frame:
+    """The SVG a bar chart starts with: its box, the base line and the 0 / peak labels."""
+    w, h, left, bottom, top = 460, height, 40, 24, 8
+    pw, ph = w - left - 16, h - bottom - top
+    parts = [f'<svg class="{css_class}" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+             f'aria-label="{label}">',
+             f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>',
+             f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{peak}</text>',
+             f'<text x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>']
+    return _Frame(parts, w, h, left, top, pw, ph, pw / n_bars)
+
+
 def histogram_svg(hist: list[int], edges: list[float]) -> str:
     """Bars of the non-zero activations' histogram over its log-spaced bins, cut to the bins in use."""
     used = [i for i, c in enumerate(hist) if c]
@@ -179,15 +204,9 @@ def histogram_svg(hist: list[int], edges: list[float]) -> str:
         return ""
     lo, hi = max(0, used[0] - 2), min(len(hist) - 1, used[-1] + 2)
     bins = hist[lo:hi + 1]
-    w, h, left, bottom, top = 460, 130, 40, 24, 8
-    pw, ph = w - left - 16, h - bottom - top
-    bw = pw / len(bins)
     peak = max(bins)
-    out = [f'<svg class="hist" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-           f'aria-label="activation histogram">',
-           f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>',
-           f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{peak}</text>',
-           f'<text x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>']
+    f = _bar_frame("hist", "activation histogram", 130, len(bins), peak)
+    out, h, left, top, ph, bw = f.parts, f.h, f.left, f.top, f.ph, f.bw
     for j, c in enumerate(bins):
         i = lo + j
         bh = ph * c / peak
@@ -214,15 +233,9 @@ def layers_svg(counts: list[int], layers: list[int]) -> str:
     total = sum(counts)
     if not total:
         return ""
-    w, h, left, bottom, top = 460, 110, 40, 24, 8
-    pw, ph = w - left - 16, h - bottom - top
-    bw = pw / len(counts)
     peak = max(counts)
-    out = [f'<svg class="layers" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-           f'aria-label="layer distribution">',
-           f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>',
-           f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{peak}</text>',
-           f'<text x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>']
+    f = _bar_frame("layers", "layer distribution", 110, len(counts), peak)
+    out, h, left, top, pw, ph, bw = f.parts, f.h, f.left, f.top, f.pw, f.ph, f.bw
     step = max(1, round(len(counts) / (pw / 22)))  # keep the layer labels from running together
     for j, (c, lay) in enumerate(zip(counts, layers)):
         bh = ph * c / peak
