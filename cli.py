@@ -73,7 +73,8 @@ def _register() -> None:
                          ("routesae.interpret.dashboard_cli", "dashboard"),
                          ("routesae.interpret.diff_cli", "diff"),
                          ("routesae.interop.cli", "import_command"), ("routesae.interop.cli", "export"),
-                         ("routesae.interpret.steer_cli", "steer")):
+                         ("routesae.interpret.steer_cli", "steer"), ("routesae.circuits.data_cli", "circuit_data"),
+                         ("routesae.circuits.cli", "circuit")):
         try:
             mod = __import__(module, fromlist=[name])
         except ModuleNotFoundError as e:
