@@ -276,6 +276,7 @@ class Judge:
         self.cached += len(conversations) - len(todo)
         if not todo:
             return replies  # type: ignore[return-value]
+        self._ensure_checked()  # a server that does not answer says so before any progress bar
         bar = tqdm(total=len(todo), desc=desc, unit="req", disable=not progress, dynamic_ncols=True)
         pool = ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(todo)))
         try:
