@@ -257,10 +257,18 @@ class Judge:
                 self.backend.check()
                 self._checked = True
 
-    def _ask(self, messages: Messages, key: str) -> str:
+    def _ask(self, messages: Messages, key: str, failed: threading.Event) -> str | None:
+        """One request; None without asking once another request of the batch has failed (the pool
+        may start a queued request before the failure stops the batch)."""
+        if failed.is_set():
+            return None
         self._ensure_checked()
         sampling = self.cfg.sampling()
-        reply = self.backend.complete(messages, sampling)
+        try:
+            reply = self.backend.complete(messages, sampling)
+        except BaseException:
+            failed.set()
+            raise
         if self.cache is not None:
             self.cache.put(key, self.model_id, sampling, reply)
         with self._lock:
@@ -280,12 +288,14 @@ class Judge:
         bar = tqdm(total=len(todo), desc=desc, unit="req", disable=not progress, dynamic_ncols=True)
         pool = ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(todo)))
         try:
-            futures = {pool.submit(self._ask, conversations[i], keys[i]): i for i in todo}
+            failed = threading.Event()
+            futures = {pool.submit(self._ask, conversations[i], keys[i], failed): i for i in todo}
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    replies[futures[f]] = f.result()  # a failed request raises here and stops the rest
+                # a failed request raises here and stops the rest (its error first, not a skipped one's)
+                for f in sorted(done, key=lambda f: f.exception() is None):
+                    replies[futures[f]] = f.result()
                     bar.update(1)
         finally:
             # On an error or Ctrl-C: drop what has not started; requests in flight finish and are cached.
