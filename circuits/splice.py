@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from routesae.errors import RouteSAEError
 from routesae.model.residual import ForwardCall, ResidualEditor
-from routesae.train.normalize import EPS, denormalize
+from routesae.train.normalize import denormalize
 from torch import Tensor
 
 ERROR_MODES = ("mean", "kept", "dropped")
@@ -59,15 +59,7 @@ def logit_diff(logits: Tensor, batch: PairBatch) -> Tensor:
 
 def differentiable_code(sae: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Model space [n, d] -> (z [n, n_latents], mean, std), with autograd (sae.encode is no_grad)."""
-    if sae.config.normalization == "token":
-        # train/normalize.token_stats works in place (sqrt_, add_), which autograd refuses; same formula here
-        x = x.to(sae.device).float()
-        mean = x.mean(-1, keepdim=True)
-        var = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] - mean.square()).clamp_min(0)
-        std = var.sqrt() + EPS
-        x_norm = (x - mean) / std
-    else:
-        x_norm, mean, std = sae.normalize_input(x)
+    x_norm, mean, std = sae.normalize_input(x)
     return sae.coder.encode(x_norm), mean, std
 
 

@@ -25,6 +25,9 @@ def token_stats(x: Tensor, eps: float = EPS) -> tuple[Tensor, Tensor]:
     torch.var_mean (Welford), and in float32 accurate to ~1e-7 of E[x^2] for residual streams."""
     d = x.shape[-1]
     mean = x.mean(-1, keepdim=True)
+    if x.requires_grad:  # the same formula without the in-place steps, which autograd refuses
+        var = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / d - mean.square()).clamp_min(0)
+        return mean, var.sqrt() + eps
     sq_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
     var = (sq_norm / d - mean.square()).clamp_min_(0)
     return mean, var.sqrt_().add_(eps)
