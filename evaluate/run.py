@@ -248,7 +248,9 @@ def run_eval(cfg: EvalConfig) -> Report:
             _say(report, f"Not spliced: {', '.join(t.name for t in skipped)}: {skipped[0].cannot_splice_reason}.")
         if spliceable:
             run = splice_metrics(loaded.model, cache, [targets[i] for i in spliceable], start, stop,
-                                 cfg.batch_size or cache.harvest_batch_size or 8, cfg.prefix, cfg.progress)
+                                 cfg.batch_size or cache.harvest_batch_size or 8,
+                                 # an int8 store's values are not the model's: every clean run is live
+                                 "live" if cache.quantized else cfg.prefix, cfg.progress)
             for i, r in zip(spliceable, run.results):
                 rows[i].splice = r
             report.notes.extend(n.format(ctx=cache.context_len) for n in SPLICE_NOTES)

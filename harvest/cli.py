@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import click
-import numpy as np
 
 from routesae.cli_args import parse_count
 from routesae.errors import RouteSAEError
 from routesae.harvest.corpus import DEFAULT_DATASET
 from routesae.harvest.repair import RepairConfig, repair_store, repair_summary
 from routesae.harvest.run import HarvestConfig, run_harvest
-from routesae.store.zarr_store import ZARR_DTYPES, Cache
+from routesae.ranks import current_ranks
+from routesae.store.zarr_store import Cache
 from routesae.store.verify import Damage, check_files
 from routesae.store.verify import verify as verify_store
 
@@ -36,22 +36,29 @@ from routesae.store.verify import verify as verify_store
 @click.option("--shard-tokens", default=None, type=int, help="Tokens per shard file (default: ~128 MiB over all layers).")
 @click.option("--compression", type=click.Choice(["none", "blosc-zstd"]), default="none", show_default=True,
               help="Lossless compression of activations (blosc-zstd: ~1.27x smaller, costs CPU on write and read).")
-@click.option("--out", required=True, help="Zarr store to write (a folder).")
+@click.option("--storage", type=click.Choice(["model", "int8"]), default="model", show_default=True,
+              help="Activations in the model's dtype, or int8 with a per-token scale (about half the bytes; "
+                   "special tokens exact; cache_schema.md, '8-bit storage').")
+@click.option("--out", required=True, help="Zarr store to write: a folder, or s3://bucket/prefix/store.zarr.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def harvest(**kw) -> None:
     """Stream a corpus through an LLM and store multi-layer residual activations in a Zarr cache.
 
-    Killed or interrupted, the same command continues from the last committed shard."""
+    Killed or interrupted, the same command continues from the last committed shard. Under
+    `torchrun --nproc-per-node N -m routesae harvest ...` N processes write the store's shards
+    between them (one device each on GPUs); the store is the one a single process writes."""
     cfg = HarvestConfig(
         out=kw["out"], model=kw["model"], dataset=kw["dataset"], split=kw["split"], text_field=kw["text_field"],
         tokens=parse_count(kw["tokens"], "--tokens"), layers=kw["layers"], context_len=kw["context_len"],
         batch_size=kw["batch_size"], dtype=kw["dtype"], device=kw["device"], seed=kw["seed"],
         shuffle_buffer=kw["shuffle_buffer"], overwrite=kw["overwrite"], shard_tokens=kw["shard_tokens"],
-        compression=kw["compression"], progress=not kw["quiet"],
+        compression=kw["compression"], storage=kw["storage"], progress=not kw["quiet"],
     )
-    cache = run_harvest(cfg)
-    click.echo(f"wrote {cache.n_tokens:,} tokens x {len(cache.layers)} layers to {cache.path}")
+    ranks = current_ranks()
+    cache = run_harvest(cfg, ranks=ranks)
+    if ranks.is_main:
+        click.echo(f"wrote {cache.n_tokens:,} tokens x {len(cache.layers)} layers to {cache.path}")
 
 
 def store_summary(cache: Cache, damage: list[Damage] | None = None, files: int = 0) -> dict:
@@ -72,14 +79,14 @@ def store_summary(cache: Cache, damage: list[Damage] | None = None, files: int =
         "layers": cache.layers,
         "d_model": cache.d_model,
         "context_len": cache.context_len,
-        "storage_dtype": cache.storage_dtype,
+        "storage_dtype": cache.storage_dtype + (" as int8" if cache.quantized else ""),
         "n_tokens": cache.n_tokens,
         "complete": cache.complete,
         "layout": cache.attrs["layout"],
         "bytes_on_disk": cache.nbytes_on_disk(),
         "act_bytes_on_disk": on_disk,
         "act_bytes_raw": raw,
-        "bytes_per_token_per_layer": cache.d_model * np.dtype(ZARR_DTYPES[cache.storage_dtype]).itemsize,
+        "bytes_per_token_per_layer": cache.bytes_per_token_per_layer(),
         # uncompressed shards are slightly larger than their rows (the index, the last chunk's padding)
         "compression_ratio": raw / on_disk if compressed and on_disk else None,
         "fingerprint": cache.fingerprint,

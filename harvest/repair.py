@@ -82,6 +82,9 @@ def repair_store(cfg: RepairConfig, loaded: LoadedModel | None = None) -> Repair
         d = unplaced[0]
         raise RouteSAEError(f"{d.path}: {d.problem}, in no file that can be named: harvest the store again "
                             "(cache_schema.md, 'Damage and repair')")
+    if cache.quantized:
+        raise RouteSAEError(f"{cache.path} is an int8 store: repair rewrites only stores kept in the model's dtype; "
+                            "harvest it again (into a new folder or with --overwrite)")
     damaged: dict[int, set[Path]] = {}
     for d in found:
         damaged.setdefault(shard_of(cache, d), set()).add(d.path)

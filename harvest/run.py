@@ -1,16 +1,19 @@
 """The harvest loop: pack contexts, run the truncated forward, hand whole shards to a background
-writer that writes, gathers statistics and commits. Resumable from the last committed shard."""
+writer that writes, records and commits them. Resumable from the last committed shard.
+
+Under torchrun every rank packs the same document stream and runs the forward only for its own
+shards (shard s belongs to rank s % world_size), so no shard has two writers and the store is the
+one a single process writes. Rank 0 creates the store, commits the prefix all ranks have filled and
+finishes it."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import queue
-import shutil
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -31,15 +34,20 @@ from routesae.model.loading import (
 )
 from routesae.harvest.packing import PackState, pack_contexts
 from routesae.model.special_tokens import SpecialTokens
+from routesae.ranks import Ranks, current_ranks, init_process_group
 from routesae.store.zarr_store import (
     ZARR_DTYPES,
     Cache,
     StatsAccumulator,
     StoreWriter,
     TORCH_DTYPES,
+    STORAGES,
     _read_attrs,
     plan_layout,
+    remove_store,
 )
+from routesae.store.int8 import dequantize, quantize
+from routesae.store.location import RemotePath, StorePath, store_path
 
 
 @dataclass
@@ -80,13 +88,15 @@ class HarvestConfig:
     """Smallest chunk, in bytes of one layer; chunks hold whole contexts."""
     compression: str = "none"
     """Activations: 'none', or 'blosc-zstd' (byte shuffle + zstd level 1; ~1.27x smaller, costs CPU)."""
+    storage: str = "model"
+    """'model' (the model's dtype, exact) or 'int8' (per-token absmax scale, special tokens exact; ~half the bytes)."""
     progress: bool = True
     """Show a progress bar."""
 
 
 # Settings that must match for a harvest to continue an existing store.
 _RESUME_KEYS = ("model.id", "model.revision", "model.dtype", "dataset", "context_len", "seed", "batch_size", "layers",
-                "capacity_tokens")
+                "capacity_tokens", "layout.storage")
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -100,18 +110,20 @@ class _Shard(NamedTuple):
     acts: torch.Tensor  # [n_layers, n_tokens, d_model], storage dtype, CPU
     token_ids: np.ndarray
     special: np.ndarray
-    tokens_after: int  # committed token count once this shard lands
+    tokens_after: int  # token count of the store once this shard and all before it are in
     state: PackState
-    stats: dict[str, Any]  # statistics over every token up to tokens_after
+    stats: StatsAccumulator  # this shard's non-special tokens only
+    quantized: tuple[torch.Tensor, torch.Tensor] | None  # int8 stores: (q, scales) of acts
 
 
 class _BackgroundWriter:
-    """One thread that writes shards in order and commits each.
+    """One thread that writes shards in order, records each and (on the committing rank) commits.
 
     A bounded queue gives back-pressure, so RAM holds at most three shards whatever --tokens is."""
 
-    def __init__(self, store: StoreWriter):
+    def __init__(self, store: StoreWriter, commits: bool = True):
         self.store = store
+        self.commits = commits
         self.error: BaseException | None = None
         self._queue: queue.Queue[_Shard | None] = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._run, name="routesae-writer", daemon=True)
@@ -120,8 +132,11 @@ class _BackgroundWriter:
     def _run(self) -> None:
         try:
             while (shard := self._queue.get()) is not None:
-                self.store.write_contexts(shard.index, shard.acts, shard.token_ids, shard.special)
-                self.store.commit(shard.tokens_after, shard.state.to_json(), shard.stats)
+                self.store.write_contexts(shard.index, shard.acts, shard.token_ids, shard.special, shard.quantized)
+                self.store.record_shard(shard.index, shard.tokens_after, shard.state.to_json(),
+                                        shard.stats.count, shard.stats.packed())
+                if self.commits:
+                    self.store.advance()
         except BaseException as e:  # handed to the main thread, which reports it
             self.error = e
 
@@ -152,19 +167,15 @@ class _BackgroundWriter:
 
 def _check_output(cfg: HarvestConfig) -> dict[str, Any] | None:
     """Existing store attributes when `out` is a store we may resume or replace; None when new."""
-    out = Path(cfg.out)
+    out = store_path(cfg.out)
+    if isinstance(out, RemotePath):
+        return _check_remote_output(cfg, out)
     if out.exists():
         if out.is_file():
             raise RouteSAEError(f"{out} is a file, not a store folder")
         if not any(out.iterdir()):
             return None
-        try:
-            attrs = _read_attrs(out)
-        except RouteSAEError:
-            raise RouteSAEError(f"{out} exists and is not a routesae store; refusing to write there") from None
-        if attrs["progress"]["complete"] and not cfg.overwrite:
-            raise RouteSAEError(f"{out} is a complete store ({attrs['progress']['tokens']} tokens); pass --overwrite to replace it")
-        return attrs
+        return _existing_store(cfg, out)
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent
@@ -173,6 +184,29 @@ def _check_output(cfg: HarvestConfig) -> dict[str, Any] | None:
     if not os.access(parent, os.W_OK):
         raise RouteSAEError(f"cannot write {out}: {parent} is not writable")
     return None
+
+
+def _check_remote_output(cfg: HarvestConfig, out: RemotePath) -> dict[str, Any] | None:
+    try:
+        if not out.exists():
+            return None
+        if out.is_file():
+            raise RouteSAEError(f"{out} is an object, not a store prefix")
+    except RouteSAEError:
+        raise
+    except Exception as e:  # the bucket is missing, unreachable, or the credentials are refused
+        raise RouteSAEError(f"cannot reach {out}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return _existing_store(cfg, out)
+
+
+def _existing_store(cfg: HarvestConfig, out: StorePath) -> dict[str, Any]:
+    try:
+        attrs = _read_attrs(out)
+    except RouteSAEError:
+        raise RouteSAEError(f"{out} exists and is not a routesae store; refusing to write there") from None
+    if attrs["progress"]["complete"] and not cfg.overwrite:
+        raise RouteSAEError(f"{out} is a complete store ({attrs['progress']['tokens']} tokens); pass --overwrite to replace it")
+    return attrs
 
 
 def _provenance(cfg: HarvestConfig, info: dict[str, Any]) -> dict[str, Any]:
@@ -188,10 +222,14 @@ def _provenance(cfg: HarvestConfig, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Cache:
+def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, ranks: Ranks | None = None) -> Cache:
     """Harvest (or continue harvesting) activations into cfg.out and return the finished store.
 
-    `loaded` reuses a model already loaded for cfg.model, cfg.dtype (tests, benchmarks)."""
+    `loaded` reuses a model already loaded for cfg.model, cfg.dtype (tests, benchmarks); `ranks`
+    defaults to what torchrun's environment says (rank 0 of 1 without it)."""
+    ranks = ranks or current_ranks()
+    init_process_group(ranks)
+    # Every check below only reads, so each rank reaches the same verdict without talking.
     existing = _check_output(cfg)
     documents = document_source(cfg.dataset, cfg.split, cfg.text_field)
     if cfg.tokens < cfg.context_len:
@@ -210,111 +248,181 @@ def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Cache:
     if max_positions and cfg.context_len > max_positions:
         raise RouteSAEError(f"--context-len {cfg.context_len} exceeds what {cfg.model} allows ({max_positions})")
     capacity = cfg.tokens // cfg.context_len * cfg.context_len
-    if capacity != cfg.tokens:
+    if capacity != cfg.tokens and ranks.is_main:
         tqdm.write(f"--tokens {cfg.tokens:,} is not a whole number of {cfg.context_len}-token contexts: harvesting "
                    f"{capacity:,} tokens ({capacity // cfg.context_len:,} contexts)", file=sys.stderr)
 
     if loaded is None:
-        if cfg.progress:
+        if cfg.progress and ranks.is_main:
             tqdm.write(f"loading {cfg.model} ({cfg.dtype}) ...", file=sys.stderr)
-        loaded = load_model(cfg.model, cfg.dtype, cfg.device, config=config)
+        loaded = load_model(cfg.model, cfg.dtype, ranks.device(cfg.device), config=config)
     info = loaded.info
     if info["n_layers"] != n_layers:
         raise RouteSAEError(f"{cfg.model}: its config says {n_layers} layers, the loaded model has {info['n_layers']}")
     storage = info["dtype"]
-    itemsize = np.dtype(ZARR_DTYPES[storage]).itemsize
+    if cfg.storage not in STORAGES:
+        raise RouteSAEError(f"--storage {cfg.storage!r}: use {' or '.join(STORAGES)}")
+    itemsize = 1 if cfg.storage == "int8" else np.dtype(ZARR_DTYPES[storage]).itemsize
     provenance = _provenance(cfg, info)
-    wanted = {**provenance, "layers": layers, "capacity_tokens": capacity}
+    wanted = {**provenance, "layers": layers, "capacity_tokens": capacity, "layout": {"storage": cfg.storage}}
 
     resume = existing is not None and not cfg.overwrite
     if resume:
+        existing = {**existing, "layout": {"storage": "model", **existing.get("layout", {})}}  # older stores
         diff = [k for k in _RESUME_KEYS if _get(existing, k) != _get(wanted, k)]
         if diff:
             raise RouteSAEError(
                 f"{cfg.out} holds an unfinished harvest with other settings ({', '.join(diff)} differ); "
                 "rerun with its settings, another --out, or --overwrite"
             )
-        store = StoreWriter.open(cfg.out)
+    special = SpecialTokens.of(loaded.tokenizer)
+
+    def pack_from(state: PackState):
+        return pack_contexts(lambda: shuffled(documents(), cfg.seed, cfg.shuffle_buffer), loaded.tokenizer,
+                             cfg.context_len, state)
+
+    # Rank 0 alone creates (or readies) the store, once every rank has looked at what was there
+    # before; the others open it once rank 0 says it has.
+    ranks.barrier()
+    error = None
+    if ranks.is_main:
+        try:
+            if resume:
+                store = StoreWriter.open(cfg.out, owns=lambda shard: shard % ranks.world_size == 0)
+            else:
+                # Look at the first context before creating anything, so an empty corpus leaves no store behind.
+                if next(pack_from(PackState()), None) is None:
+                    raise RouteSAEError(f"dataset {cfg.dataset!r} yields no text for one context of {cfg.context_len} tokens")
+                if existing is not None:
+                    remove_store(cfg.out)
+                layout = plan_layout(
+                    cfg.context_len, info["d_model"], len(layers), itemsize, cfg.batch_size,
+                    cfg.shard_tokens, min_chunk_bytes=cfg.min_chunk_bytes, compression=cfg.compression,
+                    storage=cfg.storage,
+                )
+                try:
+                    store = StoreWriter.create(cfg.out, provenance, layers, info["d_model"], storage, capacity, layout)
+                except PermissionError:
+                    raise RouteSAEError(f"cannot write {cfg.out}: permission denied") from None
+        except RouteSAEError as e:
+            error = str(e)
+            ranks.share_error(error)
+            raise
+    ranks.share_error(error)
+    if not ranks.is_main:
+        store = StoreWriter.open(cfg.out, owns=lambda shard: shard % ranks.world_size == ranks.rank)
+    if resume and ranks.is_main:
         done = store.progress["tokens"]
         tqdm.write(f"resuming {cfg.out}: {done:,} of {capacity:,} tokens committed "
                    f"({done // store.layout.shard_tokens} shards), continuing from there", file=sys.stderr)
-    special = SpecialTokens.of(loaded.tokenizer)
-    start = PackState(**store.progress["resume"]) if resume and store.progress["resume"] else PackState()
-    contexts = pack_contexts(lambda: shuffled(documents(), cfg.seed, cfg.shuffle_buffer), loaded.tokenizer, cfg.context_len, start)
-    if not resume:
-        # Look at the first context before creating anything, so an empty corpus leaves no store behind.
-        first = next(contexts, None)
-        if first is None:
-            raise RouteSAEError(f"dataset {cfg.dataset!r} yields no text for one context of {cfg.context_len} tokens")
-        contexts = itertools.chain([first], contexts)
-
-    if not resume:
-        if existing is not None:
-            shutil.rmtree(cfg.out)
-        layout = plan_layout(
-            cfg.context_len, info["d_model"], len(layers), itemsize, cfg.batch_size,
-            cfg.shard_tokens, min_chunk_bytes=cfg.min_chunk_bytes, compression=cfg.compression,
-        )
-        try:
-            store = StoreWriter.create(cfg.out, provenance, layers, info["d_model"], storage, capacity, layout)
-        except PermissionError:
-            raise RouteSAEError(f"cannot write {cfg.out}: permission denied") from None
-
-    _harvest_loop(cfg, store, loaded.model, layers, special, contexts)
+    start = PackState(**store.progress["resume"]) if store.progress["resume"] else PackState()
+    _harvest_loop(cfg, store, loaded.model, layers, special, pack_from(start), ranks)
+    ranks.barrier()  # rank 0 has finished the store
     return Cache.open(cfg.out, require_complete=True)
 
 
-def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens, contexts) -> None:
+def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens, contexts, ranks: Ranks) -> None:
     ctx = cfg.context_len
     shard_ctx = store.layout.shard_tokens // ctx
     target_ctx = store.attrs["capacity_tokens"] // ctx
-    done_ctx = store.progress["tokens"] // ctx
-    stats = StatsAccumulator(layers, store.attrs["d_model"], store.progress["stats"])
+    first_shard = store.progress["tokens"] // ctx // shard_ctx
+    n_shards = -(-target_ctx // shard_ctx)
+    recorded = store.recorded_shards(first_shard)  # written whole before a kill, not yet committed
+    mine = {s for s in range(first_shard, n_shards) if s % ranks.world_size == ranks.rank and s not in recorded}
     device = next(model.parameters()).device
-    storage_dtype = TORCH_DTYPES[store.attrs["storage_dtype"]]
+    storage_dtype = TORCH_DTYPES[store.attrs.get("value_dtype", store.attrs["storage_dtype"])]  # the model's
     d_model = store.attrs["d_model"]
 
-    writer = _BackgroundWriter(store)
-    bar = tqdm(total=target_ctx * ctx, initial=done_ctx * ctx, unit="tok", unit_scale=True,
-               desc="harvest", disable=not cfg.progress, dynamic_ncols=True)
-    shard_index = done_ctx // shard_ctx
+    writer = _BackgroundWriter(store, commits=ranks.is_main)
+    my_ctx = sum(min(shard_ctx, target_ctx - s * shard_ctx) for s in mine)
+    desc = "harvest" if not ranks.distributed else f"harvest (rank 0 of {ranks.world_size})"
+    bar = tqdm(total=my_ctx * ctx, unit="tok", unit_scale=True, desc=desc,
+               disable=not cfg.progress or not ranks.is_main, dynamic_ncols=True)
     buf_acts = torch.empty(len(layers), shard_ctx * ctx, d_model, dtype=storage_dtype)
-    buf_ids: list[np.ndarray] = []
-    state = PackState()
+    int8 = store.layout.storage == "int8"
+    end_ctx = target_ctx  # where the corpus ends, if before the capacity
     try:
         with HiddenStateCapture(model, layers) as capture:
-            while done_ctx < target_ctx:
-                want = min(cfg.batch_size, shard_ctx - len(buf_ids), target_ctx - done_ctx)
-                batch = list(itertools.islice(contexts, want))
-                if batch:
-                    ids = np.stack([ids for ids, _ in batch])
-                    state = batch[-1][1]
-                    at = len(buf_ids) * ctx
-                    dest = buf_acts[:, at : at + ids.size]
-                    capture(torch.from_numpy(ids).long().to(device), out=dest.view(len(layers), *ids.shape, d_model))
-                    stats.add(dest, ~torch.from_numpy(special.mask(ids.reshape(-1))))
-                    buf_ids.extend(ids)
-                    done_ctx += len(batch)
-                    bar.update(ids.size)
-                exhausted = len(batch) < want
-                if buf_ids and (len(buf_ids) == shard_ctx or done_ctx == target_ctx or exhausted):
-                    token_ids = np.concatenate(buf_ids)
-                    n = token_ids.size
-                    writer.submit(_Shard(shard_index, buf_acts[:, :n], token_ids, special.mask(token_ids), done_ctx * ctx, state, stats.state()))
-                    shard_index += 1
-                    buf_ids = []
+            for shard in range(first_shard, n_shards):
+                want = min(shard_ctx, target_ctx - shard * shard_ctx)
+                if shard not in mine:  # another writer's (or already written): pack past it
+                    got = sum(1 for _ in itertools.islice(contexts, want))
+                else:
+                    quant = (torch.empty(buf_acts.shape, dtype=torch.int8),
+                             torch.empty(buf_acts.shape[:2], dtype=torch.float32)) if int8 else None
+                    got = _forward_shard(cfg, writer, capture, contexts, shard, want, buf_acts, quant, special, device)
                     buf_acts = torch.empty_like(buf_acts)
-                if exhausted:
-                    bar.write(f"dataset exhausted after {done_ctx * ctx:,} tokens (asked for {target_ctx * ctx:,})")
+                    bar.update(got * ctx)
+                if got < want:
+                    end_ctx = shard * shard_ctx + got
+                    if ranks.is_main:
+                        bar.write(f"dataset exhausted after {end_ctx * ctx:,} tokens (asked for {target_ctx * ctx:,})")
                     break
         writer.close()
     except BaseException:
         bar.close()
-        # Let the writer finish what it has (so its commit stays consistent), then report.
+        # Let the writer finish what it has (so its records stay consistent), then report.
         try:
             writer.close()
         except BaseException:
             pass
         raise
     bar.close()
-    store.finish(done_ctx * ctx, stats.state())
+    ranks.barrier()  # every rank has recorded its shards
+    if ranks.is_main:
+        store.advance()
+        if store.progress["tokens"] != end_ctx * ctx:
+            raise RouteSAEError(f"{cfg.out}: {store.progress['tokens']:,} tokens committed where the corpus gives "
+                                f"{end_ctx * ctx:,}: a writer's shards are missing; rerun the same command")
+        store.finish(end_ctx * ctx, store.progress["stats"])
+
+
+def _forward_shard(cfg, writer: _BackgroundWriter, capture: HiddenStateCapture, contexts, shard: int, want: int,
+                   buf_acts: torch.Tensor, quant: tuple[torch.Tensor, torch.Tensor] | None, special: SpecialTokens,
+                   device: torch.device) -> int:
+    """Run the forward over the next `want` contexts (shard `shard`) in the harvest's batches and
+    hand the shard to the writer; the number of contexts the corpus still had (0..want).
+
+    int8 stores (`quant`: buffers for q and the scales): each batch is quantized as it comes, and
+    its statistics are those of the values readers will get back (so `info --verify` agrees)."""
+    ctx = cfg.context_len
+    n_layers, _, d_model = buf_acts.shape
+    stats = StatsAccumulator(writer.store.layers, d_model)
+    ids_done: list[np.ndarray] = []
+    state = PackState()
+    while len(ids_done) < want:
+        batch = list(itertools.islice(contexts, min(cfg.batch_size, want - len(ids_done))))
+        if not batch:
+            break
+        ids = np.stack([ids for ids, _ in batch])
+        state = batch[-1][1]
+        at = len(ids_done) * ctx
+        dest = buf_acts[:, at : at + ids.size]
+        capture(torch.from_numpy(ids).long().to(device), out=dest.view(n_layers, *ids.shape, d_model))
+        is_special = torch.from_numpy(special.mask(ids.reshape(-1)))
+        if quant is not None:
+            _quantize_batch(dest, quant[0][:, at : at + ids.size], quant[1][:, at : at + ids.size], is_special)
+        stats.add(dest, ~is_special)
+        ids_done.extend(ids)
+        if len(batch) < cfg.batch_size and len(ids_done) < want:
+            break  # the corpus ran out mid-batch
+    if ids_done:
+        token_ids = np.concatenate(ids_done)
+        n = token_ids.size
+        tokens_after = (shard * (buf_acts.shape[1] // ctx) + len(ids_done)) * ctx
+        quantized = (quant[0][:, :n], quant[1][:, :n]) if quant is not None else None
+        writer.submit(_Shard(shard, buf_acts[:, :n], token_ids, special.mask(token_ids), tokens_after, state, stats,
+                             quantized))
+    return len(ids_done)
+
+
+def _quantize_batch(acts: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor, is_special: torch.Tensor) -> None:
+    """acts [n_layers, n, d] -> q_out, scale_out; acts then holds what an int8 reader gets back
+    (dequantized rows, special rows left exact). One layer at a time bounds the float32 copy."""
+    for i in range(acts.shape[0]):
+        q, scale = quantize(acts[i])
+        q_out[i].copy_(q)
+        scale_out[i].copy_(scale)
+        exact = acts[i][is_special]
+        dequantize(q, scale, acts.dtype, out=acts[i])
+        acts[i][is_special] = exact

@@ -358,7 +358,7 @@ def _manifest(cfg: ContextsConfig, loaded: Any, cache: Cache, start: int, stop: 
         "format": FORMAT, "version": VERSION, "complete": counts is not None,
         "sae": {"name": loaded.name, "path": str(Path(loaded.path).resolve()), "arch": c.arch, "layers": list(c.layers),
                 "n_latents": c.n_latents, "k": c.k, "weights_sha256": weights_digest(Path(loaded.path))},
-        "store": {"path": str(Path(cache.path).resolve()), "fingerprint": cache.fingerprint, "context_len": cache.context_len},
+        "store": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "context_len": cache.context_len},
         "tokens": [start, stop], "n_tokens": n_tokens, "settings": cfg.settings(),
         "layers": list(c.layers) if has_layer_per_activation(loaded.sae) else None,
     }

@@ -188,10 +188,12 @@ class ShardFiles:
                 raise RouteSAEError(f"cannot map {self._shard_path(start // self.shard_rows)}: "
                                     f"{os.strerror(ctypes.get_errno())}")
 
-    def remove_partial_writes(self) -> None:
-        """Delete the temporary files of shard writes that were killed before their rename."""
+    def remove_partial_writes(self, owns: Callable[[int], bool] = lambda shard: True) -> None:
+        """Delete the temporary files of shard writes that were killed before their rename, of the
+        shards `owns` accepts (another writer's may be a write in progress)."""
         for path in self.array_dir.glob("c/*/.*.partial"):
-            path.unlink(missing_ok=True)
+            if not path.parent.name.isdigit() or owns(int(path.parent.name)):
+                path.unlink(missing_ok=True)
 
     def write_shard(self, shard: int, rows: np.ndarray) -> None:
         """Write shard `shard` whole: `rows` (C-contiguous [n <= shard_rows, width]) are its first n

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from routesae.errors import RouteSAEError
 
+from routesae.store.location import zarr_store
 from routesae.store.shard_files import VERIFY_HINT
 from routesae.store.zarr_store import TOKEN_ARRAYS, Cache, first_line, shard_path, shard_rows
 
@@ -62,7 +63,8 @@ class _File(NamedTuple):
 
 
 def _array_names(cache: Cache) -> list[str]:
-    return [*TOKEN_ARRAYS, *(f"acts/{layer}" for layer in cache.layers)]
+    scales = [f"scales/{layer}" for layer in cache.layers] if cache.quantized else []
+    return [*TOKEN_ARRAYS, *scales, *(f"acts/{layer}" for layer in cache.layers)]
 
 
 def _files(cache: Cache, group: zarr.Group, name: str) -> Iterator[_File]:
@@ -97,7 +99,7 @@ def _check_structure(f: _File) -> str | None:
         index_bytes = 16 * n_chunks + 4
         if size < index_bytes:
             return f"truncated: {size:,} bytes, less than its shard index ({index_bytes:,} bytes)"
-        with open(f.path, "rb") as fh:
+        with f.path.open("rb") as fh:
             fh.seek(size - index_bytes)
             raw = fh.read(index_bytes)
         try:
@@ -116,7 +118,7 @@ def _check_structure(f: _File) -> str | None:
         return None
     if names == ["BytesCodec", "BloscCodec"] and size >= 16:
         # a blosc frame's header gives its uncompressed and total sizes (bytes 4-7 and 12-15)
-        with open(f.path, "rb") as fh:
+        with f.path.open("rb") as fh:
             header = fh.read(16)
         nbytes, cbytes = struct.unpack_from("<I", header, 4)[0], struct.unpack_from("<I", header, 12)[0]
         if cbytes != size:
@@ -130,7 +132,7 @@ def _check_structure(f: _File) -> str | None:
 
 def check_files(cache: Cache) -> tuple[int, list[Damage]]:
     """Every committed file's presence, size and index. -> (files checked, damage found)."""
-    group = zarr.open_group(str(cache.path), mode="r", zarr_format=3)
+    group = zarr.open_group(zarr_store(cache.path, read_only=True), mode="r", zarr_format=3)
     count, damage = 0, []
     for name in _array_names(cache):
         for f in _files(cache, group, name):
@@ -161,7 +163,7 @@ def verify(cache: Cache, progress: bool = True) -> VerifyResult:
     statistics the harvest recorded. Reads the whole store once, a shard of one layer at a time."""
     count, damage = check_files(cache)
     broken = {d.path for d in damage}
-    group = zarr.open_group(str(cache.path), mode="r", zarr_format=3)
+    group = zarr.open_group(zarr_store(cache.path, read_only=True), mode="r", zarr_format=3)
 
     special: dict[int, np.ndarray] = {}  # token start of a file -> its flags
     for name in TOKEN_ARRAYS:
@@ -183,7 +185,7 @@ def verify(cache: Cache, progress: bool = True) -> VerifyResult:
     flags_whole = not any(d.array == "special" for d in damage)
 
     stats = cache.attrs["progress"]["stats"]
-    total = sum(f.stop - f.start for name in _array_names(cache)[len(TOKEN_ARRAYS):] for f in _files(cache, group, name))
+    total = sum(f.stop - f.start for layer in cache.layers for f in _files(cache, group, f"acts/{layer}"))
     itemsize = np.dtype(group[f"acts/{cache.layers[0]}"].dtype).itemsize
     bar = tqdm(total=total * cache.d_model * itemsize, unit="B", unit_scale=True, desc="verify",
                disable=not progress, dynamic_ncols=True)
@@ -227,8 +229,8 @@ def verify(cache: Cache, progress: bool = True) -> VerifyResult:
 
 def _read_acts(cache: Cache, group: zarr.Group, layer: int, f: _File) -> torch.Tensor:
     """A file's committed rows as float32, through its codecs (zarr), or straight from an
-    uncompressed shard file as every reader does."""
-    if cache.shard_files(layer) is not None:
+    uncompressed shard file as every reader does (int8 stores: dequantized, as every reader does)."""
+    if cache.shard_files(layer) is not None or cache.quantized:
         return cache.acts(layer, f.start, f.stop)
     raw = group[f.array][f.start : f.stop]
     stored = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if cache.storage_dtype == "bfloat16" \
