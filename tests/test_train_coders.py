@@ -11,8 +11,9 @@ import torch
 
 from routesae.train.coders import CODERS, BatchTopKCoder, GatedCoder, JumpReLUCoder, ReLUCoder, build_coder
 from routesae.train.coders.base import per_input_norm
+from routesae.train.coders.relu import DECODER_INIT_NORM
 from routesae.train.sparse_ops import select_batch_topk
-from routesae.train.sparsity import STEER_RATE, SparsityControl
+from routesae.train.sparsity import PROPORTIONAL, SMOOTHING, STEER_RATE, SparsityControl
 
 D, N = 4, 6
 
@@ -158,14 +159,24 @@ def test_sparsity_control_warms_up_then_steers():
     assert c.value(0.0) == 0 and c.value(0.05) == pytest.approx(1.0) and c.value(0.5) == 2.0
     c.update(40, 0.05)  # during the warm-up nothing is steered
     assert c.coef == 2.0
-    c.update(40, 0.5)  # too many active latents: the coefficient rises, clipped at a relative error of 1
+    c.update(40, 0.5)  # too many active latents: the coefficient rises, clipped at a log error of 1
     assert c.coef == pytest.approx(2.0 * math.exp(STEER_RATE))
-    c.update(5, 0.6)  # it reads a running L0: 0.9 * 40 + 0.1 * 5 = 36.5, still too many
-    assert c.l0_average == pytest.approx(36.5)
+    # the proportional part rides on the integral one in what is applied
+    assert c.value(0.5) == pytest.approx(c.coef * math.exp(PROPORTIONAL))
+    c.update(5, 0.6)  # it reads a running L0, still too many
+    assert c.l0_average == pytest.approx(SMOOTHING * 40 + (1 - SMOOTHING) * 5)
     assert c.coef == pytest.approx(2.0 * math.exp(2 * STEER_RATE))
+    c.update(2, 0.6)  # 0.8 * 33 + 0.2 * 2 = 26.8 here: the error is log(L0 / target), unclipped below 1
+    assert c.error == pytest.approx(math.log(c.l0_average / 10))
     for _ in range(60):  # a sustained low L0 brings it down
         c.update(5, 0.7)
     assert c.coef < 2.0 and c.l0_average == pytest.approx(5, rel=0.05)
+    assert c.value(0.7) < c.coef  # and the proportional part lowers it further
+    zero = SparsityControl(coef=2.0, warmup=0.0, target_l0=10)
+    zero.update(0.0, 0.5)  # no latent fires: the largest error down, not log(0)
+    assert zero.error == -1.0 and zero.coef == pytest.approx(2.0 * math.exp(-STEER_RATE))
+    restored = SparsityControl(**{k: v for k, v in c.state().items() if k != "error"})  # an older checkpoint
+    assert restored.error == 0.0
     fixed = SparsityControl(coef=2.0, warmup=0.0)
     fixed.update(40, 0.5)
     assert fixed.coef == 2.0
@@ -178,7 +189,7 @@ def test_per_input_norm_is_the_nmse_unit():
 
 def test_relu_coder_starts_from_the_april_2024_recipe():
     c = ReLUCoder(D, N, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(c.W_dec.norm(dim=1), torch.full((N,), 0.1))
+    torch.testing.assert_close(c.W_dec.norm(dim=1), torch.full((N,), DECODER_INIT_NORM))
     assert torch.equal(c.W_enc, c.W_dec) and not c.fixed_l0
     assert BatchTopKCoder.fixed_l0 and not GatedCoder.fixed_l0
 
