@@ -25,7 +25,8 @@ def _harvest(model: str, out: Path, tokens: int, ranks: int, threads: int) -> fl
     args = ["harvest", "--model", model, "--dataset", "builtin", "--tokens", str(tokens), "--device", "cpu",
             "--quiet", "--overwrite", "--out", str(out)]
     launcher = ([sys.executable, "-m", "routesae"] if ranks == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "routesae"])
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+                 "-m", "routesae"])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t = time.perf_counter()
     subprocess.run([*launcher, *args], check=True, env=env, stdout=subprocess.DEVNULL)

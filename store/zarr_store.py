@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 import json
 import math
 import os
@@ -462,6 +463,7 @@ class Cache:
         self.attrs = attrs
         self._group = zarr.open_group(zarr_store(path, read_only=True), mode="r", zarr_format=3)
         self._present: set[tuple[str, int]] = set()  # shard files seen to exist
+        self._side: OrderedDict[tuple[int, int], Any] = OrderedDict()  # int8 stores: see _int8_side
         self._arrays = {layer: self._group[_act_name(layer)] for layer in attrs["layers"]}
         self.quantized: bool = attrs["storage_dtype"] == "int8"
         """int8 storage: reads dequantize, so they are close to, not equal to, what the model computed."""
@@ -638,23 +640,37 @@ class Cache:
         """An int8 store's rows [start, stop) as q * scale in the value dtype, special rows exact."""
         q = np.empty((stop - start, self.d_model), dtype=np.int8)
         self._rows_into(layer, start, stop, q)
-        scales = self._read_zarr(f"scales/{layer}", start, stop, lambda array: array[start:stop])
-        dequantize(torch.from_numpy(q), torch.from_numpy(scales), out.dtype, out=out)
-        # special tokens: their exact rows, in order within each shard (row j of a shard's region)
         rows = self.layout.shard_tokens
         for shard in range(start // rows, -(-stop // rows)):
             a, b = max(start, shard * rows), min(stop, (shard + 1) * rows)
-            before = self._token_array("special", shard * rows, a)
-            here = self._token_array("special", a, b)
-            if not here.any():
-                continue
-            first = shard * rows + int(before.sum())
-            n = int(here.sum())
-            name = f"special_acts/{layer}"
-            exact = self._read_zarr(name, first, first + n, lambda array: array[first : first + n])
-            exact_t = torch.from_numpy(exact.view(np.int16)).view(torch.bfloat16) if out.dtype == torch.bfloat16 \
-                else torch.from_numpy(exact)
-            out[torch.from_numpy(np.flatnonzero(here) + (a - start))] = exact_t
+            scales, where, exact = self._int8_side(layer, shard)
+            lo, hi = a - shard * rows, b - shard * rows
+            dequantize(torch.from_numpy(q[a - start : b - start]), scales[lo:hi], out.dtype, out=out[a - start : b - start])
+            pick = (where >= lo) & (where < hi)  # the shard's special tokens in [a, b), in order
+            if pick.any():
+                out[torch.from_numpy(where[pick] - lo + (a - start))] = exact[torch.from_numpy(pick)]
+
+    def _int8_side(self, layer: int, shard: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """A shard's scales, the in-shard positions of its special tokens and their exact rows: read
+        once per shard and kept for the next reads (a few hundred KB per shard of all layers)."""
+        key = (layer, shard)
+        hit = self._side.get(key)
+        if hit is not None:
+            self._side.move_to_end(key)
+            return hit
+        rows = self.layout.shard_tokens
+        a, b = shard * rows, min(self.n_tokens, (shard + 1) * rows)
+        scales = torch.from_numpy(self._read_zarr(f"scales/{layer}", a, b, lambda array: array[a:b]))
+        where = np.flatnonzero(self._token_array("special", a, b))
+        name, n = f"special_acts/{layer}", where.size
+        exact = self._read_zarr(name, a, a + n, lambda array: array[a : a + n]) if n else \
+            np.zeros((0, self.d_model), dtype=ZARR_DTYPES[self.storage_dtype])
+        exact_t = torch.from_numpy(exact.view(np.int16)).view(torch.bfloat16) if self.storage_dtype == "bfloat16" \
+            else torch.from_numpy(exact)
+        self._side[key] = (scales, where, exact_t)
+        if len(self._side) > 64 * len(self.layers):
+            self._side.popitem(last=False)
+        return self._side[key]
 
     def shard_files(self, layer: int) -> ShardFiles | None:
         """Direct access to a layer's shard files, where its rows are stored uncompressed in the

@@ -34,8 +34,9 @@ def _start(model_dir: Path, out: Path, ranks: int) -> subprocess.Popen:
     if ranks == 1:
         cmd = [sys.executable, "-m", "routesae", *_args(model_dir, out)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-               str(29500 + os.getpid() % 1000), "-m", "routesae", *_args(model_dir, out)]
+        # --standalone: a rendezvous on a free local port, so concurrent jobs never collide
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               "-m", "routesae", *_args(model_dir, out)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
