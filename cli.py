@@ -22,6 +22,8 @@ class _OneLineErrors(click.Group):
         except BrokenPipeError:
             _quiet_broken_pipe()
         except RouteSAEError as e:
+            if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: rank 0 says it once
+                sys.exit(1)
             _fail(f"routesae: error: {e}", 1)
         except KeyboardInterrupt:
             _fail("routesae: interrupted; committed work is kept, rerun the same command to resume", 130)

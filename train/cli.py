@@ -110,6 +110,8 @@ def fit(**kw) -> None:
         progress=kw["progress"],
     )
     result = run_fit(cfg)
+    if not result.main_process:  # another rank of a torchrun: rank 0 reports
+        return
     if result.already_done:
         click.echo(f"{cfg.out} already holds this finished fit; nothing to do", err=True)
         return

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from routesae.train.distributed import current_shard, global_topk
+
 
 def _csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     """A CSR tensor without torch's "beta" warning. Invariant checks are off: the patterns here
@@ -127,9 +129,15 @@ def encoder_preactivations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tenso
 def select_batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """BatchTopK's selection: the k * n largest pre-activations of the whole [n, m] batch, ReLU
     applied, as [n, c] per token padded with zero values (c: the most any token got), the form
-    the sparse kernels take. A padded slot has value 0, so it neither decodes nor gets gradient."""
+    the sparse kernels take. A padded slot has value 0, so it neither decodes nor gets gradient.
+    Under a distributed fit, the k * N largest of the whole batch of N tokens over all ranks
+    (`distributed.global_topk`), of which this rank keeps those of its own tokens."""
     n, m = pre.shape
-    values, flat = pre.reshape(-1).topk(min(k * n, n * m), sorted=False)
+    shard = current_shard()
+    if shard is None:
+        values, flat = pre.reshape(-1).topk(min(k * n, n * m), sorted=False)
+    else:
+        values, flat = global_topk(pre.reshape(-1), k * shard.n_global)
     rows = flat // m
     order = torch.argsort(rows, stable=True)
     rows, cols, values = rows[order], (flat % m)[order], values[order].float().relu()

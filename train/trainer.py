@@ -37,6 +37,7 @@ from routesae.train.coders.matryoshka import default_prefixes
 from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig, SAEConfig
 from routesae.cpu_memory import keep_freed_memory
 from routesae.train.data import WORKERS, Batch, ChunkLoader, Position, TokenSplit, can_map
+from routesae.train.distributed import Group, Shard, from_env
 from routesae.train.normalize import dataset_scale
 from routesae.train.saes import ARCHITECTURES, SAE, TrainOutput, build_sae
 from routesae.train.schedule import lr_factor
@@ -70,6 +71,8 @@ class FitResult(NamedTuple):
     """Throughput after this process's first step (the first buffer's read excluded)."""
     already_done: bool = False
     """True when the output folder already held this finished fit (nothing was trained)."""
+    main_process: bool = True
+    """False on the ranks of a distributed fit other than rank 0 (which alone reports)."""
 
 
 # --- planning: every check before anything is written -------------------------------------------
@@ -466,11 +469,15 @@ def _truncate_metrics(path: Path, lines: int) -> None:
 class Trainer:
     """Runs a planned fit: the loop, logging, checkpoints, outputs."""
 
-    def __init__(self, plan: FitPlan, source: BatchSource):
+    def __init__(self, plan: FitPlan, source: BatchSource, group: Group | None = None):
+        """group: the torchrun process group of a distributed fit (None: one process)."""
         if plan.device.type == "cpu":
             keep_freed_memory()
         self.plan = plan
         self.source = source
+        self.group = group
+        self.writes = group is None or group.is_main
+        """Whether this process writes the output folder and shows progress (rank 0 alone)."""
         self.runs = _build_runs(plan)
         self.step = 0
         self.tokens = 0
@@ -512,9 +519,11 @@ class Trainer:
                 run.sparsity = SparsityControl(**state["sparsity"])
 
     # --- one step --------------------------------------------------------------------------------
-    def train_step(self, acts: Tensor) -> None:
+    def train_step(self, acts: Tensor, shard: Shard | None = None) -> None:
+        """One optimizer step of every SAE on `acts`: the batch, or under a distributed fit this
+        rank's slice of it (`shard` says which), the step then being the whole batch's."""
         plan, cfg = self.plan, self.plan.cfg
-        n = acts.shape[0]
+        n = acts.shape[0] if shard is None else shard.n_global
         lr = cfg.lr * lr_factor((self.tokens + n / 2) / plan.budget, cfg.warmup, cfg.decay)
         acts = acts.to(plan.device, non_blocking=True)
         for run in self.runs:
@@ -525,8 +534,11 @@ class Trainer:
                     dead = None
             progress = self.tokens / plan.budget
             coef = run.sparsity.value(progress) if run.sparsity else 0.0
-            out = run.sae.training_loss(run.select(acts), plan.compute_dtype, dead, cfg.auxk_coef, coef)
-            out.loss.backward()
+            if shard is None:
+                out = run.sae.training_loss(run.select(acts), plan.compute_dtype, dead, cfg.auxk_coef, coef)
+                out.loss.backward()
+            else:
+                out = self._distributed_loss(run, acts, shard, dead, coef)
             run.sae.coder.constrain_grad_()
             for group in run.opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -541,6 +553,17 @@ class Trainer:
         self.tokens += n
         self.step += 1
         self._lr = lr
+
+    def _distributed_loss(self, run: _Run, acts: Tensor, shard: Shard, dead: Tensor | None, coef: float) -> TrainOutput:
+        """Forward and backward on this rank's slice, then the whole batch's gradient and outputs
+        on every rank (see distributed.py)."""
+        assert self.group is not None
+        cfg = self.plan.cfg
+        with self.group.shard(shard):
+            out = run.sae.training_loss(run.select(acts), self.plan.compute_dtype, dead, cfg.auxk_coef, coef)
+        out.loss.backward()
+        self.group.reduce_gradients(run.sae.parameters(), shard)
+        return self.group.reduce_output(out, shard)
 
     def dead_fraction(self, run: _Run) -> float:
         return float((run.since_fired >= self.plan.dead_tokens).float().mean())
@@ -559,8 +582,9 @@ class Trainer:
                 "dead_frac": self.dead_fraction(run),
                 "tokens_per_s": tokens_per_s,
             }
-            with open(run.out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            if self.writes:
+                with open(run.out / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
             run.metrics_lines += 1
             run.meter = _Meter()
             rows.append(row)
@@ -571,7 +595,7 @@ class Trainer:
         plan, cfg = self.plan, self.plan.cfg
         bar = tqdm(
             total=plan.budget, initial=self.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
-            disable=not cfg.progress, desc="fit", smoothing=0.1,
+            disable=not cfg.progress or not self.writes, desc="fit", smoothing=0.1,
         )
         start = time.perf_counter()
         first_step_done = None
@@ -584,7 +608,11 @@ class Trainer:
                 acts = batch.acts
                 if self.tokens + acts.shape[0] > plan.budget:
                     acts = acts[: plan.budget - self.tokens]
-                self.train_step(acts)
+                if self.group is None:
+                    self.train_step(acts)
+                else:  # the same global batch on every rank: each trains its slice
+                    mine, shard = self.group.slice(acts)
+                    self.train_step(mine, shard)
                 self.position = batch.position
                 now = time.perf_counter()
                 if first_step_done is None:
@@ -596,15 +624,17 @@ class Trainer:
                     last_log_time, last_log_tokens = now, self.tokens
                     bar.set_postfix_str(_postfix(self.runs, rows), refresh=False)
                 bar.update(acts.shape[0])
-                if self.step % cfg.checkpoint_every == 0 and not finished:
+                if self.step % cfg.checkpoint_every == 0 and not finished and self.writes:
                     save_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, self.checkpoint_payload())
         finally:
             batches.close()
             bar.close()
         end = time.perf_counter()
         steady = (self.tokens - tokens_at_first) / (end - first_step_done) if first_step_done and end > first_step_done else 0.0
-        self.write_outputs(end - start)
-        return FitResult([run.out for run in self.runs], self.tokens, self.step, end - start, steady)
+        if self.writes:
+            self.write_outputs(end - start)
+        return FitResult([run.out for run in self.runs], self.tokens, self.step, end - start, steady,
+                         main_process=self.writes)
 
     def write_outputs(self, seconds: float) -> None:
         plan, cfg = self.plan, self.plan.cfg
@@ -623,7 +653,8 @@ class Trainer:
                 "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
                 "device": str(plan.device),
                 "relu_after_topk": True,
-                **({"sparsity_coef": run.sparsity.coef, "target_l0": run.sparsity.target_l0} if run.sparsity else {}),
+                **({"world_size": self.group.world_size} if self.group else {}),
+                **({"sparsity_coef": run.sparsity.value(1.0), "target_l0": run.sparsity.target_l0} if run.sparsity else {}),
             }
             # what another tool needs to use the SAE (hooks, hub id, context, normalization, dtype)
             reuse = sae_record(
@@ -650,8 +681,30 @@ def fit(cfg: FitConfig, source: BatchSource | None = None) -> FitResult:
     source: batches to train on instead of the store's (benchmarks); the store is still opened for
     its metadata and split. Where the store is read by a loader process (cfg.loader = 'process',
     or 'auto' on a GPU or with a compressed store): as with a PyTorch DataLoader's workers, a Python
-    script calling fit() must do so under `if __name__ == "__main__":` (or set cfg.loader = 'thread')."""
+    script calling fit() must do so under `if __name__ == "__main__":` (or set cfg.loader = 'thread').
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) the fit is data-parallel: each rank trains
+    its slice of every batch and all end with the single-process weights (distributed.py)."""
     plan = plan_fit(cfg)
+    group = from_env(plan.device)  # torchrun: this process's rank, device and process group
+    try:
+        if group is not None:
+            plan.device = group.device
+            if cfg.batch_size < group.world_size:
+                raise RouteSAEError(f"--batch-size {cfg.batch_size} is smaller than the {group.world_size} ranks of "
+                                    "this torchrun: each rank needs a slice of every batch")
+        return _fit(plan, source, group)
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _fit(plan: FitPlan, source: BatchSource | None, group: Group | None) -> FitResult:
+    """fit() once the plan and the process group are known. Under torchrun every rank reads the
+    same batches and trains; rank 0 alone writes (the folder's preparation, checkpoints, metrics,
+    outputs), and every rank resumes from the checkpoint rank 0 found."""
+    cfg = plan.cfg
+    writes = group is None or group.is_main
     if source is None:
         source = ChunkLoader(
             plan.cache, plan.read_layers, plan.split, cfg.batch_size, cfg.buffer_tokens, cfg.seed,
@@ -660,29 +713,47 @@ def fit(cfg: FitConfig, source: BatchSource | None = None) -> FitResult:
     elif list(source.layers) != plan.read_layers:
         raise ValueError(f"the batch source serves layers {source.layers}, the fit needs {plan.read_layers}")
     size_budget(plan, source)
-    ckpt, done = _prepare_out(plan)
+    ckpt, done, refused = None, False, None
+    if writes:
+        try:
+            ckpt, done = _prepare_out(plan)
+        except RouteSAEError as e:
+            if group is None:
+                raise
+            refused = e
+    if group is not None:
+        # rank 0's verdict on the folder; a refusal stops every rank with its message
+        resume, done, message = group.broadcast((ckpt is not None, done, refused and str(refused)) if writes else None)
+        if message is not None:
+            raise refused or RouteSAEError(message)
+        if resume and not writes:
+            ckpt = load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME)
+        group.barrier()  # every rank holds the checkpoint before rank 0 may write the next one
     if done:
-        return FitResult(list(plan.out_dirs.values()), 0, 0, 0.0, 0.0, already_done=True)
+        return FitResult(list(plan.out_dirs.values()), 0, 0, 0.0, 0.0, already_done=True, main_process=writes)
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(plan, source)
+    trainer = Trainer(plan, source, group)
     out = Path(cfg.out)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / MANIFEST_NAME, _manifest(plan))
-    for run in trainer.runs:
-        run.out.mkdir(parents=True, exist_ok=True)
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / MANIFEST_NAME, _manifest(plan))
+        for run in trainer.runs:
+            run.out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
         trainer.restore(ckpt)
-        tqdm.write(f"resuming {cfg.out} at step {trainer.step:,} ({trainer.tokens:,} of {plan.budget:,} tokens trained)",
-                   file=sys.stderr)
-    for run in trainer.runs:
-        _truncate_metrics(run.out / "metrics.jsonl", run.metrics_lines)
+        if writes:
+            tqdm.write(f"resuming {cfg.out} at step {trainer.step:,} ({trainer.tokens:,} of {plan.budget:,} tokens "
+                       "trained)", file=sys.stderr)
+    if writes:
+        for run in trainer.runs:
+            _truncate_metrics(run.out / "metrics.jsonl", run.metrics_lines)
     try:
         return trainer.run()
     except Exception:
         # A fit that fails before its first checkpoint (a damaged store, a full /dev/shm) leaves
         # nothing behind; an interrupted one (KeyboardInterrupt) keeps its files for a rerun.
-        if not (out / CHECKPOINT_NAME).exists() and not _finished_saes(out):
+        if writes and not (out / CHECKPOINT_NAME).exists() and not _finished_saes(out):
             _remove_unstarted(out)
             if created and not any(out.iterdir()):
                 out.rmdir()

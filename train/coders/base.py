@@ -14,6 +14,7 @@ from typing import Callable, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from routesae.train.distributed import gather_rows
 from routesae.train.sparse_ops import SparseForward, sparse_decode
 
 
@@ -205,7 +206,8 @@ class StartsAtTargetL0:
             return
         if not bool(self.started):  # read once (a host sync on a GPU), then remembered
             if self.target_fraction > 0:
-                self._place(torch.quantile(pre().float(), 1 - self.target_fraction, dim=0))
+                # distributed: the quantile of the whole batch's rows, gathered from every rank
+                self._place(torch.quantile(gather_rows(pre().float()), 1 - self.target_fraction, dim=0))
             self.started.fill_(True)
         self._seen_started = True
 

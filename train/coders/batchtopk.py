@@ -6,11 +6,14 @@ The training step is TopK's sparse kernel with a batch-wide selection (sparse_op
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from routesae.train.coders.base import Coder, CoderOutput, Latents, jump, no_penalty
 from routesae.train.coders.topk import TopKCoder
+from routesae.train.distributed import current_shard, global_min
 from routesae.train.sparse_ops import topk_sae_forward
 
 THRESHOLD_RATE = 0.05
@@ -54,14 +57,19 @@ class BatchTopKCoder(TopKCoder):
 
     @torch.no_grad()
     def _track_threshold(self, values: Tensor) -> None:
-        """Fold this training batch's smallest kept activation into the inference threshold."""
+        """Fold this training batch's smallest kept activation into the inference threshold
+        (distributed: the whole batch's, the same on every rank)."""
+        if not self.training:
+            return
         kept = values[values > 0]
-        if self.training and kept.numel():
-            smallest = float(kept.min())
-            if self.threshold_estimate < 0:
-                self.threshold_estimate.fill_(smallest)
-            else:
-                self.threshold_estimate.mul_(1 - THRESHOLD_RATE).add_(THRESHOLD_RATE * smallest)
+        local = float(kept.min()) if kept.numel() else math.inf
+        smallest = global_min(local) if current_shard() is not None else local
+        if not math.isfinite(smallest):
+            return
+        if self.threshold_estimate < 0:
+            self.threshold_estimate.fill_(smallest)
+        else:
+            self.threshold_estimate.mul_(1 - THRESHOLD_RATE).add_(THRESHOLD_RATE * smallest)
 
     def export_tensors(self) -> dict[str, Tensor]:
         """TopK's names plus `threshold` [d_sae] (every entry the same): it loads as a JumpReLU SAE."""

@@ -30,6 +30,7 @@ from routesae.train.coders.base import (
     per_input_norm,
     unit_rows,
 )
+from routesae.train.distributed import token_mean
 
 THRESHOLD_FLOOR = 1e-3
 """Smallest threshold (at initialization and after every step): theta > 0 keeps f a rectified code."""
@@ -121,7 +122,8 @@ class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
         x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
         l0 = StepFunction.apply(pre, theta, self.bandwidth).sum(-1)
         if self.target_fraction > 0:  # toward the target L0 from either side (dictionary_learning's form)
-            penalty = sparsity_coef * (l0.mean() / (self.target_fraction * self.n_latents) - 1).square()
+            # the whole batch's mean L0 under a distributed fit: the penalty is not linear in it
+            penalty = sparsity_coef * (token_mean(l0) / (self.target_fraction * self.n_latents) - 1).square()
         else:
             penalty = sparsity_coef * per_input_norm(l0, x)
         return CoderOutput(x_hat, None, None, None, penalty, (pre > theta).detach())
