@@ -3,7 +3,6 @@ its own and stopped afterwards. Clients reach it through AWS_ENDPOINT_URL (botoc
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

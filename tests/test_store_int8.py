@@ -8,7 +8,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from routesae import Cache, RouteSAEError
+from routesae import RouteSAEError
 from routesae.cli import main
 from routesae.harvest.run import HarvestConfig, run_harvest
 from routesae.store.int8 import dequantize, quantize
