@@ -63,8 +63,10 @@ def dense_encode(x: Tensor, W_enc: Tensor, bias: Tensor | None, compute_dtype: t
     """x [n, d] @ W_enc.T (+ bias) with the matmul in compute_dtype, float32 out (autograd-friendly)."""
     if compute_dtype == torch.float32:
         return x @ W_enc.T if bias is None else torch.addmm(bias, x, W_enc.T)
-    out = (x.to(compute_dtype) @ W_enc.to(compute_dtype).T).float()
-    return out if bias is None else out + bias
+    out = x.to(compute_dtype) @ W_enc.to(compute_dtype).T
+    # bf16 + float32 promotes to float32 in one pass over [n, n_latents] (the same values as
+    # .float() then + bias, which is two)
+    return out.float() if bias is None else out + bias
 
 
 class Coder(nn.Module, abc.ABC):
