@@ -188,14 +188,14 @@ def _check_output(cfg: HarvestConfig) -> dict[str, Any] | None:
 
 def _check_remote_output(cfg: HarvestConfig, out: RemotePath) -> dict[str, Any] | None:
     try:
-        if not out.exists():
-            return None
-        if out.is_file():
-            raise RouteSAEError(f"{out} is an object, not a store prefix")
-    except RouteSAEError:
-        raise
+        exists = out.exists()
+        is_object = exists and out.is_file()
     except Exception as e:  # the bucket is missing, unreachable, or the credentials are refused
         raise RouteSAEError(f"cannot reach {out}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not exists:
+        return None
+    if is_object:
+        raise RouteSAEError(f"{out} is an object, not a store prefix")
     return _existing_store(cfg, out)
 
 
