@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,3 +132,30 @@ def test_readers_see_only_the_prefix_every_writer_has_filled(tmp_path):
     assert cache.stats(1).count == 32
     np.testing.assert_allclose(cache.stats(1).mean.numpy(), first_two.mean(0), atol=1e-6)
     np.testing.assert_allclose(cache.stats(1).mean_sq_norm, (first_two ** 2).sum(1).mean(), rtol=1e-6)
+
+
+def test_a_store_begun_before_the_shard_records_gets_them_on_resume(tmp_path):
+    """An unfinished store written without shard_progress/ (routesae before it existed) resumes:
+    opening it to write creates the records, and the committed prefix carries on from its own."""
+    layout = StoreLayout(chunk_tokens=8, shard_tokens=16)
+    provenance = {"model": {"id": "x", "n_layers": 4}, "dataset": {"id": "d"}, "context_len": 8, "seed": 0}
+    path = tmp_path / "old.zarr"
+    writer = StoreWriter.create(path, provenance, [1], 4, "float32", 32, layout)
+    acts = np.ones((1, 16, 4), dtype=np.float32)
+    ids = np.arange(16, dtype=np.int32)
+    stats = StatsAccumulator([1], 4)
+    stats.add(torch.from_numpy(acts), torch.ones(16, dtype=torch.bool))
+    writer.write_shard(0, acts, ids, ids % 8, np.zeros(16, bool))
+    writer.commit(16, {"doc": 3, "offset": 0}, stats.state())  # the old single-writer commit
+    shutil.rmtree(path / SHARD_PROGRESS)
+
+    resumed = StoreWriter.open(path)
+    assert (path / SHARD_PROGRESS / "record" / "zarr.json").is_file()
+    assert resumed.recorded_shards(1) == set()
+    resumed.write_shard(1, 2 * acts, ids, ids % 8, np.zeros(16, bool))
+    resumed.record_shard(1, 32, {"doc": 5, "offset": 0}, 16, np.concatenate(
+        [np.full((1, 4), 32.0), np.full((1, 1), 16 * 16.0), np.full((1, 1), 16 * 4.0)], axis=1))
+    assert resumed.advance()
+    cache = Cache.open(path)
+    assert cache.n_tokens == 32 and cache.stats(1).count == 32
+    np.testing.assert_allclose(cache.stats(1).mean.numpy(), np.full(4, 1.5))  # mean of 16 ones and 16 twos
