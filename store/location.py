@@ -1,6 +1,6 @@
 """Where a store lives: a local folder (a `Path`) or a prefix on object storage (`s3://bucket/key`,
 or any other fsspec URL), as a `RemotePath` that answers the few `Path` methods the store code
-uses (joining, existence, size, ranged reads, listing).
+uses (joining, existence, size, ranged reads); listing is `file_sizes`.
 
 Remote stores go through zarr's own fsspec store for everything zarr reads and writes, and through
 the same fsspec filesystem for the rest (file checks, the metadata read before zarr opens the
@@ -75,12 +75,6 @@ class RemotePath:
     def parent(self) -> "RemotePath":
         return RemotePath(self.fs, self.key.rsplit("/", 1)[0], self.protocol)
 
-    def with_name(self, name: str) -> "RemotePath":
-        return self.parent / name
-
-    def relative_to(self, other: "RemotePath") -> str:
-        return self.key[len(other.key) + 1 :]
-
     def exists(self) -> bool:
         return self.fs.exists(self.key)
 
@@ -101,17 +95,6 @@ class RemotePath:
 
     def open(self, mode: str = "rb") -> Any:
         return self.fs.open(self.key, mode)
-
-    def iterdir(self) -> Iterator["RemotePath"]:
-        for key in self.fs.ls(self.key, detail=False):
-            yield RemotePath(self.fs, key, self.protocol)
-
-    def rglob(self, pattern: str = "*") -> Iterator["RemotePath"]:
-        """Every file under this prefix (only the pattern '*' is supported)."""
-        if pattern != "*":
-            raise ValueError("RemotePath.rglob takes only '*'")
-        for key in self.fs.find(self.key):
-            yield RemotePath(self.fs, key, self.protocol)
 
     def resolve(self) -> "RemotePath":
         return self

@@ -26,7 +26,7 @@ from routesae.errors import RouteSAEError
 
 from routesae.store.location import zarr_store
 from routesae.store.shard_files import VERIFY_HINT
-from routesae.store.zarr_store import TOKEN_ARRAYS, Cache, first_line, shard_path, shard_rows
+from routesae.store.zarr_store import TOKEN_ARRAYS, Cache, first_line, shard_path, shard_rows, tensor_of_bits
 
 STATS_RTOL = 1e-4
 """Relative difference of a layer's summed norms beyond which its values changed since the harvest
@@ -232,10 +232,7 @@ def _read_acts(cache: Cache, group: zarr.Group, layer: int, f: _File) -> torch.T
     uncompressed shard file as every reader does (int8 stores: dequantized, as every reader does)."""
     if cache.shard_files(layer) is not None or cache.quantized:
         return cache.acts(layer, f.start, f.stop)
-    raw = group[f.array][f.start : f.stop]
-    stored = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if cache.storage_dtype == "bfloat16" \
-        else torch.from_numpy(raw)
-    return stored.float()
+    return tensor_of_bits(group[f.array][f.start : f.stop], cache.storage_dtype).float()
 
 
 def _reason(e: Exception, path: Path) -> str:

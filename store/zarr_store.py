@@ -185,6 +185,11 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def tensor_of_bits(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    """What a store holds as a tensor of its values' dtype (bf16 from its uint16 bits); the inverse of _bits."""
+    return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(raw)
+
+
 def value_attributes(storage_dtype: str, layer: int, int8: bool = False) -> dict[str, Any]:
     """What an activation array says about its values, for readers that know nothing of routesae."""
     attrs: dict[str, Any] = {"layer": layer, "value_dtype": storage_dtype}
@@ -464,6 +469,7 @@ class Cache:
         self._group = zarr.open_group(zarr_store(path, read_only=True), mode="r", zarr_format=3)
         self._present: set[tuple[str, int]] = set()  # shard files seen to exist
         self._side: OrderedDict[tuple[int, int], Any] = OrderedDict()  # int8 stores: see _int8_side
+        self._specials: OrderedDict[int, np.ndarray] = OrderedDict()  # int8 stores: see _special_positions
         self._arrays = {layer: self._group[_act_name(layer)] for layer in attrs["layers"]}
         self.quantized: bool = attrs["storage_dtype"] == "int8"
         """int8 storage: reads dequantize, so they are close to, not equal to, what the model computed."""
@@ -661,16 +667,25 @@ class Cache:
         rows = self.layout.shard_tokens
         a, b = shard * rows, min(self.n_tokens, (shard + 1) * rows)
         scales = torch.from_numpy(self._read_zarr(f"scales/{layer}", a, b, lambda array: array[a:b]))
-        where = np.flatnonzero(self._token_array("special", a, b))
+        where = self._special_positions(shard)
         name, n = f"special_acts/{layer}", where.size
         exact = self._read_zarr(name, a, a + n, lambda array: array[a : a + n]) if n else \
             np.zeros((0, self.d_model), dtype=ZARR_DTYPES[self.storage_dtype])
-        exact_t = torch.from_numpy(exact.view(np.int16)).view(torch.bfloat16) if self.storage_dtype == "bfloat16" \
-            else torch.from_numpy(exact)
-        self._side[key] = (scales, where, exact_t)
+        self._side[key] = (scales, where, tensor_of_bits(exact, self.storage_dtype))
         if len(self._side) > 64 * len(self.layers):
             self._side.popitem(last=False)
         return self._side[key]
+
+    def _special_positions(self, shard: int) -> np.ndarray:
+        """In-shard positions of a shard's special tokens: read once for all its layers."""
+        hit = self._specials.get(shard)
+        if hit is None:
+            rows = self.layout.shard_tokens
+            hit = np.flatnonzero(self._token_array("special", shard * rows, min(self.n_tokens, (shard + 1) * rows)))
+            self._specials[shard] = hit
+            if len(self._specials) > 64:
+                self._specials.popitem(last=False)
+        return hit
 
     def shard_files(self, layer: int) -> ShardFiles | None:
         """Direct access to a layer's shard files, where its rows are stored uncompressed in the
