@@ -73,12 +73,46 @@ def child_fit(store: str, arch: str, mode: str, steps: int, loader: str) -> dict
     return {"tokens_per_s": result.steady_tokens_per_s, "tokens": result.tokens, "seconds": result.seconds}
 
 
+class TextbookJumpReLU(torch.autograd.Function):
+    """The dense baseline's JumpReLU, as SAELens and dictionary_learning write it: f = pre * 1[pre > theta];
+    gradient to pre through the mask, to theta -theta * K((pre - theta) / eps) / eps summed over tokens."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        kernel = ((pre - theta).abs() < ctx.eps / 2).to(pre.dtype) / ctx.eps
+        return grad * (pre > theta), -(theta * kernel * grad).sum(0), None
+
+
+class TextbookStep(torch.autograd.Function):
+    """The dense baseline's L0 step 1[pre > theta]: gradient to theta only, -K((pre - theta) / eps) / eps."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        kernel = ((pre - theta).abs() < ctx.eps / 2).to(pre.dtype) / ctx.eps
+        return None, -(kernel * grad).sum(0), None
+
+
 def dense_step_fn(arch: str, plan):
     """The baseline: a textbook dense step of the same architecture in plain PyTorch (bf16 autocast
     where the trainer uses bf16): dense encode, the architecture's activation on the dense
     [n, n_latents] pre-activations, dense decode, its loss, Adam. The coders without a sparse
-    kernel (vanilla, gated, jumprelu) are this already, so for them the ratio shows overhead."""
-    from routesae.train.coders.jumprelu import BANDWIDTH, JumpReLUFunction, StepFunction
+    kernel (vanilla, gated) are this already, so for them the ratio shows overhead; JumpReLU's is
+    the textbook pair of autograd functions above, where the trainer fuses them into one."""
+    from routesae.train.coders.jumprelu import BANDWIDTH
     from routesae.train.coders.matryoshka import default_prefixes
 
     d = plan.cache.d_model
@@ -127,8 +161,8 @@ def dense_step_fn(arch: str, plan):
                     z = pre.relu()
                     penalty = coef * (z @ params["W_dec"].norm(dim=1)).mean()
                 elif arch == "jumprelu":
-                    z = JumpReLUFunction.apply(pre.float(), params["threshold"], BANDWIDTH)
-                    penalty = coef * StepFunction.apply(pre.float(), params["threshold"], BANDWIDTH).sum(-1).mean()
+                    z = TextbookJumpReLU.apply(pre.float(), params["threshold"], BANDWIDTH)
+                    penalty = coef * TextbookStep.apply(pre.float(), params["threshold"], BANDWIDTH).sum(-1).mean()
                 elif arch in ("batchtopk", "matryoshka"):
                     vals, flat = pre.reshape(-1).topk(K * pre.shape[0])
                     z = torch.zeros_like(pre).reshape(-1).scatter(0, flat, vals.relu()).view_as(pre)

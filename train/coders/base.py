@@ -43,6 +43,8 @@ class CoderOutput(NamedTuple):
     plus any auxiliary reconstruction term of the architecture, in NormMSE units (see `per_input_norm`)."""
     active: Tensor | None = None
     """[n, n_latents] bool, which latents fire: dense coders give this instead of values/indices."""
+    l0: Tensor | None = None
+    """[n] latents firing per token, where the coder counted them already (saves a pass over `active`)."""
 
 
 def per_input_norm(per_token: Tensor, x: Tensor) -> Tensor:

@@ -42,42 +42,34 @@ BANDWIDTH = 0.2
 """Width eps of the rectangle kernel K(u) = 1[|u| < 1/2] of the straight-through estimators."""
 
 
-def _kernel(pre: Tensor, theta: Tensor, eps: float) -> Tensor:
-    """K((pre - theta) / eps) / eps: the rectangle kernel's density at each pre-activation."""
-    return ((pre - theta).abs() < eps / 2).to(pre.dtype) / eps
-
-
-class JumpReLUFunction(torch.autograd.Function):
-    """f = pre * 1[pre > theta]. Gradients: to pre through the hard mask; to theta the straight-
-    through one, d f / d theta = -theta * K((pre - theta) / eps) / eps."""
+class JumpReLUWithL0(torch.autograd.Function):
+    """f = pre * 1[pre > theta] and its L0 count l0 = sum_j 1[pre_j > theta_j] in one function, so
+    the mask is built once in the forward and the kernel's window once in the backward (the textbook
+    form, a JumpReLU and a step function, builds each twice).
+    Forward: f in `out_dtype` (the decoder's matmul dtype, written straight from float32 pre), l0 [n]
+    and the mask (no gradient). Gradients: to pre through the hard mask, from f only; to theta the
+    straight-through ones, d f / d theta = -theta * K((pre - theta) / eps) / eps and
+    d l0 / d theta = -K((pre - theta) / eps) / eps, with K(u) = 1[|u| < 1/2]."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(pre, theta)
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float, out_dtype: torch.dtype):
+        mask = pre > theta
+        f = torch.mul(pre, mask, out=torch.empty_like(pre, dtype=out_dtype))
+        l0 = torch.count_nonzero(mask, dim=-1).to(pre.dtype)
+        ctx.save_for_backward(pre, theta, mask)
         ctx.eps = eps
-        return jump(pre, theta)
+        ctx.mark_non_differentiable(mask)
+        return f, l0, mask
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        pre, theta = ctx.saved_tensors
-        grad_pre = grad * (pre > theta)
-        grad_theta = -(theta * _kernel(pre, theta, ctx.eps) * grad).sum(0)
-        return grad_pre, grad_theta, None
-
-
-class StepFunction(torch.autograd.Function):
-    """1[pre > theta], the L0 count. Gradient to theta only: -K((pre - theta) / eps) / eps; none to pre."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        pre, theta = ctx.saved_tensors
-        return None, -(_kernel(pre, theta, ctx.eps) * grad).sum(0), None
+    def backward(ctx, grad_f: Tensor, grad_l0: Tensor, _grad_mask):
+        pre, theta, mask = ctx.saved_tensors
+        eps = ctx.eps
+        grad_pre = torch.mul(grad_f, mask, out=torch.empty_like(pre))
+        window = (pre > theta - eps / 2).logical_and_(pre < theta + eps / 2)  # K((pre - theta) / eps)
+        from_f = (grad_f * window).sum(0, dtype=theta.dtype)
+        from_l0 = grad_l0.to(theta.dtype) @ window.to(theta.dtype)
+        return grad_pre, -(theta * from_f + from_l0) / eps, None, None
 
 
 class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
@@ -118,15 +110,14 @@ class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
         pre = dense_encode(x - self.b_dec, self.W_enc, self.b_enc, compute_dtype)
         self.start_from(lambda: pre)
         theta = self.threshold.float()
-        f = JumpReLUFunction.apply(pre, theta, self.bandwidth)
+        f, l0, active = JumpReLUWithL0.apply(pre, theta, self.bandwidth, compute_dtype)
         x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
-        l0 = StepFunction.apply(pre, theta, self.bandwidth).sum(-1)
         if self.target_fraction > 0:  # toward the target L0 from either side (dictionary_learning's form)
             # the whole batch's mean L0 under a distributed fit: the penalty is not linear in it
             penalty = sparsity_coef * (token_mean(l0) / (self.target_fraction * self.n_latents) - 1).square()
         else:
             penalty = sparsity_coef * per_input_norm(l0, x)
-        return CoderOutput(x_hat, None, None, None, penalty, (pre > theta).detach())
+        return CoderOutput(x_hat, None, None, None, penalty, active, l0)
 
     def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
         return [(self.threshold, THRESHOLD_LR_SCALE)]

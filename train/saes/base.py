@@ -128,7 +128,8 @@ class SAE(nn.Module, abc.ABC):
             loss = loss + auxk_coef * weight * aux
         if out.active is not None:
             # mean L0 = all active entries / tokens; count_nonzero is ~10x faster than a bool sum on a CPU
-            l0 = torch.count_nonzero(out.active).float() / out.active.shape[0]
+            l0 = out.l0.detach().mean() if out.l0 is not None else (
+                torch.count_nonzero(out.active).float() / out.active.shape[0])
             return TrainOutput(loss, nmse.detach(), aux.detach(), l0, out.active.any(0), extra)
         active = out.values > 0
         fired = torch.zeros(self.config.n_latents, dtype=torch.bool, device=target.device)
