@@ -243,7 +243,7 @@ def child_decode() -> dict:
     """Forward + backward of the sparse decode at the bench's shape, by implementation."""
     import torch.nn.functional as F
 
-    from routesae.train.sparse_ops import _Transpose, _sampled_rowdot, sparse_decode
+    from routesae.train.sparse_ops import TransposedPattern, sampled_rowdot, sparse_decode
 
     n, d, m = BATCH, 576, EXPANSION * 576
     g = torch.Generator().manual_seed(0)
@@ -254,8 +254,8 @@ def child_decode() -> dict:
 
     def csr():  # the trainer's: CSR x dense forward, sampled dot + transposed CSR backward
         out = sparse_decode(vals, idx, W)
-        _sampled_rowdot(idx, grad, W)
-        _Transpose.of(idx, m).matmul(vals, grad)
+        sampled_rowdot(idx, grad, W)
+        TransposedPattern.of(idx, m).matmul(vals, grad)
         return out
 
     def embedding_bag(dtype):

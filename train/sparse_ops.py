@@ -51,7 +51,7 @@ def _csr(indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
     return _csr_tensor(crow, indices.reshape(-1), values.reshape(-1), (n, n_cols))
 
 
-class _Transpose(NamedTuple):
+class TransposedPattern(NamedTuple):
     """A CSR pattern transposed once (latents as rows) so several value sets can reuse it."""
 
     crow: Tensor
@@ -60,7 +60,7 @@ class _Transpose(NamedTuple):
     shape: tuple[int, int]
 
     @classmethod
-    def of(cls, indices: Tensor, n_latents: int) -> "_Transpose":
+    def of(cls, indices: Tensor, n_latents: int) -> "TransposedPattern":
         n, c = indices.shape
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -74,7 +74,7 @@ class _Transpose(NamedTuple):
         return _csr_tensor(self.crow, self.col, vals, self.shape) @ dense
 
 
-def _sampled_rowdot(indices: Tensor, grad: Tensor, weight: Tensor) -> Tensor:
+def sampled_rowdot(indices: Tensor, grad: Tensor, weight: Tensor) -> Tensor:
     """out[i, j] = grad[i] . weight[indices[i, j]]: a sampled dense-dense product, [n, c]."""
     pattern = _csr(indices, torch.zeros(indices.shape, dtype=grad.dtype, device=grad.device), weight.shape[0])
     return torch.sparse.sampled_addmm(pattern, grad, weight.T, beta=0.0).values().view(indices.shape)
@@ -203,10 +203,10 @@ class _TopKSAEFunction(torch.autograd.Function):
 
         for vals, idx, grad_out in groups:
             grad_out = grad_out.contiguous()
-            transpose = _Transpose.of(idx, n_latents)
+            transpose = TransposedPattern.of(idx, n_latents)
             grad_W_dec = acc(grad_W_dec, transpose.matmul(vals, grad_out))
             # d x_hat / d value = the decoder row; the ReLU passes gradient only where the value is > 0.
-            grad_pre = _sampled_rowdot(idx, grad_out, W_dec) * (vals > 0)
+            grad_pre = sampled_rowdot(idx, grad_out, W_dec) * (vals > 0)
             grad_b_enc.index_add_(0, idx.reshape(-1), grad_pre.reshape(-1))
             if need_W_enc:
                 grad_W_enc = acc(grad_W_enc, transpose.matmul(grad_pre, xc))
