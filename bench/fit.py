@@ -11,14 +11,16 @@ latents, k 32, batches of 4096 tokens, it measures tokens/s of:
   dense  a plain dense PyTorch step of the same architecture (bf16 autocast encode, its activation
          on the dense pre-activations, dense decode, its loss, Adam); RouteSAE's router in plain
          PyTorch too. Target: 1.5x for the TopK-like coders (their sparse kernel), 1.0x for the
-         dense coders (vanilla, gated, jumprelu: their step is a dense one);
+         coders without a k (gated, whose step is a dense one; vanilla and jumprelu, whose steps
+         are sparse once few pre-activations pass: sparse_threshold.py);
   llm    on-the-fly training that reruns the LLM for every batch, as the authors' code does
          (full forward with output_hidden_states, then the same trainer's step),
 each in a fresh subprocess so its peak RSS is its own, and prints the ratios. Every variant runs
 --rounds times, interleaved with the others, and its best run counts: on a shared machine other
 jobs disturb runs unevenly, and the best run is the least disturbed (all runs are printed too).
 Beside best-of, the median over rounds of each round's own ratio.
-It also times the sparse decode choices (forward + backward) the trainer picked from.
+It also times the sparse decode choices (forward + backward) the trainer picked from, and with
+jumprelu in --arch, JumpReLU's sparse and dense steps by candidate share (where the coder switches).
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ def dense_step_fn(arch: str, plan):
     """The baseline: a textbook dense step of the same architecture in plain PyTorch (bf16 autocast
     where the trainer uses bf16): dense encode, the architecture's activation on the dense
     [n, n_latents] pre-activations, dense decode, its loss, Adam. The coders without a sparse
-    kernel (vanilla, gated) are this already, so for them the ratio shows overhead; JumpReLU's is
-    the textbook pair of autograd functions above, where the trainer fuses them into one."""
+    kernel (gated) are this already, so for them the ratio shows overhead; JumpReLU's is the
+    textbook pair of autograd functions above. The trainer runs sparse steps for vanilla and JumpReLU."""
     from routesae.train.coders.jumprelu import BANDWIDTH
     from routesae.train.coders.matryoshka import default_prefixes
 
@@ -296,12 +298,51 @@ def child_decode() -> dict:
     }
 
 
+def child_jumprelu_steps() -> dict:
+    """JumpReLU's coder step (forward + backward, bf16) at the bench's shape, sparse and dense, by the
+    share of pre-activations that are candidates (what `sparse_threshold.SPARSE_UP_TO` cuts at)."""
+    from routesae.train import sparse_threshold
+    from routesae.train.coders.jumprelu import JumpReLUCoder
+    from routesae.train.sparse_threshold import candidate_mask
+
+    n, d, m = BATCH, 576, EXPANSION * 576
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+    coder = JumpReLUCoder(d, m, k=K, generator=torch.Generator().manual_seed(0))
+    coder.train()
+    coder.started.fill_(True)
+    with torch.no_grad():
+        product = x @ coder.W_enc.T
+    rows, default = {}, sparse_threshold.SPARSE_UP_TO
+    for share in (0.01, 0.02, 0.04, 0.06, 0.08, 0.12):
+        with torch.no_grad():  # thresholds where about `share` of the entries are candidates
+            coder.threshold.copy_(torch.quantile(product[:1024], 1 - share, dim=0) + coder.bandwidth / 2)
+            floor = coder.threshold - coder.bandwidth / 2
+            got = float(candidate_mask(product.bfloat16(), coder.b_enc, floor).float().mean())
+        ms = {}
+        for mode, cut in (("sparse", 1.0), ("dense", 0.0)):
+            sparse_threshold.SPARSE_UP_TO = cut
+            times = []
+            for _ in range(4):
+                t = time.perf_counter()
+                out = coder.forward_train(x, torch.bfloat16, sparsity_coef=1.0)
+                ((out.x_hat - x).pow(2).sum(-1).mean() + out.penalty).backward()
+                coder.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - t)
+            ms[mode] = min(times[1:]) * 1e3
+        rows[f"{got:.3f}"] = ms
+    sparse_threshold.SPARSE_UP_TO = default
+    return {"steps_ms": rows, "sparse_up_to": default}
+
+
 def run_child(args: argparse.Namespace) -> None:
     from routesae.cpu_memory import keep_freed_memory
 
     keep_freed_memory()  # what fit does on CPU; every variant gets it
     if args.child == "decode":
         out = child_decode()
+    elif args.child == "jumprelu_steps":
+        out = child_jumprelu_steps()
     elif args.child in ("zarr", "ram"):
         out = child_fit(args.store, args.arch, args.child, args.steps, args.loader)
     elif args.child == "dense":
@@ -377,6 +418,15 @@ def main() -> None:
 
     modes = tuple(args.modes.split(","))
     archs = args.arch.split(",")
+    steps = None
+    if "jumprelu" in archs:
+        steps = measure(args, "jumprelu_steps")
+        print(f"jumprelu's coder step, forward + backward, ms per batch, by candidate share "
+              f"(sparse up to {steps['sparse_up_to']:.4f}):")
+        for share, ms in steps["steps_ms"].items():
+            print(f"  {share:>6s}   sparse {ms['sparse']:7.1f}   dense {ms['dense']:7.1f}   "
+                  f"dense/sparse {ms['dense'] / ms['sparse']:5.2f}x")
+        print()
     runs: dict[tuple[str, str], list[dict]] = {(a, m): [] for a in archs for m in modes}
     for r in range(args.rounds):
         for arch in archs:
@@ -410,7 +460,7 @@ def main() -> None:
         print()
         rows.append({"arch": arch, "runs": {m: runs[arch, m] for m in modes}, "ratios": ratios, "paired": paired})
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
-    print(json.dumps({"decode_ms": decode, "results": rows}))
+    print(json.dumps({"decode_ms": decode, "jumprelu_steps": steps, "results": rows}))
     if tmp is not None:
         tmp.cleanup()
 

@@ -140,13 +140,18 @@ def select_batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
         values, flat = global_topk(pre.reshape(-1), k * shard.n_global)
     rows = flat // m
     order = torch.argsort(rows, stable=True)
-    rows, cols, values = rows[order], (flat % m)[order], values[order].float().relu()
+    return pack_rows(rows[order], (flat % m)[order], values[order].float().relu(), n, 0.0)
+
+
+def pack_rows(rows: Tensor, cols: Tensor, values: Tensor, n: int, fill: float) -> tuple[Tensor, Tensor]:
+    """Entries (rows sorted, cols, values) of an [n, m] matrix -> [n, c] values and indices, one
+    row per token, c the most entries any row has; a row's unused slots hold `fill` at index 0."""
     counts = torch.bincount(rows, minlength=n)
     width = max(1, int(counts.max()))
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=pre.device) - starts[rows]
-    out_values = torch.zeros(n, width, dtype=torch.float32, device=pre.device)
-    out_indices = torch.zeros(n, width, dtype=torch.int64, device=pre.device)
+    slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    out_values = torch.full((n, width), fill, dtype=values.dtype, device=rows.device)
+    out_indices = torch.zeros(n, width, dtype=torch.int64, device=rows.device)
     out_values[rows, slot] = values
     out_indices[rows, slot] = cols
     return out_values, out_indices

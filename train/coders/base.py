@@ -42,9 +42,12 @@ class CoderOutput(NamedTuple):
     """Scalar added to the loss: the sparsity term times its coefficient (0 for TopK-like coders),
     plus any auxiliary reconstruction term of the architecture, in NormMSE units (see `per_input_norm`)."""
     active: Tensor | None = None
-    """[n, n_latents] bool, which latents fire: dense coders give this instead of values/indices."""
+    """[n, n_latents] bool, which latents fire: dense coders give this (or `l0` and `fired`)
+    instead of values/indices."""
     l0: Tensor | None = None
     """[n] latents firing per token, where the coder counted them already (saves a pass over `active`)."""
+    fired: Tensor | None = None
+    """[n_latents] bool, latents that fired on the batch, where the coder knows them without `active`."""
 
 
 def per_input_norm(per_token: Tensor, x: Tensor) -> Tensor:

@@ -12,6 +12,10 @@ fires on k / n_latents of the tokens (`StartsAtTargetL0`), and training refines 
 initialization (unit encoder rows, inputs of norm sqrt(d)): Gemma Scope's 0.001 at E||x||^2 = 1,
 scaled to our inputs and widened, as a kernel as narrow as theirs gives the thresholds a gradient
 from too few tokens for such a budget.
+
+Training runs the sparse step of sparse_threshold.py (only the encoder's matmul dense) while few
+pre-activations lie near or above their thresholds, as they do once the thresholds sit at the
+target L0 (`sparse_threshold.SPARSE_UP_TO`), and a dense step otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from routesae.train.coders.base import (
     unit_rows,
 )
 from routesae.train.distributed import token_mean
+from routesae.train.sparse_threshold import candidate_mask, encoder_product, jumprelu_sae_forward, sparse_pays
 
 THRESHOLD_FLOOR = 1e-3
 """Smallest threshold (at initialization and after every step): theta > 0 keeps f a rectified code."""
@@ -107,17 +112,25 @@ class JumpReLUCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
         self, x: Tensor, compute_dtype: torch.dtype, dead: Tensor | None = None, k_aux: int = 0,
         sparsity_coef: float = 0.0,
     ) -> CoderOutput:
-        pre = dense_encode(x - self.b_dec, self.W_enc, self.b_enc, compute_dtype)
-        self.start_from(lambda: pre)
+        product = encoder_product(x, self.W_enc, self.b_dec, compute_dtype)
+        self.start_from(lambda: product.float() + self.b_enc)
         theta = self.threshold.float()
-        f, l0, active = JumpReLUWithL0.apply(pre, theta, self.bandwidth, compute_dtype)
-        x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
+        candidates = candidate_mask(product, self.b_enc.detach(), theta.detach() - self.bandwidth / 2)
+        fired = active = None
+        if sparse_pays(candidates):
+            x_hat, l0, fired, _ = jumprelu_sae_forward(
+                x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, theta, self.bandwidth, product, candidates)
+        else:  # thresholds still low: the dense step
+            del product, candidates
+            pre = dense_encode(x - self.b_dec, self.W_enc, self.b_enc, compute_dtype)
+            f, l0, active = JumpReLUWithL0.apply(pre, theta, self.bandwidth, compute_dtype)
+            x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
         if self.target_fraction > 0:  # toward the target L0 from either side (dictionary_learning's form)
             # the whole batch's mean L0 under a distributed fit: the penalty is not linear in it
             penalty = sparsity_coef * (token_mean(l0) / (self.target_fraction * self.n_latents) - 1).square()
         else:
             penalty = sparsity_coef * per_input_norm(l0, x)
-        return CoderOutput(x_hat, None, None, None, penalty, active, l0)
+        return CoderOutput(x_hat, None, None, None, penalty, active, l0, fired)
 
     def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
         return [(self.threshold, THRESHOLD_LR_SCALE)]

@@ -2,7 +2,8 @@
 dictionary_learning `StandardTrainerAprilUpdate`): no constraint on the decoder, the L1 of each
 latent weighted by its decoder row's norm, so that shrinking the encoder while growing the
 decoder buys nothing. The first training batch sets the encoder's biases so that each latent
-fires on k / n_latents of the tokens (`StartsAtTargetL0`)."""
+fires on k / n_latents of the tokens (`StartsAtTargetL0`). Training runs the sparse step of
+sparse_threshold.py while few pre-activations are positive, a dense one otherwise."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from routesae.train.coders.base import (
     per_input_norm,
     unit_rows,
 )
+from routesae.train.sparse_threshold import candidate_mask, encoder_product, relu_sae_forward, sparse_pays
 
 DECODER_INIT_NORM = 1.0
 """Decoder rows start at this norm, the encoder as their transpose. The April-2024 recipe leaves it
@@ -68,7 +70,17 @@ class ReLUCoder(StartsAtTargetL0, Coder):
         sparsity_coef: float = 0.0,
     ) -> CoderOutput:
         self.start_from(lambda: (x - self.b_dec) @ self.W_enc.T)
-        f = dense_encode(x - self.b_dec, self.W_enc, self.b_enc, compute_dtype).relu()
-        x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
-        weighted_l1 = f @ self.decoder_norms()
-        return CoderOutput(x_hat, None, None, None, sparsity_coef * per_input_norm(weighted_l1, x), (f > 0).detach())
+        product = encoder_product(x, self.W_enc, self.b_dec, compute_dtype)
+        candidates = candidate_mask(product, self.b_enc.detach(), torch.zeros_like(self.b_enc.detach()))
+        l0 = fired = active = None
+        if sparse_pays(candidates):
+            x_hat, l0, fired, weighted_l1 = relu_sae_forward(
+                x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.decoder_norms(), product, candidates)
+        else:  # biases still low, or the L1 too weak yet: the dense step
+            del product, candidates
+            f = dense_encode(x - self.b_dec, self.W_enc, self.b_enc, compute_dtype).relu()
+            x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
+            weighted_l1 = f @ self.decoder_norms()
+            active = (f > 0).detach()
+        penalty = sparsity_coef * per_input_norm(weighted_l1, x)
+        return CoderOutput(x_hat, None, None, None, penalty, active, l0, fired)

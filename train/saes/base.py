@@ -126,11 +126,12 @@ class SAE(nn.Module, abc.ABC):
             k_aux = self.config.d_model // 2
             weight = min(int(dead.sum()) / k_aux, 1.0)
             loss = loss + auxk_coef * weight * aux
-        if out.active is not None:
+        if out.values is None:  # a dense coder's: its active mask, or its counts and fired latents
             # mean L0 = all active entries / tokens; count_nonzero is ~10x faster than a bool sum on a CPU
             l0 = out.l0.detach().mean() if out.l0 is not None else (
                 torch.count_nonzero(out.active).float() / out.active.shape[0])
-            return TrainOutput(loss, nmse.detach(), aux.detach(), l0, out.active.any(0), extra)
+            fired = out.fired if out.fired is not None else out.active.any(0)
+            return TrainOutput(loss, nmse.detach(), aux.detach(), l0, fired, extra)
         active = out.values > 0
         fired = torch.zeros(self.config.n_latents, dtype=torch.bool, device=target.device)
         fired[out.indices[active]] = True
