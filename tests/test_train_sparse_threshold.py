@@ -1,4 +1,4 @@
-"""The sparse training steps of JumpReLU and ReLU + L1 against their equations as plain dense
+"""The sparse training steps of JumpReLU, ReLU + L1 and gated against their equations as plain dense
 autograd, and each coder's sparse and dense steps against each other."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from routesae.train import sparse_threshold
+from routesae.train.coders.gated import GatedCoder
 from routesae.train.coders.jumprelu import JumpReLUCoder
 from routesae.train.coders.relu import ReLUCoder
-from routesae.train.sparse_threshold import candidate_mask, jumprelu_sae_forward, relu_sae_forward
+from routesae.train.sparse_threshold import candidate_mask, gated_sae_forward, jumprelu_sae_forward, relu_sae_forward
 
 
 def dense_jumprelu(x, W_enc, b_enc, W_dec, b_dec, theta, eps):
@@ -174,28 +175,83 @@ def test_relu_sparse_step_equals_the_dense_equations_forward_and_every_gradient(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()), msg=name)
 
 
-@pytest.mark.parametrize("blocks", [1, 2])  # 2: a crosscoder's decoder, the norms of its layers summed
-def test_relu_coder_sparse_and_dense_steps_agree(monkeypatch, blocks):
-    n, d, m = 256, 16, 128
-    x = torch.randn(n, d, generator=torch.Generator().manual_seed(6)) * 4
+def assert_sparse_and_dense_steps_agree(monkeypatch, make_coder, x: torch.Tensor) -> None:
+    """A coder's sparse step (SPARSE_UP_TO 1) against its dense one (0), from the same weights: the
+    same reconstruction, penalty, L0, fired latents and gradients (float32)."""
 
     def run(share: float):
         monkeypatch.setattr(sparse_threshold, "SPARSE_UP_TO", share)
-        coder = ReLUCoder(d, m, k=8, generator=torch.Generator().manual_seed(0), blocks=blocks)
+        coder = make_coder()
         coder.train()
         out = coder.forward_train(x, torch.float32, sparsity_coef=2.0)
-        loss = ((out.x_hat - x).pow(2).sum(-1) / x.pow(2).sum(-1)).mean() + out.penalty
-        loss.backward()
+        (((out.x_hat - x).pow(2).sum(-1) / x.pow(2).sum(-1)).mean() + out.penalty).backward()
         l0 = out.l0 if out.l0 is not None else out.active.sum(-1).float()
         fired = out.fired if out.fired is not None else out.active.any(0)
         return out, l0, fired, {name: p.grad.clone() for name, p in coder.named_parameters()}
 
     sparse, sparse_l0, sparse_fired, sparse_grads = run(1.0)
     dense, dense_l0, dense_fired, dense_grads = run(0.0)
-    assert sparse.active is None and dense.active is not None
-    assert 0 < float(dense_l0.mean()) < m / 4
+    assert sparse.active is None and dense.active is not None  # each path ran
+    assert 0 < float(dense_l0.mean()) < x.shape[1] * 2
     torch.testing.assert_close(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sparse.penalty, dense.penalty)
     assert torch.equal(sparse_l0, dense_l0) and torch.equal(sparse_fired, dense_fired)
     for name in dense_grads:
-        torch.testing.assert_close(sparse_grads[name], dense_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        scale = float(dense_grads[name].abs().max())
+        torch.testing.assert_close(sparse_grads[name], dense_grads[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])  # 2: a crosscoder's decoder, the norms of its layers summed
+def test_relu_coder_sparse_and_dense_steps_agree(monkeypatch, blocks):
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(6)) * 4
+    assert_sparse_and_dense_steps_agree(
+        monkeypatch, lambda: ReLUCoder(16, 128, k=8, generator=torch.Generator().manual_seed(0), blocks=blocks), x)
+
+
+def test_gated_sparse_step_equals_the_dense_equations_forward_and_every_gradient():
+    """pi_gate = s + b_gate, pi_mag = exp(r_mag) s + b_mag (s = (x - b_dec) W_enc^T),
+    f = 1[pi_gate > 0] ReLU(pi_mag); the gate path's decode with W_dec and b_dec frozen."""
+    x, W_enc, b_gate, W_dec, b_dec, _ = problem(seed=8)
+    g = torch.Generator().manual_seed(11)
+    b_mag = (0.3 * torch.randn(W_enc.shape[0], generator=g)).requires_grad_()
+    r_mag = (0.2 * torch.randn(W_enc.shape[0], generator=g)).requires_grad_()
+    with torch.no_grad():
+        b_gate.sub_(1.0)
+        product = (x - b_dec) @ W_enc.T
+        candidates = candidate_mask(product, b_gate, torch.zeros_like(b_gate))
+    params = [x, W_enc, b_gate, W_dec, b_dec, b_mag, r_mag]
+
+    def loss(x_hat, via_gate, gate_l1, seed=12):
+        gen = torch.Generator().manual_seed(seed)
+        return loss_of(x_hat, gate_l1, gen) + (via_gate * torch.randn(via_gate.shape, generator=gen)).sum()
+
+    out = gated_sae_forward(x, W_enc, b_gate, W_dec, b_dec, b_mag, r_mag, product, candidates)
+    loss(out.x_hat, out.via_gate, out.gate_l1).backward()
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    shared = (x - b_dec) @ W_enc.T
+    gate, mag = shared + b_gate, shared * r_mag.exp() + b_mag
+    f = (gate > 0) * mag.relu()
+    x_hat = f @ W_dec + b_dec
+    via_gate = gate.relu() @ W_dec.detach() + b_dec.detach()
+    loss(x_hat, via_gate, gate.relu().sum(-1)).backward()
+    want = [p.grad.clone() for p in params]
+
+    assert 0.05 < float(candidates.float().mean()) < 0.5 and bool(((gate > 0) & (mag <= 0)).any())
+    torch.testing.assert_close(out.x_hat, x_hat.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.via_gate, via_gate.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.l0, (f > 0).sum(-1).float()) and torch.equal(out.fired, (f > 0).any(0))
+    for name, a, b in zip(["x", "W_enc", "b_gate", "W_dec", "b_dec", "b_mag", "r_mag"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()), msg=name)
+
+
+def test_gated_coder_sparse_and_dense_steps_agree(monkeypatch):
+    def make_coder():
+        coder = GatedCoder(16, 128, k=8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():  # a magnitude path unlike the gate's
+            coder.r_mag.copy_(0.3 * torch.randn(128, generator=torch.Generator().manual_seed(14)))
+        return coder
+
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(13)) * 4
+    assert_sparse_and_dense_steps_agree(monkeypatch, make_coder, x)

@@ -1,6 +1,6 @@
 """Training steps of the coders whose code is cut at a per-latent threshold (JumpReLU at theta,
-ReLU + L1 at 0) as autograd functions with sparse backwards: the TopK kernel's counterpart
-(sparse_ops.py) for SAEs without a k.
+ReLU + L1 at 0, gated at its gate's 0) as autograd functions with sparse backwards: the TopK
+kernel's counterpart (sparse_ops.py) for SAEs without a k.
 
 Their gradients live on few entries of the [n, n_latents] pre-activations: to pre where a latent
 fires, and for JumpReLU to theta inside the straight-through kernel's window
@@ -152,6 +152,48 @@ class _ReLUSAEFunction(torch.autograd.Function):
         return *grads, grad_weights, None, None
 
 
+class _GatedSAEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_gate, W_dec, b_dec, b_mag, r_mag, product, candidates):
+        gate, indices = _candidates(product, candidates, b_gate)
+        # (x - b_dec) W_enc^T at the candidates, float32; 0 in free slots (-inf there would make NaN gradients)
+        shared = torch.where(gate.isfinite(), gate - b_gate[indices], 0.0)
+        scale = r_mag.exp()
+        mag = shared * scale[indices] + b_mag[indices]
+        opens = gate > 0
+        active = opens & (mag > 0)
+        values = torch.where(active, mag, 0.0)  # f = 1[pi_gate > 0] ReLU(pi_mag)
+        gate_values = gate.clamp_min(0.0)  # ReLU(pi_gate), the L1's and the gate path's code
+        x_hat = sparse_decode(values, indices, W_dec) + b_dec
+        via_gate = sparse_decode(gate_values, indices, W_dec) + b_dec  # no gradient to W_dec, b_dec
+        l0 = active.sum(-1, dtype=torch.float32)
+        fired = _fired(indices, active, W_enc.shape[0])
+        ctx.save_for_backward(x, b_dec, W_enc, W_dec, scale, indices, shared, opens, active, values)
+        ctx.mark_non_differentiable(l0, fired)
+        return x_hat, via_gate, gate_values.sum(-1), l0, fired
+
+    @staticmethod
+    def backward(ctx, grad_x_hat, grad_via, grad_l1, _grad_l0, _grad_fired):
+        x, b_dec, W_enc, W_dec, scale, indices, shared, opens, active, values = ctx.saved_tensors
+        grad_x_hat = grad_x_hat.contiguous()
+        grad_gate = (sampled_rowdot(indices, grad_via.contiguous(), W_dec) + grad_l1[:, None]) * opens
+        grad_mag = sampled_rowdot(indices, grad_x_hat, W_dec) * active
+        scale_at = scale[indices]
+        grad_shared = grad_gate + grad_mag * scale_at
+        # the dictionary's gradients from the shared product's (its "b_enc" is the sum over tokens,
+        # which b_dec's gradient needs); the gate path's decode gives W_dec and b_dec none
+        grad_x, grad_W_enc, _, grad_W_dec, grad_b_dec = _dictionary_grads(
+            ctx, grad_x_hat, values, grad_shared, indices, x, b_dec, W_enc, W_dec)
+        flat = indices.reshape(-1)
+
+        def per_latent(per_entry: Tensor) -> Tensor:
+            return torch.zeros_like(scale).index_add_(0, flat, per_entry.reshape(-1))
+
+        grad_r_mag = per_latent(grad_mag * shared * scale_at)
+        return (grad_x, grad_W_enc, per_latent(grad_gate), grad_W_dec, grad_b_dec, per_latent(grad_mag),
+                grad_r_mag, None, None)
+
+
 def jumprelu_sae_forward(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, theta: Tensor, eps: float,
     product: Tensor, candidates: Tensor,
@@ -174,3 +216,29 @@ def relu_sae_forward(
     April-2024 form). Arguments as for `jumprelu_sae_forward`, candidates at floor 0."""
     return ThresholdForward(*_ReLUSAEFunction.apply(
         x, W_enc, b_enc, W_dec, b_dec, l1_weights, product, candidates))
+
+
+class GatedForward(NamedTuple):
+    """What one training forward of the sparse gated step returns."""
+
+    x_hat: Tensor
+    """[n, d] reconstruction (decoder bias included), float32."""
+    via_gate: Tensor
+    """[n, d] the gate path's reconstruction W_dec ReLU(pi_gate) + b_dec (gradient only to the encoder side)."""
+    gate_l1: Tensor
+    """[n] sum_i ReLU(pi_gate)_i per token."""
+    l0: Tensor
+    """[n] latents firing per token (no gradient)."""
+    fired: Tensor
+    """[n_latents] bool: latents that fired on at least one token (no gradient)."""
+
+
+def gated_sae_forward(
+    x: Tensor, W_enc: Tensor, b_gate: Tensor, W_dec: Tensor, b_dec: Tensor, b_mag: Tensor, r_mag: Tensor,
+    product: Tensor, candidates: Tensor,
+) -> GatedForward:
+    """Training forward of a gated SAE with a sparse backward: pi_gate = product + b_gate,
+    pi_mag = exp(r_mag) product + b_mag, f = 1[pi_gate > 0] ReLU(pi_mag). candidates: the
+    `candidate_mask` of product with bias b_gate at floor 0 (where the gate opens)."""
+    return GatedForward(*_GatedSAEFunction.apply(
+        x, W_enc, b_gate, W_dec, b_dec, b_mag, r_mag, product, candidates))

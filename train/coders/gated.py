@@ -6,7 +6,8 @@ unit-norm decoder rows, plain L1 on the gate's ReLU, and the auxiliary reconstru
 the gate path with the decoder and its bias frozen (gradient stopped). The gate's bias learns
 only through those two terms: without the auxiliary term it would not learn at all. The first
 training batch sets the gate's biases so that each gate opens on k / n_latents of the tokens
-(`StartsAtTargetL0`).
+(`StartsAtTargetL0`). Training runs the sparse step of sparse_threshold.py while few gates open,
+a dense one otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from routesae.train.coders.base import (
     per_input_norm,
     unit_rows,
 )
+from routesae.train.sparse_threshold import candidate_mask, encoder_product, gated_sae_forward, sparse_pays
 
 
 class GatedCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
@@ -64,15 +66,25 @@ class GatedCoder(StartsAtTargetL0, UnitNormDecoder, Coder):
         sparsity_coef: float = 0.0,
     ) -> CoderOutput:
         self.start_from(lambda: (x - self.b_dec) @ self.W_enc.T)
-        gate, mag = self._paths(x, compute_dtype)
-        fires = gate > 0
-        f = fires * mag.relu()
-        x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
-        gate_act = gate.relu()
-        via_gate = dense_decode(gate_act, self.W_dec.detach(), self.b_dec.detach(), compute_dtype)
+        product = encoder_product(x, self.W_enc, self.b_dec, compute_dtype)
+        candidates = candidate_mask(product, self.b_gate.detach(), torch.zeros_like(self.b_gate.detach()))
+        l0 = fired = active = None
+        if sparse_pays(candidates):
+            x_hat, via_gate, gate_l1, l0, fired = gated_sae_forward(
+                x, self.W_enc, self.b_gate, self.W_dec, self.b_dec, self.b_mag, self.r_mag, product, candidates)
+        else:  # gates still open too often: the dense step
+            del product, candidates
+            gate, mag = self._paths(x, compute_dtype)
+            fires = gate > 0
+            f = fires * mag.relu()
+            x_hat = dense_decode(f, self.W_dec, self.b_dec, compute_dtype)
+            gate_act = gate.relu()
+            via_gate = dense_decode(gate_act, self.W_dec.detach(), self.b_dec.detach(), compute_dtype)
+            gate_l1 = gate_act.sum(-1)
+            active = (fires & (mag > 0)).detach()
         aux = per_input_norm((x - via_gate).pow(2).sum(-1), x)
-        penalty = sparsity_coef * per_input_norm(gate_act.sum(-1), x) + aux
-        return CoderOutput(x_hat, None, None, None, penalty, (fires & (mag > 0)).detach())
+        penalty = sparsity_coef * per_input_norm(gate_l1, x) + aux
+        return CoderOutput(x_hat, None, None, None, penalty, active, l0, fired)
 
     def export_tensors(self) -> dict[str, Tensor]:
         """SAELens's gated names: W_enc [d_in, d_sae], b_gate, b_mag, r_mag, W_dec [d_sae, d_in], b_dec."""
