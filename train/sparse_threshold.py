@@ -4,8 +4,9 @@ kernel's counterpart (sparse_ops.py) for SAEs without a k.
 
 Their gradients live on few entries of the [n, n_latents] pre-activations: to pre where a latent
 fires, and for JumpReLU to theta inside the straight-through kernel's window
-|pre - theta| < eps / 2. All lie among the candidates pre > floor (0 for ReLU, theta - eps / 2 for
-JumpReLU), one or two percent of the entries at the L0 an SAE is trained at. So only the
+|pre - theta| < eps / 2 (gated: where its gate opens, for both of its paths). All lie among the
+candidates pre > floor (0 for ReLU and gated's gate, theta - eps / 2 for JumpReLU), one or two
+percent of the entries at the L0 an SAE is trained at. So only the
 encoder's matmul is dense: the candidates are picked from its product in one comparison, and the
 decode, the decoder's, encoder's and thresholds' gradients are built from them alone, with the
 TopK kernel's sparse products. The pre-activations are the dense step's ((x - b_dec) W_enc^T in
