@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from kill_points import start_at_checkpoint
 from synthetic_store import make_store
 
 # Every architecture; RouteSAE is checked on its own below. Batches of 63 tokens: the two slices
@@ -140,15 +141,8 @@ def test_two_ranks_killed_then_rerun_give_the_uninterrupted_weights(store, tmp_p
     # Kill right at a checkpoint, then a little after one: first torchrun and both ranks at once (a
     # crash of the machine), then rank 0 alone, the one writing (torchrun then stops rank 1).
     for delay, whole_run in ((0.0, True), (0.05, False)):
-        proc = subprocess.Popen(two_ranks(store, out, *extra), env=env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        before = ckpt.stat().st_mtime_ns if ckpt.exists() else None
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if ckpt.exists() and ckpt.stat().st_mtime_ns != before:
-                break
-            time.sleep(0.002)
-        time.sleep(delay)
+        proc = start_at_checkpoint(two_ranks(store, out, *extra), ckpt, delay, env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if proc.poll() is None:
             ranks = rank_processes(proc.pid)
             assert sorted(ranks) == [0, 1], ranks

@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from kill_points import start_at_checkpoint
 from synthetic_store import make_store
 
 
@@ -47,14 +47,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(store, tmp_path):
     ckpt = out / "checkpoint.pt"
     kills = 0
     for delay in (0.0, 0.05):  # kill twice: right at a checkpoint, and a little after one
-        proc = subprocess.Popen(fit_command(store, out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        before = ckpt.stat().st_mtime_ns if ckpt.exists() else None
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if ckpt.exists() and ckpt.stat().st_mtime_ns != before:
-                break
-            time.sleep(0.002)
-        time.sleep(delay)
+        proc = start_at_checkpoint(fit_command(store, out), ckpt, delay, env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
