@@ -68,6 +68,15 @@ def decode_model_space(sae: Any, z: Tensor, mean: Tensor, std: Tensor) -> Tensor
     return denormalize(sae.coder.decode(z), mean, std)
 
 
+def _code_past_first(sae: Any, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A hook's hidden state [b, s + 1, d] -> its positions after the first (never spliced)
+    flattened [b * s, d], their code [b, s, n_latents], and the normalization's mean and std."""
+    x = hidden[:, 1:]
+    flat = x.reshape(-1, x.shape[-1])
+    z, mean, std = differentiable_code(sae, flat)
+    return flat, z.view(x.shape[0], x.shape[1], -1), mean, std
+
+
 def _rows(mask: Tensor, n_pos: int) -> Tensor:
     """The mask rows for a prompt with `n_pos` edited positions: [n_pos or 1, n_latents]."""
     if mask.shape[0] == 1:
@@ -126,13 +135,10 @@ class CircuitModel:
             sae = self.by_layer[layer]
 
             def fn(hidden: Tensor, call: ForwardCall) -> None:
-                x = hidden[:, 1:]
-                b, s, d = x.shape
-                flat = x.reshape(-1, d)
-                z, mean, std = differentiable_code(sae, flat)
-                err = flat.float() - decode_model_space(sae, z, mean, std)
-                zs[layer] = z.view(b, s, -1).mean(0)
-                errs[layer] = err.view(b, s, d).mean(0)
+                flat, z, mean, std = _code_past_first(sae, hidden)
+                err = flat.float() - decode_model_space(sae, z.flatten(0, 1), mean, std)
+                zs[layer] = z.mean(0)
+                errs[layer] = err.view(z.shape[0], z.shape[1], -1).mean(0)
 
             return fn
 
@@ -163,11 +169,8 @@ class CircuitModel:
             sae = self.by_layer[layer]
 
             def fn(hidden: Tensor, call: ForwardCall) -> Tensor:
-                x = hidden[:, 1:]
-                b, s, d = x.shape
-                flat = x.reshape(-1, d)
-                z, mean, std = differentiable_code(sae, flat)
-                z = z.view(b, s, -1)
+                flat, z, mean, std = _code_past_first(sae, hidden)
+                b, s, d = z.shape[0], z.shape[1], flat.shape[1]
                 if capture is not None:
                     capture[layer] = z.detach()
                 used = override.get(layer, z)
