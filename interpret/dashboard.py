@@ -39,7 +39,7 @@ class DashboardConfig:
     latents: str | None = None
     """'N' (the first N latents) or a selection such as '3,17,40-49'; default all."""
     unembed: bool = True
-    """Show each latent's top and bottom tokens through the unembedding (loads the LLM once)."""
+    """Show each latent's top and bottom tokens through the unembedding (reads the model's output embedding alone)."""
     model: str | None = None
     """Load the model from here instead of the id the SAE records."""
     sae: str | None = None

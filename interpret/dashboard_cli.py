@@ -13,7 +13,7 @@ from routesae.interpret.dashboard import DashboardConfig, run_dashboard
 @click.option("--interp", default=None, help="interp.json from routesae interpret on the same contexts folder.")
 @click.option("--latents", default=None,
               help="The first N latents (500, 1k) or a selection (3,17,40-49; one latent: 17,). Default: all.")
-@click.option("--no-unembed", is_flag=True, help="Skip the decoder direction's top and bottom tokens (no LLM load).")
+@click.option("--no-unembed", is_flag=True, help="Skip the decoder direction's top and bottom tokens (the model's output embedding is not read).")
 @click.option("--model", default=None, help="Load the unembedding from here instead of the SAE's recorded model id.")
 @click.option("--sae", default=None,
               help="The SAE folder, when the path contexts.json records is not reachable from here.")

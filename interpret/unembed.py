@@ -1,7 +1,8 @@
 """The tokens a latent's decoder direction promotes and suppresses: `W_U @ W_dec[latent]` through
 the model's unembedding (the dashboard's logit-lens table, as SAEDashboard and Neuronpedia show it).
 
-One LLM load for its output-embedding head, then every asked-for latent in a few batched matmuls."""
+The model's output embedding is read alone (model/unembedding.py), then every asked-for latent
+goes through it in a few batched matmuls."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def unembed_latents(sae_path: Path, sae_sha256: str | None, store_path: str, lat
 
     Refuses an SAE folder whose weights are not the ones contexts.json recorded, and a model of another
     revision than the SAE was trained on (load_store_model)."""
-    from routesae.model.loading import load_store_model
+    from routesae.model.unembedding import load_store_unembedding
     from routesae.train.load import load_sae
 
     if not sae_path.is_dir():
@@ -109,12 +110,7 @@ def unembed_latents(sae_path: Path, sae_sha256: str | None, store_path: str, lat
     recorded: dict[str, Any] = dict(sae.config.model)
     if not recorded.get("id") and model is None:
         raise RouteSAEError(f"{sae_path} records no model to unembed through; pass --model, or --no-unembed")
-    loaded = load_store_model(Path(store_path), recorded, model, "cpu", "unembed through")
-    head = loaded.model.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise RouteSAEError(f"the model {model or recorded.get('id')!r} has no output embedding to unembed through")
-    w_u = head.weight.detach()
-    del loaded  # the rest of the LLM is not needed
+    w_u = load_store_unembedding(Path(store_path), recorded, model, "unembed through")
     if w_u.shape[1] != directions.shape[1]:
         raise RouteSAEError(f"the model's unembedding is {tuple(w_u.shape)}, the SAE's decoder rows have "
                             f"{directions.shape[1]} dimensions")

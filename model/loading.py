@@ -237,15 +237,20 @@ def load_store_model(store: Path, recorded: dict[str, Any], spec: str | None, de
         raise RouteSAEError(f"{store} records no model id to reload")
     loaded = load_model(spec, recorded.get("dtype", "bfloat16"), device)
     info = loaded.info
-    if info.get("revision") != recorded.get("revision"):
-        raise RouteSAEError(
-            f"the model loaded from {spec!r} is revision {info.get('revision')}, but {store} was harvested "
-            f"from revision {recorded.get('revision')}: refusing to {purpose} a different model"
-        )
+    check_revision(spec, info.get("revision"), recorded, store, purpose)
     for key in ("n_layers", "d_model"):
         if recorded.get(key) is not None and info.get(key) != recorded.get(key):
             raise RouteSAEError(f"the model loaded from {spec!r} has {key} {info.get(key)}, the store says {recorded.get(key)}")
     return loaded
+
+
+def check_revision(spec: str, revision: str | None, recorded: dict[str, Any], store: Path, purpose: str) -> None:
+    """Refuse, in one line, a model whose revision is not the one the store was harvested from."""
+    if revision != recorded.get("revision"):
+        raise RouteSAEError(
+            f"the model loaded from {spec!r} is revision {revision}, but {store} was harvested "
+            f"from revision {recorded.get('revision')}: refusing to {purpose} a different model"
+        )
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
