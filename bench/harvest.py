@@ -29,6 +29,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from routesae import Cache
+from routesae.cpu_memory import keep_freed_memory
 from routesae.model.hooks import HiddenStateCapture, parse_layers
 from routesae.harvest.corpus import builtin_documents
 from routesae.model.loading import load_model
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; each mode keeps its best time")
     args = ap.parse_args()
 
+    keep_freed_memory()  # what harvest does on a CPU; the plain loops get it too
     loaded = load_model("smollm2", args.dtype, "cpu")
     model = loaded.model
     layers = parse_layers("middle", loaded.info["n_layers"])
