@@ -33,7 +33,7 @@ test: setup browser
 demo: setup
 	routesae harvest --model smollm2 --dataset builtin --tokens 65536 --context-len 512 --out $(DEMO)/store.zarr --overwrite
 	routesae info $(DEMO)/store.zarr
-	routesae fit --cache $(DEMO)/store.zarr --arch topk,routesae --k 32,64 --out $(DEMO)/runs
+	routesae fit --cache $(DEMO)/store.zarr --arch topk,routesae --k 32,64 --out $(DEMO)/runs --overwrite
 	routesae eval --sae $(DEMO)/runs --cache $(DEMO)/store.zarr --splice --out $(DEMO)/report
 	routesae contexts --sae $(DEMO)/runs --cache $(DEMO)/store.zarr --out $(DEMO)/contexts --threshold 3 --overwrite
 	routesae dashboard --contexts $(DEMO)/contexts/routesae-k32 --out $(DEMO)/dashboard

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from routesae.cli import main
@@ -68,6 +69,34 @@ def test_resume_against_another_models_cache_loses_nothing(stores, tmp_path):
     again = fit("--cache", str(stores / "a.zarr"), *args, "--tokens", "600")
     assert again.exit_code == 0 and "already holds this finished fit" in again.output
     assert digest(out) == before
+
+
+def test_overwrite_replaces_a_fit_of_another_store_and_keeps_the_same_one(stores, tmp_path):
+    out = tmp_path / "r"
+    args = ["--arch", "topk", "--k", "4,8", "--latents", "32", "--batch-size", "64", "--tokens", "600"]
+    assert fit("--cache", str(stores / "a.zarr"), "--out", str(out), *args).exit_code == 0
+    (out / "notes.txt").write_text("keep me")
+    first = digest(out)
+    one_line_error(fit("--cache", str(stores / "other.zarr"), "--out", str(out), *args), "--overwrite to replace it")
+    assert digest(out) == first
+
+    replaced = fit("--cache", str(stores / "other.zarr"), "--out", str(out), *args, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert (out / "notes.txt").read_text() == "keep me"  # only the fit's own files went
+    # the same as a fit into an empty folder
+    fresh = tmp_path / "fresh"
+    assert fit("--cache", str(stores / "other.zarr"), "--out", str(fresh), *args).exit_code == 0
+    from safetensors.torch import load_file
+
+    for name in ("topk-k4", "topk-k8"):
+        got, want = load_file(out / name / "sae.safetensors"), load_file(fresh / name / "sae.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        assert digest(out)[f"{name}/sae.safetensors"] != first[f"{name}/sae.safetensors"]
+    # the same fit again is kept, not retrained
+    after = digest(out)
+    again = fit("--cache", str(stores / "other.zarr"), "--out", str(out), *args, "--overwrite")
+    assert again.exit_code == 0 and "already holds this finished fit" in again.output
+    assert digest(out) == after
 
 
 def test_out_folder_of_something_else_is_refused(stores, tmp_path):

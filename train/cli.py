@@ -66,6 +66,8 @@ def parse_int_list(text: str, what: str) -> list[int]:
 @click.option("--log-every", default=20, show_default=True, type=int, help="Steps between lines of metrics.jsonl.")
 @click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Steps between checkpoints.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a fit of another store or other settings in --out "
+              "(the same fit resumes or is kept, as without it).")
 def fit(**kw) -> None:
     """Train SAEs from the activation cache (the LLM is never run).
 
@@ -108,6 +110,7 @@ def fit(**kw) -> None:
         log_every=kw["log_every"],
         checkpoint_every=kw["checkpoint_every"],
         progress=kw["progress"],
+        overwrite=kw["overwrite"],
     )
     result = run_fit(cfg)
     if not result.main_process:  # another rank of a torchrun: rank 0 reports

@@ -125,9 +125,11 @@ class FitConfig:
     """Steps between checkpoints (one is also written at the end)."""
     progress: bool = True
     """Show a progress bar."""
+    overwrite: bool = False
+    """Replace a fit of another store or other settings that OUT holds (the fit's own files only)."""
 
     # Fields that do not change the trained weights, so a resume may change them.
-    RESUMABLE_CHANGES = ("cache", "device", "loader", "log_every", "checkpoint_every", "progress")
+    RESUMABLE_CHANGES = ("cache", "device", "loader", "log_every", "checkpoint_every", "progress", "overwrite")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -44,6 +44,8 @@ from routesae.train.schedule import lr_factor
 from routesae.train.sparsity import SparsityControl
 
 MANIFEST_NAME = "fit.json"
+SAE_FILES = ("sae.safetensors", "config.json", "metrics.jsonl")
+"""What a fit writes per SAE."""
 DEFAULT_DEAD_TOKENS = 10_000_000
 
 
@@ -292,19 +294,21 @@ def _check_same_source(saved: dict[str, Any], plan: FitPlan, what: str) -> None:
         before = (saved.get("model") or {}).get("id")
         raise RouteSAEError(
             f"{out} holds a {what} from another cache (model {before!r}, fingerprint {saved.get('cache_fingerprint')}); "
-            f"this cache is model {plan.cache.model.get('id')!r}, fingerprint {plan.cache.fingerprint}: use another --out"
+            f"this cache is model {plan.cache.model.get('id')!r}, fingerprint {plan.cache.fingerprint}: "
+            "use another --out, or --overwrite to replace it"
         )
     if saved.get("cache_tokens") != plan.cache.n_tokens:
         raise RouteSAEError(
             f"{out} holds a {what} from this cache when it had {saved.get('cache_tokens')} tokens (now {plan.cache.n_tokens}); "
-            "its split would differ: use another --out"
+            "its split would differ: use another --out, or --overwrite to replace it"
         )
     mine = plan.cfg.result_fields()
     theirs = saved.get("fit", {})
     changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in changed)
-        raise RouteSAEError(f"{out} holds a {what} with other settings ({diffs}); use another --out or the same arguments")
+        raise RouteSAEError(f"{out} holds a {what} with other settings ({diffs}); use another --out, the same "
+                            "arguments, or --overwrite to replace it")
 
 
 def _prepare_out(plan: FitPlan) -> tuple[dict[str, Any] | None, bool]:
@@ -323,10 +327,17 @@ def _prepare_out(plan: FitPlan) -> tuple[dict[str, Any] | None, bool]:
             # killed or failed before its first checkpoint: nothing trained is kept, start anew
             _remove_unstarted(out)
             return None, False
-        _check_same_source(saved, plan, "fit")
-        if ckpt_path.is_file():
-            ckpt = load_checkpoint(ckpt_path)
-            _check_same_source(ckpt["manifest"], plan, "checkpoint")
+        try:
+            _check_same_source(saved, plan, "fit")
+            ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+            if ckpt is not None:
+                _check_same_source(ckpt["manifest"], plan, "checkpoint")
+        except RouteSAEError:
+            if not plan.cfg.overwrite:
+                raise
+            _remove_fit(out, saved)
+            return None, False
+        if ckpt is not None:
             return ckpt, False
         if all((d / "config.json").is_file() for d in plan.out_dirs.values()):
             return None, True
@@ -339,6 +350,19 @@ def _prepare_out(plan: FitPlan) -> tuple[dict[str, Any] | None, bool]:
 def _finished_saes(out: Path) -> list[Path]:
     """The finished SAEs (config.json) in a fit folder, itself or its subfolders."""
     return [p for p in [out / "config.json", *out.glob("*/config.json")] if p.is_file()]
+
+
+def _remove_fit(out: Path, saved: dict[str, Any]) -> None:
+    """Remove the files a fit wrote (its manifest and checkpoint, each SAE's weights, config and
+    metrics, then the SAE folders left empty); anything else in `out` is left alone."""
+    names = saved.get("saes") or []
+    for sub in [out] if len(names) <= 1 else [out / name for name in names]:
+        for name in SAE_FILES:
+            (sub / name).unlink(missing_ok=True)
+        if sub != out and sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+    (out / CHECKPOINT_NAME).unlink(missing_ok=True)
+    (out / MANIFEST_NAME).unlink()
 
 
 def _remove_unstarted(out: Path) -> None:
