@@ -23,7 +23,7 @@ from zarr.codecs import BloscCodec
 
 from routesae.errors import RouteSAEError
 from routesae.store.int8 import dequantize
-from routesae.store.location import StorePath, file_sizes, remove_tree, store_path, zarr_store
+from routesae.store.location import RemotePath, StorePath, file_sizes, remove_tree, store_path, zarr_store
 from routesae.store.shard_files import VERIFY_HINT, ShardFiles, check_row_indices
 
 SCHEMA_VERSION = 1
@@ -536,6 +536,11 @@ class Cache:
     def model(self) -> dict[str, Any]:
         """Model provenance: id, revision, dtype, n_layers, tokenizer."""
         return dict(self.attrs["model"])
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store lives on object storage (s3://, ...) rather than a local folder."""
+        return isinstance(self.path, RemotePath)
 
     @property
     def fingerprint(self) -> str:

@@ -9,6 +9,7 @@ and a position (epoch, tokens of the epoch already served) is all a resume needs
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, NamedTuple
 
@@ -18,6 +19,10 @@ from torch import Tensor
 
 from routesae.errors import RouteSAEError
 from routesae.store.zarr_store import TORCH_DTYPES, Cache
+
+REMOTE_READERS = 16
+"""Reads in flight at once from a store on object storage (each a ranged request for one layer of
+a run of chunks); a local store is read one piece after the other."""
 
 if TYPE_CHECKING:
     from routesae.train.mapped import MappedBuffer
@@ -140,11 +145,20 @@ class BufferReader:
         dtype = TORCH_DTYPES[self.cache.storage_dtype]
         shape = (len(self.layers), n_read, self.cache.d_model)
         full = torch.empty(shape, dtype=dtype) if out is None else out[:, :n_read]
-        for j, layer in enumerate(self.layers):
-            at = 0
-            for a, b in ranges:  # the buffer's chunks, one after the other
-                self.cache.acts_scattered(layer, a, b, out=full[j], dest=dest_t[at : at + b - a])
-                at += b - a
+        starts = np.cumsum([0] + [b - a for a, b in ranges])
+        pieces = [(j, layer, a, b, at) for j, layer in enumerate(self.layers) for (a, b), at in zip(ranges, starts)]
+
+        def read_piece(piece: tuple[int, int, int, int, int]) -> None:
+            j, layer, a, b, at = piece  # the pieces write disjoint rows of `full`
+            self.cache.acts_scattered(layer, a, b, out=full[j], dest=dest_t[at : at + b - a])
+
+        if self.cache.remote and REMOTE_READERS > 1:
+            # one ranged request per piece: in flight together, their latencies overlap
+            with ThreadPoolExecutor(REMOTE_READERS) as pool:
+                list(pool.map(read_piece, pieces))
+        else:
+            for piece in pieces:
+                read_piece(piece)
         return full[:, : rows.size]
 
     def map(self, epoch: int, index: int, chunks: np.ndarray, capacity_chunks: int) -> "MappedBuffer":
