@@ -144,9 +144,9 @@ def _model_record(src: Source, model: str | None, store: str | Path | None, laye
             raise RouteSAEError(f"{store} holds layers {cache.layers}, not hidden_states[{layer}] that the SAE reads")
         return {**record, "hub_id": hub_id(record)}
     if model is not None:
-        from routesae.model.loading import _locate
+        from routesae.model.loading import locate_model
 
-        _, _, source, revision = _locate(model)  # the revision a harvest of `model` records (local files)
+        _, _, source, revision = locate_model(model)  # the revision a harvest of `model` records (local files)
         if source == "hub":
             revision = _cached_hub_revision(model)
         record = {"id": model, "source": source, "revision": revision, "d_model": src.sae.d_in}

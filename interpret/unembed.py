@@ -93,7 +93,7 @@ def unembed_latents(sae_path: Path, sae_sha256: str | None, store_path: str, lat
     """Top and bottom `n` unembedded tokens of each of `latents`' decoder directions.
 
     Refuses an SAE folder whose weights are not the ones contexts.json recorded, and a model of another
-    revision than the SAE was trained on (load_store_model)."""
+    revision than the SAE was trained on (load_store_unembedding)."""
     from routesae.model.unembedding import load_store_unembedding
     from routesae.train.load import load_sae
 

@@ -100,7 +100,7 @@ def _file_fingerprint(files: list[Path]) -> str:
     return "local-" + h.hexdigest()[:16]
 
 
-def _locate(spec: str) -> tuple[str, dict[str, Any], str, str | None]:
+def locate_model(spec: str) -> tuple[str, dict[str, Any], str, str | None]:
     """-> (what to pass to from_pretrained, extra kwargs, source kind, revision if known)."""
     if spec.lower() in OFFLINE_ALIASES:
         spec = str(offline_gguf())
@@ -147,12 +147,12 @@ def _from_pretrained(loader: Any, target: str, kwargs: dict[str, Any], source: s
 def load_tokenizer(spec: str) -> Any:
     from transformers import AutoTokenizer
 
-    target, kwargs, source, _ = _locate(spec)
+    target, kwargs, source, _ = locate_model(spec)
     return _from_pretrained(AutoTokenizer, target, kwargs, source, "tokenizer")
 
 
 @contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
+def quiet_loading() -> Iterator[None]:
     """Mute transformers while loading: the GGUF loader's advice and progress bars are noise here."""
     from transformers.utils import logging as hf_logging
 
@@ -171,8 +171,8 @@ def load_config(spec: str) -> Any:
     against before the (much longer) load. Pass it on to `load_model`, which then skips reading it."""
     from transformers import AutoConfig
 
-    target, kwargs, source, _ = _locate(spec)
-    with _quiet_loading():
+    target, kwargs, source, _ = locate_model(spec)
+    with quiet_loading():
         return _from_pretrained(AutoConfig, target, kwargs, source, "model config")
 
 
@@ -203,9 +203,9 @@ def load_model(spec: str, dtype: str = "bfloat16", device: str = "auto", config:
 
     dtype_name, torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    target, kwargs, source, revision = _locate(spec)
+    target, kwargs, source, revision = locate_model(spec)
     model_kwargs = {**kwargs, "dtype": torch_dtype, **({"config": config} if config is not None else {})}
-    with _quiet_loading():
+    with quiet_loading():
         tokenizer = _from_pretrained(AutoTokenizer, target, kwargs, source, "tokenizer")
         model = _from_pretrained(AutoModelForCausalLM, target, model_kwargs, source, "model")
     model.to(dev).eval()

@@ -21,11 +21,11 @@ def save_local_copy(spec: str, out: Path, dtype: str = "float32") -> Path:
     return it. A finished copy of the same model and dtype already there is kept as it is.
 
     dtype: of the saved weights; float32 by default, the quick one for CPU inference."""
-    from routesae.model.loading import _locate, load_model
+    from routesae.model.loading import locate_model, load_model
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
-    target, kwargs, source, revision = _locate(spec)
+    target, kwargs, source, revision = locate_model(spec)
     origin = {"spec": spec, "source": source, "revision": revision, "dtype": dtype,
               "from": str(Path(target) / kwargs["gguf_file"]) if "gguf_file" in kwargs else target}
     marker = out / MARKER

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from routesae.errors import RouteSAEError
-from routesae.model.loading import _locate, _quiet_loading, check_revision, load_store_model, resolve_dtype
+from routesae.model.loading import locate_model, quiet_loading, check_revision, load_store_model, resolve_dtype
 
 
 TIED_IN_TRANSFORMERS = ("falcon", "bloom")
@@ -43,7 +43,7 @@ def _head_names(folder: Path) -> list[str]:
     skeleton built on the meta device (no memory, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with _quiet_loading():
+    with quiet_loading():
         config = AutoConfig.from_pretrained(folder)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
@@ -81,7 +81,9 @@ def load_store_unembedding(store: Path, recorded: dict[str, Any], spec: str | No
     spec = spec or recorded.get("id")
     if not spec:
         raise RouteSAEError(f"{store} records no model id to reload")
-    target, kwargs, source, revision = _locate(spec)
+    target, kwargs, source, revision = locate_model(spec)
+    if source in ("gguf", "local"):  # the revision is the files' fingerprint: refuse before reading
+        check_revision(spec, revision, recorded, store, purpose)
     weight = None
     if source == "gguf":
         weight = _gguf_head(Path(target) / kwargs["gguf_file"])
@@ -93,7 +95,6 @@ def load_store_unembedding(store: Path, recorded: dict[str, Any], spec: str | No
         if head is None or getattr(head, "weight", None) is None:
             raise RouteSAEError(f"the model {spec!r} has no output embedding to {purpose}")
         return head.weight.detach()
-    check_revision(spec, revision, recorded, store, purpose)
     if recorded.get("d_model") is not None and weight.shape[1] != recorded["d_model"]:
         raise RouteSAEError(f"the model loaded from {spec!r} has d_model {weight.shape[1]}, "
                             f"the store says {recorded['d_model']}")
