@@ -327,17 +327,12 @@ def _prepare_out(plan: FitPlan) -> tuple[dict[str, Any] | None, bool]:
             # killed or failed before its first checkpoint: nothing trained is kept, start anew
             _remove_unstarted(out)
             return None, False
-        try:
-            _check_same_source(saved, plan, "fit")
-            ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
-            if ckpt is not None:
-                _check_same_source(ckpt["manifest"], plan, "checkpoint")
-        except RouteSAEError:
-            if not plan.cfg.overwrite:
-                raise
-            _remove_fit(out, saved)
+        if not _same_source_or_overwritten(saved, plan, "fit", saved):
             return None, False
-        if ckpt is not None:
+        if ckpt_path.is_file():
+            ckpt = load_checkpoint(ckpt_path)
+            if not _same_source_or_overwritten(ckpt["manifest"], plan, "checkpoint", saved):
+                return None, False
             return ckpt, False
         if all((d / "config.json").is_file() for d in plan.out_dirs.values()):
             return None, True
@@ -350,6 +345,19 @@ def _prepare_out(plan: FitPlan) -> tuple[dict[str, Any] | None, bool]:
 def _finished_saes(out: Path) -> list[Path]:
     """The finished SAEs (config.json) in a fit folder, itself or its subfolders."""
     return [p for p in [out / "config.json", *out.glob("*/config.json")] if p.is_file()]
+
+
+def _same_source_or_overwritten(manifest: dict[str, Any], plan: FitPlan, what: str, saved: dict[str, Any]) -> bool:
+    """True when `manifest` is of this fit; otherwise the refusal, or with --overwrite the fit
+    removed (its `saved` manifest says what it wrote) and False."""
+    try:
+        _check_same_source(manifest, plan, what)
+        return True
+    except RouteSAEError:
+        if not plan.cfg.overwrite:
+            raise
+    _remove_fit(Path(plan.cfg.out), saved)
+    return False
 
 
 def _remove_fit(out: Path, saved: dict[str, Any]) -> None:
