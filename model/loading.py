@@ -232,16 +232,27 @@ def load_store_model(store: Path, recorded: dict[str, Any], spec: str | None, de
     """Reload the model a store was harvested from (`recorded`: the store's model provenance), from
     `spec` if given (a moved copy) else its recorded id, in its recorded dtype; refuses a model of
     another revision or shape. `purpose` completes "refusing to ... a different model"."""
-    spec = spec or recorded.get("id")
-    if not spec:
-        raise RouteSAEError(f"{store} records no model id to reload")
+    spec = store_model_spec(store, recorded, spec)
     loaded = load_model(spec, recorded.get("dtype", "bfloat16"), device)
     info = loaded.info
     check_revision(spec, info.get("revision"), recorded, store, purpose)
-    for key in ("n_layers", "d_model"):
-        if recorded.get(key) is not None and info.get(key) != recorded.get(key):
-            raise RouteSAEError(f"the model loaded from {spec!r} has {key} {info.get(key)}, the store says {recorded.get(key)}")
+    check_shape(spec, {key: info.get(key) for key in ("n_layers", "d_model")}, recorded)
     return loaded
+
+
+def store_model_spec(store: Path, recorded: dict[str, Any], spec: str | None) -> str:
+    """The model to reload for a store: `spec` if given (a moved copy), else the id it records."""
+    spec = spec or recorded.get("id")
+    if not spec:
+        raise RouteSAEError(f"{store} records no model id to reload")
+    return spec
+
+
+def check_shape(spec: str, found: dict[str, Any], recorded: dict[str, Any]) -> None:
+    """Refuse, in one line, a model whose `found` sizes (n_layers, d_model) differ from the recorded ones."""
+    for key, value in found.items():
+        if recorded.get(key) is not None and value != recorded.get(key):
+            raise RouteSAEError(f"the model loaded from {spec!r} has {key} {value}, the store says {recorded.get(key)}")
 
 
 def check_revision(spec: str, revision: str | None, recorded: dict[str, Any], store: Path, purpose: str) -> None:

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from routesae.errors import RouteSAEError
-from routesae.model.loading import locate_model, quiet_loading, check_revision, load_store_model, resolve_dtype
+from routesae.model.loading import (
+    check_revision,
+    check_shape,
+    load_store_model,
+    locate_model,
+    quiet_loading,
+    resolve_dtype,
+    store_model_spec,
+)
 
 
 TIED_IN_TRANSFORMERS = ("falcon", "bloom")
@@ -78,9 +86,7 @@ def load_store_unembedding(store: Path, recorded: dict[str, Any], spec: str | No
     """W_U [vocab, d] on the CPU, in the recorded dtype, of the model a store was harvested from
     (`recorded`: its model provenance), from `spec` if given else its recorded id. Refuses a model
     of another revision or width as `load_store_model` does."""
-    spec = spec or recorded.get("id")
-    if not spec:
-        raise RouteSAEError(f"{store} records no model id to reload")
+    spec = store_model_spec(store, recorded, spec)
     target, kwargs, source, revision = locate_model(spec)
     if source in ("gguf", "local"):  # the revision is the files' fingerprint: refuse before reading
         check_revision(spec, revision, recorded, store, purpose)
@@ -95,7 +101,5 @@ def load_store_unembedding(store: Path, recorded: dict[str, Any], spec: str | No
         if head is None or getattr(head, "weight", None) is None:
             raise RouteSAEError(f"the model {spec!r} has no output embedding to {purpose}")
         return head.weight.detach()
-    if recorded.get("d_model") is not None and weight.shape[1] != recorded["d_model"]:
-        raise RouteSAEError(f"the model loaded from {spec!r} has d_model {weight.shape[1]}, "
-                            f"the store says {recorded['d_model']}")
+    check_shape(spec, {"d_model": weight.shape[1]}, recorded)
     return weight.to(resolve_dtype(recorded.get("dtype", "bfloat16"))[1])
