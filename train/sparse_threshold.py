@@ -69,12 +69,16 @@ def sparse_pays(candidates: Tensor) -> bool:
     return int(torch.count_nonzero(candidates)) <= SPARSE_UP_TO * candidates.numel()
 
 
-def _candidates(product: Tensor, candidates: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
+def _candidates(product: Tensor, candidates: Tensor, b_enc: Tensor, with_product: bool = False):
     """-> pre [n, c] float32 at each token's candidates (-inf in free slots: they neither fire nor
-    fall in a window) and their latent indices [n, c]."""
+    fall in a window) and their latent indices [n, c]; with_product, also the product itself there
+    [n, c] float32 (0 in free slots)."""
     rows, cols = candidates.nonzero(as_tuple=True)  # row-major: rows come sorted
-    pre = product[rows, cols].float() + b_enc[cols]
-    return pack_rows(rows, cols, pre, product.shape[0], float("-inf"))
+    at = product[rows, cols].float()
+    pre, indices = pack_rows(rows, cols, at + b_enc[cols], product.shape[0], float("-inf"))
+    if not with_product:
+        return pre, indices
+    return pre, indices, pack_rows(rows, cols, at, product.shape[0], 0.0)[0]
 
 
 def _fired(indices: Tensor, active: Tensor, n_latents: int) -> Tensor:
@@ -156,9 +160,9 @@ class _ReLUSAEFunction(torch.autograd.Function):
 class _GatedSAEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_gate, W_dec, b_dec, b_mag, r_mag, product, candidates):
-        gate, indices = _candidates(product, candidates, b_gate)
-        # (x - b_dec) W_enc^T at the candidates, float32; 0 in free slots (-inf there would make NaN gradients)
-        shared = torch.where(gate.isfinite(), gate - b_gate[indices], 0.0)
+        # shared: (x - b_dec) W_enc^T at the candidates, as the dense step has it; 0 in free slots
+        # (-inf there would make NaN gradients)
+        gate, indices, shared = _candidates(product, candidates, b_gate, with_product=True)
         scale = r_mag.exp()
         mag = shared * scale[indices] + b_mag[indices]
         opens = gate > 0
