@@ -25,8 +25,10 @@ class _OneLineErrors(click.Group):
             if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: rank 0 says it once
                 sys.exit(1)
             _fail(f"routesae: error: {e}", 1)
-        except KeyboardInterrupt:
-            _fail("routesae: interrupted; committed work is kept, rerun the same command to resume", 130)
+        except KeyboardInterrupt as e:
+            # a stage that knows what it kept says so by raising KeyboardInterrupt(message)
+            said = str(e.args[0]) if e.args and e.args[0] else "committed work is kept, rerun the same command to resume"
+            _fail(f"routesae: interrupted; {said}", 130)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 _fail("routesae: error: disk full; committed work is kept, free space and rerun to resume", 1)

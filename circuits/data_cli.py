@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import click
+from routesae.atomic_files import atomic_open, write_json
 from routesae.circuits.tasks import GENERATORS, TaskConfig, generate
 from routesae.errors import RouteSAEError
 
@@ -60,12 +61,9 @@ def run_circuit_data(cfg: CircuitDataConfig) -> CircuitDataResult:
     tokenizer = load_tokenizer(cfg.model)
     data = generate(TaskConfig(cfg.task, cfg.n, cfg.seed, cfg.eval_fraction), tokenizer)
     path = Path(cfg.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for r in data.records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     splits = {s: sum(r["split"] == s for r in data.records) for s in ("train", "eval")}
     summary: dict[str, Any] = {
         "task": cfg.task, "model": cfg.model, "n": len(data.records), "dropped": data.dropped,
@@ -85,7 +83,7 @@ def run_circuit_data(cfg: CircuitDataConfig) -> CircuitDataResult:
         summary["eval"] = overall.as_dict()
         summary["eval_by_variant"] = {v: s.as_dict() for v, s in by_variant.items()}
     summary_path = path.with_name(path.name + ".summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(summary_path, summary)
     return CircuitDataResult(path, summary_path, summary)
 
 

@@ -20,6 +20,7 @@ from routesae.circuits.attribution import (
     share_positions,
     top_n_circuit,
 )
+from routesae.atomic_files import save_figure, write_json, write_text
 from routesae.circuits.masks import MaskConfig, train_masks
 from routesae.circuits.metrics import baselines, score_circuit, stability
 from routesae.circuits.splice import CircuitModel, Means, PairBatch
@@ -328,8 +329,8 @@ def run_circuit(cfg: CircuitConfig, loaded: Any = None, saes: list[Any] | None =
     }
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "circuit.json").write_text(json.dumps(result, indent=1))
-    (out / "circuit.md").write_text(markdown(result))
+    write_json(out / "circuit.json", result, indent=1)
+    write_text(out / "circuit.md", markdown(result))
     plot(result, out / "faithfulness.png")
     return result
 
@@ -394,5 +395,4 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].legend()
     fig.suptitle(f"{Path(result['config']['task']).name}: circuits at equal size")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from routesae.atomic_files import save_figure, write_text
 from routesae.evaluate.cache_eval import CacheResult
 from routesae.evaluate.splice import SpliceResult
 
@@ -189,13 +190,13 @@ class Report:
 
     # --- files ---------------------------------------------------------------------------------
     def write_json(self, path: str | os.PathLike) -> None:
-        _atomic_write(Path(path), json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
+        write_text(Path(path), json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
 
     def write_csv(self, path: str | os.PathLike) -> None:
-        _atomic_write(Path(path), self.csv())
+        write_text(Path(path), self.csv())
 
     def write_markdown(self, path: str | os.PathLike) -> None:
-        _atomic_write(Path(path), self.markdown())
+        write_text(Path(path), self.markdown())
 
     def plot(self, folder: str | os.PathLike) -> list[Path]:
         """PNG plots into `folder`, each answering one question: where RouteSAEs route their tokens
@@ -324,29 +325,8 @@ def _sparsity_figure(plt, rows: list[Row]):
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return save_figure(fig, path, dpi=110)
 
 
 def _jsonable(x: Any) -> Any:

@@ -30,7 +30,8 @@ from routesae.errors import RouteSAEError
 from routesae.model.hook_names import HookNames, hook_names
 from routesae.interop.portable import PortableSAE, from_routesae_tensors
 from routesae.sae_record import hub_id, sae_record
-from routesae.train.checkpoint import write_json, write_safetensors
+from routesae.atomic_files import write_json
+from routesae.train.checkpoint import write_safetensors
 from routesae.train.load import load_sae
 from routesae.train.normalize import EPS
 

@@ -21,7 +21,8 @@ from routesae.interop.portable import ARCH_OF_KIND
 from routesae.sae_record import hub_id, sae_record, safetensors_metadata
 from routesae.interop.source import Source
 from routesae.interop.weights import sha256
-from routesae.train.checkpoint import write_json, write_safetensors
+from routesae.atomic_files import write_json
+from routesae.train.checkpoint import write_safetensors
 from routesae.train.config import SAEConfig
 from routesae.train.saes import build_sae
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from routesae.atomic_files import write_json, write_text
 from routesae.cli_args import parse_count, sae_options, sae_paths
 from routesae.interpret.contexts import RULES, ContextsConfig, ContextsResult, run_contexts
 
@@ -81,5 +82,5 @@ def contexts(saes, more_saes, cache, out, all_tokens, tokens, rule, top, left, r
         click.echo(f"{r.name}: {'already there' if r.already_done else 'wrote'} {r.out}")
     if len(results) > 1:
         root = Path(out)
-        (root / "counts.md").write_text(table + "\n")
-        (root / "counts.json").write_text(json.dumps([r._asdict() | {"out": str(r.out)} for r in results], indent=1))
+        write_text(root / "counts.md", table + "\n")
+        write_json(root / "counts.json", [r._asdict() | {"out": str(r.out)} for r in results], indent=1)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from routesae.atomic_files import atomic_open, write_json
 from routesae.errors import RouteSAEError
 from routesae.sae_folders import weights_digest
 from routesae.store.zarr_store import Cache
@@ -399,9 +400,7 @@ def _prepare(out: Path, want: dict[str, Any], overwrite: bool) -> bool:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=None)
 
 
 def run_contexts(cfg: ContextsConfig) -> list[ContextsResult]:
@@ -468,11 +467,9 @@ def _finish(p: _SAEPass, cache: Cache, vocab: _Vocab, out: Path, cfg: ContextsCo
     counts = {"interpretable": interpretable, "kept": int((p.paper.active & ~p.paper.dropped).sum()), "active": active,
               "dead": int((p.count == 0).sum()), "max_activation": float(p.max.max())}
     _write_json(out / "tokens.json", vocab.texts)
-    tmp = out / "latents.jsonl.partial"
-    with open(tmp, "w") as f:
+    with atomic_open(out / "latents.jsonl") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / "latents.jsonl")
     _write_json(out / "contexts.json", _manifest(cfg, p.loaded, cache, start, stop, n_tokens, p, counts))
     return ContextsResult(p.loaded.name, out, p.n_latents, interpretable, counts["kept"], active, counts["dead"],
                           counts["max_activation"], p.sae.config.d_model, False)

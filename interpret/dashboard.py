@@ -17,6 +17,7 @@ from typing import Any, Iterator, NamedTuple
 
 from tqdm.auto import tqdm
 
+from routesae.atomic_files import is_temp_name, write_text
 from routesae.errors import RouteSAEError
 from routesae.interpret import dashboard_html as H
 
@@ -225,7 +226,7 @@ def _check_out(out: Path) -> None:
     if out.exists():
         if not out.is_dir():
             raise RouteSAEError(f"{out} exists and is not a folder")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_NAMES)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_NAMES and not is_temp_name(p.name))
         if foreign:
             raise RouteSAEError(f"{out} holds other files ({foreign[0]}, ...): not a dashboard folder; "
                                 "choose another --out")
@@ -235,9 +236,7 @@ def _check_out(out: Path) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text, durable=False)
 
 
 def _judge_fields(entry: dict[str, Any] | None) -> dict[str, Any]:
@@ -304,6 +303,6 @@ def run_dashboard(cfg: DashboardConfig) -> DashboardResult:
     keep = set(selection)
     for p in (out / "latents").iterdir():
         match = _PAGE.fullmatch(p.name)
-        if (match and int(match.group(1)) not in keep) or p.name.endswith(".partial"):
+        if (match and int(match.group(1)) not in keep) or is_temp_name(p.name) or p.name.endswith(".partial"):
             p.unlink(missing_ok=True)
     return DashboardResult(out, len(selection), len(rows), len(dead), time.perf_counter() - t0)

@@ -8,7 +8,6 @@ for paired sets (line i with line i), per-latent McNemar tests."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from routesae.atomic_files import save_figure, write_json, write_text
 from routesae.errors import RouteSAEError
 from routesae.interpret.builtin_prompts import SETS
 from routesae.interpret.codes import sae_input, token_codes
@@ -121,14 +121,14 @@ def _summary(z: np.ndarray) -> SetSummary:
 
 
 def mcnemar_p(only_a: np.ndarray, only_b: np.ndarray) -> np.ndarray:
-    """Exact two-sided McNemar p-values from the discordant pair counts (a binomial test at 1/2)."""
-    out = np.ones(len(only_a))
-    for i, (x, y) in enumerate(zip(only_a.tolist(), only_b.tolist())):
-        n = x + y
-        if n:
-            tail = sum(math.comb(n, j) for j in range(min(x, y) + 1)) / 2.0**n
-            out[i] = min(1.0, 2 * tail)
-    return out
+    """Exact two-sided McNemar p-values from the discordant pair counts (a binomial test at 1/2):
+    twice the smaller tail, from scipy's binomial CDF, which stays finite at any count."""
+    from scipy.stats import binom
+
+    x, y = np.asarray(only_a, dtype=np.int64), np.asarray(only_b, dtype=np.int64)
+    n = x + y
+    tail = binom.cdf(np.minimum(x, y), np.maximum(n, 1), 0.5)
+    return np.where(n > 0, np.minimum(1.0, 2 * tail), 1.0)
 
 
 def compare(za: np.ndarray, zb: np.ndarray, top: int) -> dict[str, Any]:
@@ -235,8 +235,7 @@ def plot(za: np.ndarray, zb: np.ndarray, path: Path, title: str) -> None:
     right.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def run_diff(cfg: DiffConfig) -> tuple[dict[str, Any], Path]:
@@ -263,7 +262,7 @@ def run_diff(cfg: DiffConfig) -> tuple[dict[str, Any], Path]:
               "n_latents": sae.config.n_latents, **result}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diff.json").write_text(json.dumps(result, indent=1))
-    (out / "diff.md").write_text(markdown(result, cfg, loaded.name))
+    write_json(out / "diff.json", result, indent=1)
+    write_text(out / "diff.md", markdown(result, cfg, loaded.name))
     plot(za, zb, out / "diff.png", f"{loaded.name}: A = {cfg.a}, B = {cfg.b} ({cfg.reduce} over tokens)")
     return result, out

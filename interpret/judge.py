@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from routesae.atomic_files import write_json
 from routesae.errors import RouteSAEError
 from tqdm.auto import tqdm
 
@@ -100,10 +101,7 @@ class ReplyCache:
         return reply if isinstance(reply, str) else None
 
     def put(self, key: str, model: str, sampling: dict[str, Any], reply: str) -> None:
-        path = self._path(key)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        tmp.write_text(json.dumps({"model": model, "sampling": sampling, "reply": reply}, ensure_ascii=False))
-        os.replace(tmp, path)
+        write_json(self._path(key), {"model": model, "sampling": sampling, "reply": reply}, indent=None)
 
 
 def _first_line(e: BaseException) -> str:

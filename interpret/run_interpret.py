@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
+from routesae.atomic_files import write_json
 from routesae.errors import RouteSAEError
 from routesae.interpret import protocols as P
 from routesae.interpret.contexts import FORMAT as CONTEXTS_FORMAT
@@ -279,11 +280,7 @@ def run_interpret(cfg: InterpretConfig, backend: Backend | None = None,
         "latents": {str(lat): entries[lat] for lat in selection.latents},
         "summary": summary,
     }
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    out = write_json(Path(cfg.out), doc, indent=1)
     return InterpretResult(out, selection.latents, summary, selection.available, selection.clamped, judge.requests,
                            judge.cached)
 

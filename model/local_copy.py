@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+from routesae.atomic_files import atomic_directory
 from routesae.errors import RouteSAEError
 
 MARKER = "routesae-local-copy.json"
@@ -54,13 +55,8 @@ def save_local_copy(spec: str, out: Path, dtype: str = "float32") -> Path:
         model.generation_config = loaded.model.generation_config
     model.eval()
     # Save into a sibling folder and rename at the end, so `out` is either absent or finished.
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps(origin, indent=1))
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    os.replace(tmp, out)
+    with atomic_directory(out) as tmp:  # `out` is absent or empty (checked above)
+        model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(origin, indent=1))
     return out

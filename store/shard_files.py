@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 from numcodecs import CRC32C
 
+from routesae.atomic_files import atomic_open
 from routesae.errors import RouteSAEError
 
 _EMPTY = np.uint64(2**64 - 1)  # the index's marker for a chunk never written
@@ -191,7 +192,8 @@ class ShardFiles:
     def remove_partial_writes(self, owns: Callable[[int], bool] = lambda shard: True) -> None:
         """Delete the temporary files of shard writes that were killed before their rename, of the
         shards `owns` accepts (another writer's may be a write in progress)."""
-        for path in self.array_dir.glob("c/*/.*.partial"):
+        debris = [*self.array_dir.glob("c/*/.*.tmp"), *self.array_dir.glob("c/*/.*.partial")]  # .partial: before 0.1
+        for path in debris:
             if not path.parent.name.isdigit() or owns(int(path.parent.name)):
                 path.unlink(missing_ok=True)
 
@@ -208,18 +210,10 @@ class ShardFiles:
         index[:n_chunks, 0] = np.arange(n_chunks, dtype=np.uint64) * np.uint64(chunk_bytes)
         index[:n_chunks, 1] = chunk_bytes
         pad = n_chunks * chunk_bytes - rows.nbytes
-        path = self._shard_path(shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(memoryview(rows.reshape(-1).view(np.uint8)))
-                fh.write(bytes(pad))
-                fh.write(CRC32C(location="end").encode(index.tobytes()))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_open(self._shard_path(shard), "wb", durable=False) as fh:
+            fh.write(memoryview(rows.reshape(-1).view(np.uint8)))
+            fh.write(bytes(pad))
+            fh.write(CRC32C(location="end").encode(index.tobytes()))
 
 
 def check_row_indices(dest: np.ndarray, n: int, capacity: int) -> np.ndarray:

@@ -136,8 +136,10 @@ def test_reopening_a_store_for_writing_removes_killed_writes(tmp_path):
     from routesae.store.zarr_store import StoreWriter
 
     make_store(tmp_path / "s.zarr", compression="none", finish=False, **KW)
-    debris = tmp_path / "s.zarr" / "acts" / "1" / "c" / "2" / ".0.12345.partial"
-    debris.write_bytes(b"half a shard")
+    folder = tmp_path / "s.zarr" / "acts" / "1" / "c" / "2"
+    debris = [folder / ".0.12345.678.tmp", folder / ".0.12345.partial"]  # today's temp name, and an older one
+    for d in debris:
+        d.write_bytes(b"half a shard")
     StoreWriter.open(tmp_path / "s.zarr")
-    assert not debris.exists()
+    assert not any(d.exists() for d in debris)
     assert (tmp_path / "s.zarr" / "acts" / "1" / "c" / "2" / "0").is_file()

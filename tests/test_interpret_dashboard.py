@@ -161,7 +161,7 @@ def test_every_latent_is_reachable_and_every_link_resolves(world):
              if n["attrs"].get("rel") in ("prev", "next")]
     assert chain == ["4.html", "6.html"]
     assert not any(n["attrs"].get("rel") == "prev" for n in _doc(dash / "latents" / "0.html").nodes)
-    assert not list((dash / "latents").glob("*.partial")) and not (dash / "index.html.partial").exists()
+    assert not list(dash.glob("**/.*.tmp")) and not list(dash.glob("**/*.partial"))
 
 
 def test_tokens_are_shaded_by_activation_over_the_latent_max(world):

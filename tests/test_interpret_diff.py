@@ -80,6 +80,19 @@ def test_mcnemar_p_is_the_exact_binomial_test():
     assert mcnemar_p(np.array([x]), np.array([y]))[0] == pytest.approx(want)
 
 
+@pytest.mark.parametrize("x,y", [(600, 500), (5000, 4800), (30000, 29000), (1100, 0)])
+def test_mcnemar_p_at_thousands_of_discordant_pairs(x, y):
+    # 2.0**n overflows a float past n = 1023; exact integer arithmetic (Fraction) is the reference
+    from fractions import Fraction
+
+    n = x + y
+    tail = Fraction(sum(math.comb(n, j) for j in range(min(x, y) + 1)), 2**n)
+    want = min(1.0, float(2 * tail))
+    got = mcnemar_p(np.array([x]), np.array([y]))[0]
+    assert np.isfinite(got)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
 def test_bad_input_is_one_line(world, tmp_path):
     root, _ = world
     (tmp_path / "empty.txt").write_text("\n\n")

@@ -267,7 +267,7 @@ def test_output_follows_formats_md(ctx_dir, tmp_path, serve):
     for entry in doc["latents"].values():
         assert set(entry) == {"paper", "explanation", "detection", "fuzzing"}
         assert set(entry["detection"]) == {"balanced_accuracy", "precision", "recall", "f1", "n", "parse_failures"}
-    assert not (tmp_path / "interp.json.partial").exists()
+    assert not list(tmp_path.glob(".interp.json.*.tmp")) and not (tmp_path / "interp.json.partial").exists()
 
 
 def test_one_protocol_only(ctx_dir, tmp_path, serve):

@@ -1,41 +1,20 @@
-"""Files a fit writes, always whole: each goes to a temporary name in the same folder and is then
-renamed over the old one, so a kill at any moment leaves either the old file or the new one."""
+"""Files a fit writes, always whole (through routesae.atomic_files): a kill at any moment leaves
+either the old file or the new one."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from routesae.atomic_files import atomic_write
 from routesae.errors import RouteSAEError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run write(tmp) then rename tmp over `path`; the tmp file is removed if write fails."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

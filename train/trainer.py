@@ -25,14 +25,8 @@ from routesae.sae_record import harvest_bos, sae_record, safetensors_metadata
 from routesae.model.loading import resolve_device
 from routesae.store.zarr_store import Cache
 from routesae.store.verify import raise_if_damaged
-from routesae.train.checkpoint import (
-    CHECKPOINT_NAME,
-    load_checkpoint,
-    save_checkpoint,
-    write_json,
-    write_safetensors,
-    write_text,
-)
+from routesae.atomic_files import write_json, write_text
+from routesae.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_safetensors
 from routesae.train.coders.matryoshka import default_prefixes
 from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig, SAEConfig
 from routesae.cpu_memory import keep_freed_memory
