@@ -57,38 +57,72 @@ def _quiet_broken_pipe() -> NoReturn:
     sys.exit(128 + signal.SIGPIPE)
 
 
-@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+# Each command's module, function and one-line help. Modules load only when their command runs or
+# shows its own --help, so `routesae --help` imports neither torch nor transformers.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "harvest": ("routesae.harvest.cli", "harvest", "Stream a corpus through an LLM and store multi-layer activations."),
+    "info": ("routesae.harvest.cli", "info", "Describe an activation store: model, layers, tokens, size, norms."),
+    "repair": ("routesae.harvest.cli", "repair", "Harvest again the shards of a store that `info --verify` found damaged."),
+    "fit": ("routesae.train.cli", "fit", "Train SAEs from the activation cache (the LLM is never run)."),
+    "eval": ("routesae.evaluate.cli", "eval_command", "Score SAEs: NormMSE, FVU, L0, dead latents; --splice in the LLM."),
+    "contexts": ("routesae.interpret.cli", "contexts", "Per latent: firing count, histogram, top and sampled contexts."),
+    "interpret": ("routesae.interpret.judge_cli", "interpret", "Ask an LLM judge about a seeded sample of latents."),
+    "dashboard": ("routesae.interpret.dashboard_cli", "dashboard", "A static HTML index and page per latent, from contexts."),
+    "diff": ("routesae.interpret.diff_cli", "diff", "Which latents tell two prompt sets apart, with exact tests."),
+    "steer": ("routesae.interpret.steer_cli", "steer", "Continue prompts with and without edits of SAE latents."),
+    "import": ("routesae.interop.cli", "import_command", "Write another toolkit's SAE as a routesae SAE folder."),
+    "export": ("routesae.interop.cli", "export", "Write a routesae SAE in another toolkit's format."),
+    "export-model": ("routesae.model.cli", "export_model", "Save a model (GGUF included) as a transformers folder."),
+    "circuit-data": ("routesae.circuits.data_cli", "circuit_data", "Offline clean/patch task datasets for circuit finding."),
+    "circuit": ("routesae.circuits.cli", "circuit", "Find circuits over the SAEs' latents with learned masks."),
+}
+
+
+def _with_threads(command: click.Command) -> click.Command:
+    """Give a command `--threads N` and set PyTorch's CPU threads (routesae.cpu_threads) before it
+    runs; parsing and --help stay free of torch."""
+    if any(p.name == "threads" for p in command.params) or command.callback is None:
+        return command
+    run = command.callback
+
+    def callback(*args, threads: int | None = None, **kwargs):
+        from routesae.cpu_threads import apply_threads
+
+        apply_threads(threads)
+        return run(*args, **kwargs)
+
+    command.params.append(click.Option(
+        ["--threads"], type=click.IntRange(min=1), default=None, metavar="N",
+        help="CPU threads for PyTorch (default: the cores this process may use, or OMP_NUM_THREADS)."))
+    command.callback = callback
+    return command
+
+
+class _Commands(_OneLineErrors):
+    """Subcommands loaded from COMMANDS on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        command = getattr(__import__(module, fromlist=[attr]), attr)
+        return _with_threads(command)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][2]) for name in self.list_commands(ctx)])
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="routesae")
 def main() -> None:
     """Train and study sparse autoencoders on the residual stream of LLMs (RouteSAE first).
 
     harvest writes activations to a Zarr cache once; fit and eval read it back."""
 
-
-def _register() -> None:
-    from routesae.harvest.cli import harvest, info, repair
-
-    main.add_command(harvest)
-    main.add_command(info)
-    main.add_command(repair)
-    for module, name in (("routesae.train.cli", "fit"), ("routesae.evaluate.cli", "eval_command"),
-                         ("routesae.interpret.cli", "contexts"), ("routesae.interpret.judge_cli", "interpret"),
-                         ("routesae.model.cli", "export_model"),
-                         ("routesae.interpret.dashboard_cli", "dashboard"),
-                         ("routesae.interpret.diff_cli", "diff"),
-                         ("routesae.interop.cli", "import_command"), ("routesae.interop.cli", "export"),
-                         ("routesae.interpret.steer_cli", "steer"), ("routesae.circuits.data_cli", "circuit_data"),
-                         ("routesae.circuits.cli", "circuit")):
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        main.add_command(getattr(mod, name))
-
-
-_register()
 
 if __name__ == "__main__":
     main()
