@@ -8,8 +8,14 @@ What each config cannot express, and what is done about it (also written into th
 - 'token' normalization, (x - mean) / (population std + 1e-6): SAELens's 'layer_norm' divides by the
   unbiased std + 1e-5, so a factor a = sqrt(d / (d - 1)) is folded into the weights (W_enc * a,
   W_dec / a, b_dec / a); the epsilons still differ, leaving a relative difference of about
-  1e-5 / std(x) in the code and 1e-6 / std(x) in the reconstruction. sparsify has no input
-  normalization: the exported SAE reads normalized inputs, and its config says so.
+  1e-5 / std(x) in the code and 1e-6 / std(x) in the reconstruction, except where a threshold
+  decision (a gate, a JumpReLU threshold, the k-th largest) lies that close to its boundary: there
+  one latent switches on or off (docs/formats-interop.md gives the measured rate). sparsify has no
+  input normalization: the exported SAE reads normalized inputs, and its side file says so.
+- What sparsify does not read (where the SAE came from, its layer, its normalization, the record)
+  goes to routesae.json beside cfg.json, so sparsify loads cfg.json without dropping anything;
+  SAELens keeps it under metadata.routesae. `routesae import` reads both back, so an export imports
+  back to the same SAE, 'token' normalization included.
 - BatchTopK and Matryoshka are JumpReLUs with one threshold at inference: SAELens jumprelu; sparsify
   (top-k only) cannot hold them, nor vanilla, gated or jumprelu SAEs: refused.
 - RouteSAE: the router has no place in either format: its shared SAE is exported for one routed
@@ -40,6 +46,10 @@ SAELENS_CONFIG_VERSION = "6.0.0"
 """The cfg.json layout written is SAELens 6's (nested metadata); the version tells its loader so
 (without one it reads the file as a pre-6 flat config)."""
 SAELENS_LAYER_NORM_EPS = 1e-5
+SIDE_FILE = "routesae.json"
+"""Beside a sparsify export's cfg.json: routesae's own fields, which sparsify's config does not hold."""
+FLIP_NOTE = ("a threshold decision (gate, JumpReLU threshold, k-th largest) that close to its boundary can go "
+             "the other way, switching that one latent on or off (measured: about 1e-6 of entries at std(x) = 1)")
 KIND_OF_CODER = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "relu": "relu",
                  "gated": "gated", "jumprelu": "jumprelu"}
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
@@ -68,7 +78,7 @@ class _Plan:
     normalization: str
     scale: float | None
     record: dict[str, Any]
-    """The folder's "reuse" block (record.py), rebuilt from its config for folders written before it."""
+    """The folder's "reuse" block (sae_record.py), rebuilt from its config for folders written before it."""
     model: dict[str, Any]
     notes: list[str]
 
@@ -129,8 +139,13 @@ def _plan(run: Path, layer: int | None) -> _Plan:
     return _Plan(portable, layer, config.normalization, scale, record, dict(config.model or {}), notes)
 
 
-def _source_note(run: Path) -> dict[str, Any]:
-    return {"exported_by": f"routesae {__version__}", "from": str(run.resolve())}
+def _routesae_block(plan: _Plan, run: Path, notes: list[str], **fields: Any) -> dict[str, Any]:
+    """What routesae writes beside the format's own fields (read back by `routesae import`):
+    input_normalization is the routesae normalization the exported SAE with its format's own
+    normalization stands for ('token' or 'none': a 'dataset' scale is folded into the weights)."""
+    return {"exported_by": f"routesae {__version__}", "from": str(run.resolve()), "hidden_states": plan.layer,
+            "input_normalization": "token" if plan.normalization == "token" else "none", **fields,
+            "notes": notes, "reuse": plan.record}
 
 
 def _hooks(plan: _Plan) -> HookNames:
@@ -140,18 +155,18 @@ def _hooks(plan: _Plan) -> HookNames:
 def _write_saelens(plan: _Plan, run: Path, out: Path) -> list[str]:
     notes = list(plan.notes)
     p = plan.sae
-    norm = "none"
+    norm, folded = "none", None
     if plan.normalization == "dataset":
         p = p.scaled_input(plan.scale)  # type: ignore[arg-type]
         notes.append(f"'dataset' normalization (x * {plan.scale:g}) folded into the weights: reads raw activations")
     elif plan.normalization == "token":
-        a = math.sqrt(p.d_in / (p.d_in - 1))
-        p = p.scaled_input(a)
+        folded = math.sqrt(p.d_in / (p.d_in - 1))
+        p = p.scaled_input(folded)
         norm = "layer_norm"
         notes.append(
-            f"'token' normalization exported as SAELens 'layer_norm' with sqrt(d/(d-1)) = {a:.8f} folded into the weights "
+            f"'token' normalization exported as SAELens 'layer_norm' with sqrt(d/(d-1)) = {folded:.8f} folded into the weights "
             f"(SAELens divides by the unbiased std + {SAELENS_LAYER_NORM_EPS:g}, routesae by the population std + {EPS:g}): "
-            "the epsilons still differ by about 1e-5 / std(x), relative"
+            f"the epsilons still differ by about 1e-5 / std(x), relative; {FLIP_NOTE}"
         )
     arch = SAELENS_ARCH[p.kind]
     tensors = _saelens_tensors(p, arch)
@@ -170,7 +185,8 @@ def _write_saelens(plan: _Plan, run: Path, out: Path) -> list[str]:
         "prepend_bos": record.get("prepend_bos"),
         "dataset_path": (record.get("dataset") or {}).get("id") if isinstance(record.get("dataset"), dict) else record.get("dataset"),
         "exclude_special_tokens": record.get("special_tokens_excluded"),
-        "routesae": {**_source_note(run), "hidden_states": plan.layer, "notes": notes, "reuse": record},
+        # layer_norm_factor: the sqrt(d/(d-1)) folded in, which an import divides back out
+        "routesae": _routesae_block(plan, run, notes, layer_norm_factor=folded),
     }
     cfg: dict[str, Any] = {
         "architecture": arch,
@@ -219,12 +235,10 @@ def _write_sparsify(plan: _Plan, run: Path, out: Path) -> list[str]:
         "skip_connection": False,
         "transcode": False,
         "d_in": p.d_in,
-        # sparsify reads its own fields and drops the rest (drop_extra_fields)
-        "routesae": {**_source_note(run), "hidden_states": plan.layer, "hookpoint": names.sparsify,
-                     "input_normalization": plan.normalization if plan.normalization == "token" else "none",
-                     "notes": notes, "reuse": plan.record},
     }
     tensors = {"encoder.weight": p.W_enc.T.contiguous(), "encoder.bias": p.b_enc, "W_dec": p.W_dec, "b_dec": p.b_dec}
     write_safetensors(out / "sae.safetensors", tensors, {"format": "pt"})  # type: ignore[arg-type]
+    # Only sparsify's own fields in cfg.json: it drops any other key with a logged warning on every load.
+    write_json(out / SIDE_FILE, _routesae_block(plan, run, notes, hookpoint=names.sparsify))
     write_json(out / "cfg.json", cfg)
     return notes

@@ -27,7 +27,7 @@ def read(path: Path) -> Source:
         path = files[0]
     if not path.is_file():
         raise RouteSAEError(f"no file at {path}")
-    tensors = read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path)
+    tensors = read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path, "Goodfire SAE checkpoint")
     if "W" in tensors and "encoder_linear.weight" not in tensors:
         raise RouteSAEError(f"{path} holds one tied matrix W (Goodfire's tied BatchTopK): not supported")
     require(tensors, NAMES, path, "Goodfire SAE")

@@ -14,14 +14,19 @@ x_hat by it; the SAE itself does nothing), so the factor comes from the folder's
 activation_scaler.json or from --scale, and becomes routesae's 'dataset' scale; without either it is
 refused. 'layer_norm' ((x - mean) / (unbiased std + 1e-5), x_hat * unbiased std + mean) differs from
 routesae's 'token' normalization (population std + 1e-6) by a token-dependent factor no weight can
-absorb exactly, so it is refused, as are 'constant_norm_rescale' and 'covariance_whitening'.
+absorb exactly, so it is refused, as are 'constant_norm_rescale' and 'covariance_whitening'; except
+in a folder routesae exported itself, whose metadata.routesae says the SAE is routesae's 'token' SAE
+with sqrt(d/(d-1)) folded into its weights: that factor is divided back out and the SAE imports as
+the 'token' SAE it was.
 
 The hook `blocks.N.hook_resid_post` is hidden_states[N + 1] (`blocks.N.hook_resid_pre` is N); other
-hooks (MLP, attention, hook_z) are refused."""
+hooks (MLP, attention, hook_z) are refused. A routesae export of hidden_states[n_layers] (after the
+final norm, which no hook names) carries its index in metadata.routesae.hidden_states."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +106,22 @@ def read(path: Path, scale: float | None = None) -> Source:
     sae = PortableSAE(KIND[arch], W_enc, W_dec, b_dec, subtracts, b_enc=vec.get("b_enc"), threshold=vec.get("threshold"),
                       b_gate=vec.get("b_gate"), b_mag=vec.get("b_mag"), r_mag=vec.get("r_mag"), k=k)
 
-    scale = _input_scale(folder, cfg.get("normalize_activations") or "none", scale, conventions)
+    norm = cfg.get("normalize_activations") or "none"
+    exported = meta.get("routesae") if isinstance(meta.get("routesae"), dict) else {}
+    normalization = "none"
+    if norm == "layer_norm" and _routesae_token(exported):
+        if scale is not None:
+            raise RouteSAEError(f"{folder}: --scale does not apply to an SAE that normalizes each token (routesae 'token')")
+        sae, normalization = _unfold_layer_norm(folder, sae, exported, conventions), "token"
+    else:
+        scale = _input_scale(folder, norm, scale, conventions)
     hook = meta.get("hook_name")
     layer = None
-    if hook:
+    if not hook and isinstance(exported.get("hidden_states"), int):
+        # routesae's export of hidden_states[n_layers]: after the final norm, named by no hook
+        layer = exported["hidden_states"]
+        conventions.append(f"no hook_name: hidden_states[{layer}] from metadata.routesae (a routesae export)")
+    elif hook:
         layer = from_transformer_lens(str(hook))
         conventions.append(f"hook '{hook}' = hidden_states[{layer}]")
         if meta.get("hf_hook_name") and from_hf_module(str(meta["hf_hook_name"])) != layer:
@@ -117,8 +134,33 @@ def read(path: Path, scale: float | None = None) -> Source:
                                               "model_name", "neuronpedia_id") if meta.get(key) is not None}
     return Source(
         "saelens", sae, [folder / CFG, where], dtype_name(v), layer=layer, hook=str(hook) if hook else None, scale=scale,
-        model=meta.get("model_name"), details={**details, "saelens_cfg": raw}, conventions=conventions,
+        normalization=normalization, model=meta.get("model_name"), details={**details, "saelens_cfg": raw},
+        conventions=conventions,
     )
+
+
+def _routesae_token(exported: dict[str, Any]) -> bool:
+    """Whether metadata.routesae says the SAE is routesae's 'token' SAE exported as layer_norm: the
+    input_normalization of exports since it is written, the record's scheme in earlier ones."""
+    if "input_normalization" in exported:
+        return exported["input_normalization"] == "token"
+    record = exported.get("reuse") if isinstance(exported.get("reuse"), dict) else {}
+    norm = record.get("normalization") if isinstance(record.get("normalization"), dict) else {}
+    return norm.get("scheme") == "token"
+
+
+def _unfold_layer_norm(folder: Path, sae: PortableSAE, exported: dict[str, Any], conventions: list[str]) -> PortableSAE:
+    """routesae's 'token' SAE back from its layer_norm export: the export multiplied W_enc by
+    a = sqrt(d/(d-1)) (and divided W_dec, b_dec by it) so that SAELens's unbiased std reads as the
+    population std; dividing a back out gives the SAE on routesae's (x - mean) / (population std + eps)."""
+    a = math.sqrt(sae.d_in / (sae.d_in - 1))
+    recorded = exported.get("layer_norm_factor", a)  # exports before the key always folded sqrt(d/(d-1))
+    if not isinstance(recorded, (int, float)) or not math.isclose(recorded, a, rel_tol=1e-6):
+        raise RouteSAEError(f"{folder}: metadata.routesae.layer_norm_factor {recorded!r} is not sqrt(d/(d-1)) = {a:.8f} "
+                            f"for d_in {sae.d_in}: not a folder routesae exported")
+    conventions.append(f"layer_norm of a routesae 'token' SAE (metadata.routesae): sqrt(d/(d-1)) = {a:.8f} divided back out "
+                       "of the weights; imported as routesae 'token' normalization, (x - mean) / (population std + 1e-6)")
+    return sae.scaled_input(1 / a)
 
 
 def _config(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str | None]:

@@ -28,6 +28,8 @@ class Source:
     """The files' own name of the layer ('blocks.19.hook_resid_post', 'layers.19', 'l19', 'layer_19')."""
     scale: float | None = None
     """Where the files say the SAE reads x * scale (and its x_hat is divided back): that factor."""
+    normalization: str = "none"
+    """'token' where the SAE reads routesae's per-token normalized inputs (a routesae export says so), else 'none'."""
     model: str | None = None
     """The model the files name (SAELens's model_name), if any."""
     details: dict[str, Any] = field(default_factory=dict)

@@ -6,12 +6,18 @@ encode = top-k of ReLU((x - b_dec) W_e^T + b_e), decode = f W_dec + b_dec: b_dec
 no input normalization (routesae's topk with normalization 'none', the same function: the top k
 of the ReLU'd pre-activations are the ReLU'd top k). The hookpoint `layers.N` is the output of
 block N, hidden_states[N + 1]. W_dec's orientation is taken from its shape (SAELens's sparsify loader
-and sparsify's own code disagree on it). Transcoders, skip connections and groupmax are refused."""
+and sparsify's own code disagree on it). Transcoders, skip connections and groupmax are refused.
+
+A folder routesae exported has routesae.json beside cfg.json (earlier exports: a "routesae" key in
+cfg.json): its hidden_states index names the layer where the folder's name does not, and its
+input_normalization 'token' says the SAE reads routesae's per-token normalized inputs, so it
+imports back as the 'token' SAE it was."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from routesae.errors import RouteSAEError
 from routesae.model.hook_names import from_sparsify
@@ -20,6 +26,8 @@ from routesae.interop.source import Source
 from routesae.interop.weights import dtype_name, oriented, read_safetensors, require, vector
 
 NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+SIDE_FILE = "routesae.json"
+"""What routesae's export writes beside cfg.json (export.SIDE_FILE)."""
 HOOKPOINT_PREFIXES = ("layers.", "h.", "model.", "transformer.", "gpt_neox.", "embed")
 """Folder names read as a hookpoint (module paths below the base model); any other name says nothing."""
 
@@ -63,16 +71,47 @@ def read(path: Path) -> Source:
         oriented(tensors["W_dec"], d_sae, d_in, "W_dec", where), vector(b_dec, d_in, "b_dec", where),
         subtracts_b_dec=True, b_enc=vector(b_enc, d_sae, "encoder.bias", where), k=k,
     )
+    conventions = [f"sparsify: top-{k} of ReLU((x - b_dec) W_e^T + b_e), x_hat = f W_dec + b_dec; b_dec subtracted first, "
+                   "no input normalization"]
     layer = hook = None
     if path.resolve().name.startswith(HOOKPOINT_PREFIXES):  # sparsify names the folder after the hookpoint
         hook = path.resolve().name
         layer = from_sparsify(hook)
+        conventions.append(f"hookpoint '{hook}' = output of block {layer - 1} = hidden_states[{layer}]")
+    files = [path / "cfg.json", where]
+    exported = _exported(path, cfg, files)
+    normalization = "none"
+    if exported.get("input_normalization") == "token":
+        normalization = "token"
+        conventions.append("routesae export of a 'token' SAE: it reads (x - mean) / (population std + 1e-6), "
+                           "imported as routesae 'token' normalization")
+    if isinstance(exported.get("hidden_states"), int):
+        if layer is not None and layer != exported["hidden_states"]:
+            raise RouteSAEError(f"{path}: the folder's name says hidden_states[{layer}], its {SIDE_FILE} "
+                                f"hidden_states[{exported['hidden_states']}]: inconsistent")
+        if layer is None:
+            layer = exported["hidden_states"]
+            conventions.append(f"hidden_states[{layer}] from {SIDE_FILE} (a routesae export)")
+    record = exported.get("reuse") if isinstance(exported.get("reuse"), dict) else {}
+    details = {key: record.get(name) for key, name in (("context_size", "context_len"), ("prepend_bos", "prepend_bos"),
+               ("dataset_path", "dataset"), ("exclude_special_tokens", "special_tokens_excluded")) if record.get(name) is not None}
     return Source(
-        "sparsify", sae, [path / "cfg.json", where], dtype_name({n: tensors[n] for n in NAMES}),
-        layer=layer, hook=hook, details={"sparsify_cfg": cfg},
-        conventions=[
-            f"sparsify: top-{k} of ReLU((x - b_dec) W_e^T + b_e), x_hat = f W_dec + b_dec; b_dec subtracted first, "
-            "no input normalization",
-            *([f"hookpoint '{hook}' = output of block {layer - 1} = hidden_states[{layer}]"] if layer is not None else []),
-        ],
+        "sparsify", sae, files, dtype_name({n: tensors[n] for n in NAMES}),
+        layer=layer, hook=hook, normalization=normalization, model=record.get("model_hub_id"),
+        details={**details, "sparsify_cfg": cfg}, conventions=conventions,
     )
+
+
+def _exported(path: Path, cfg: dict[str, Any], files: list[Path]) -> dict[str, Any]:
+    """routesae's own fields of a folder it exported ({} for any other sparsify folder); the side file is added to `files`."""
+    side = path / SIDE_FILE
+    if side.is_file():
+        try:
+            block = json.loads(side.read_text())
+        except ValueError as e:
+            raise RouteSAEError(f"{side} is not valid JSON ({e})") from None
+        if not isinstance(block, dict):
+            raise RouteSAEError(f"{side} is not routesae's export record")
+        files.append(side)
+        return block
+    return cfg["routesae"] if isinstance(cfg.get("routesae"), dict) else {}

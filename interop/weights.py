@@ -8,6 +8,7 @@ when the two are equal."""
 from __future__ import annotations
 
 import hashlib
+import re
 import zipfile
 from pathlib import Path
 
@@ -48,23 +49,46 @@ def read_npz(path: Path) -> dict[str, Tensor]:
         raise RouteSAEError(f"{path} is not a readable .npz archive of plain arrays ({_first_line(e)})") from None
 
 
-def read_torch(path: Path) -> dict[str, Tensor]:
+def read_torch(path: Path, what: str) -> dict[str, Tensor]:
     """A state dict saved with torch.save, read with weights_only=True (tensors and plain containers
-    only); one level of nesting under 'state_dict' or 'model' is looked through."""
+    only); one level of nesting under 'state_dict' or 'model' is looked through. `what` names the
+    checkpoint expected ('Goodfire SAE checkpoint') in the one-line refusals."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (since torch 1.6) or a pickle (before; protocol 2+ opens with
+    # 0x80): anything else is no torch file at all, and torch.load's own error would only say which
+    # byte its unpickler tripped on.
+    is_zip, is_pickle = head == b"PK\x03\x04", head[:1] == b"\x80"
+    if not (is_zip or is_pickle):
+        found = "it is empty" if not head else f"it starts with {head!r}"
+        raise RouteSAEError(f"{path} is not a {what}: not a file torch.save writes (neither a zip archive nor a pickle; {found})")
+    if is_zip and not _torch_archive(path):
+        raise RouteSAEError(f"{path} is not a {what}: a zip archive without the data.pkl torch.save writes (a .npz or other archive?)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle of anything but tensors and containers, or not a torch file at all
-        raise RouteSAEError(
-            f"{path} is not a plain torch state dict: torch.load(weights_only=True) refused it ({_first_line(e)})"
-        ) from None
+    except Exception as e:  # a pickle of anything but tensors and containers, or a damaged file
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:
+            raise RouteSAEError(f"{path} is not a plain {what}: it pickles {refused.group(1)}, which "
+                                "torch.load(weights_only=True) refuses to unpickle (only tensors and plain containers are read)") from None
+        raise RouteSAEError(f"{path} is not a readable {what}: torch.load(weights_only=True) failed ({_first_line(e)})") from None
     if isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise RouteSAEError(f"{path} does not hold a dict of tensors (a state dict)")
+        raise RouteSAEError(f"{path} is not a {what}: it holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
     return dict(obj)
+
+
+def _torch_archive(path: Path) -> bool:
+    """Whether a zip archive is torch.save's (one folder holding data.pkl)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _first_line(e: BaseException) -> str:

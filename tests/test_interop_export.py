@@ -17,7 +17,8 @@ from safetensors import safe_open
 
 from routesae.cli import main
 from routesae.sae_record import sae_record, safetensors_metadata
-from routesae.train.checkpoint import write_json, write_safetensors
+from routesae.atomic_files import write_json
+from routesae.train.checkpoint import write_safetensors
 from routesae.train.config import FitConfig, SAEConfig
 from routesae.train.load import load_sae
 from routesae.train.normalize import denormalize, normalize
@@ -124,11 +125,29 @@ def test_saelens_export_loads_and_matches_load_sae(tmp_path, arch, normalization
     assert theirs.cfg.metadata.context_size == 512 and theirs.cfg.metadata.prepend_bos is True
 
 
+def load_sparsify_quietly(folder, capfd, caplog):
+    """sparsify's SparseCoder.load_from_disk(folder), checking that the load says nothing: no
+    "Dropping extra args" (simple_parsing logs it for every cfg.json key sparsify does not hold)
+    on stdout, stderr, a warning or a log record."""
+    import logging
+
+    coder = sparsify().SparseCoder
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = coder.load_from_disk(folder)
+    out, err = capfd.readouterr()
+    said = "\n".join([out, err, caplog.text, *(str(w.message) for w in caught)])
+    assert "Dropping extra args" not in said and "routesae" not in said, said
+    return theirs
+
+
 @pytest.mark.parametrize("normalization", ["none", "dataset", "token"])
-def test_sparsify_export_loads_and_matches_load_sae(tmp_path, normalization):
+def test_sparsify_export_loads_and_matches_load_sae(tmp_path, normalization, capfd, caplog):
     run = make_run(tmp_path / "run", "topk", normalization)
     result = ok(export(run, "--format", "sparsify", "--out", tmp_path / "layers.19"))
-    theirs = sparsify().SparseCoder.load_from_disk(tmp_path / "layers.19")
+    sparsify()
+    theirs = load_sparsify_quietly(tmp_path / "layers.19", capfd, caplog)
     ours = load_sae(run)
     x = inputs()
     # sparsify has no input normalization: with 'token' the exported SAE reads normalized inputs (and says so)
@@ -143,8 +162,24 @@ def test_sparsify_export_loads_and_matches_load_sae(tmp_path, normalization):
         close(ours.encode(x), f, 2e-5)
         close(ours.reconstruct(x), denormalize(theirs.decode(out.top_acts, out.top_indices), mean, std), 2e-5)
     cfg = json.loads((tmp_path / "layers.19" / "cfg.json").read_text())
-    assert cfg["routesae"]["hookpoint"] == "layers.19" and cfg["k"] == K
-    assert cfg["routesae"]["input_normalization"] == ("token" if normalization == "token" else "none")
+    side = json.loads((tmp_path / "layers.19" / "routesae.json").read_text())  # what sparsify does not read
+    assert "routesae" not in cfg and cfg["k"] == K
+    assert side["hookpoint"] == "layers.19" and side["hidden_states"] == 20
+    assert side["input_normalization"] == ("token" if normalization == "token" else "none")
+    assert side["reuse"]["model_hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # several hookpoints in one folder, as sparsify's load_many reads them: the side file is no hookpoint
+    ok(export(run, "--format", "sparsify", "--out", tmp_path / "many" / "layers.19"))
+    assert list(sparsify().SparseCoder.load_many(str(tmp_path / "many"), local=True)) == ["layers.19"]
+
+
+def test_an_extra_cfg_key_is_what_sparsify_complains_about(tmp_path, capfd, caplog):
+    """The check above can fail: the cfg.json of exports before the side file made sparsify complain."""
+    run = make_run(tmp_path / "run", "topk")
+    ok(export(run, "--format", "sparsify", "--out", tmp_path / "layers.19"))
+    cfg = json.loads((tmp_path / "layers.19" / "cfg.json").read_text())
+    write_json(tmp_path / "layers.19" / "cfg.json", {**cfg, "routesae": {"hidden_states": 20}})
+    with pytest.raises(AssertionError, match="Dropping extra args"):
+        load_sparsify_quietly(tmp_path / "layers.19", capfd, caplog)
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "gated", "jumprelu", "batchtopk"])
@@ -206,11 +241,73 @@ def test_saelens_export_imports_back_to_the_same_sae(tmp_path, arch):
     x = inputs()
     close(ours.encode(x), back.encode(x), 2e-5)
     close(ours.reconstruct(x), back.reconstruct(x), 2e-5)
-    # 'token' exports as layer_norm, which import refuses (not exactly routesae's normalization)
-    tok = make_run(tmp_path / "tok", arch, "token")
-    ok(export(tok, "--format", "saelens", "--out", tmp_path / "sl-tok"))
-    result = CliRunner().invoke(main, ["import", str(tmp_path / "sl-tok"), "--format", "saelens", "--out", str(tmp_path / "t")])
-    assert result.exit_code != 0 and "layer_norm" in result.output
+
+
+EXPORTS = [("saelens", arch) for arch in ("topk", "batchtopk", "matryoshka", "vanilla", "gated", "jumprelu")] + [("sparsify", "topk")]
+
+
+@pytest.mark.parametrize("layer", [20, 30])  # 30: hidden_states[n_layers], after the final norm, which no hook names
+@pytest.mark.parametrize("fmt,arch", EXPORTS)
+def test_an_export_with_token_normalization_imports_back_to_the_same_sae(tmp_path, fmt, arch, layer):
+    """fit's default normalization is 'token': its SAEs export (SAELens layer_norm, sparsify reading
+    normalized inputs) and import back as the 'token' SAE they were, encoding and reconstructing alike."""
+    run = make_run(tmp_path / "run", arch, "token", layers=(layer,), seed=4)
+    ok(export(run, "--format", fmt, "--out", tmp_path / "out"))
+    result = ok(CliRunner().invoke(main, ["import", str(tmp_path / "out"), "--format", fmt, "--out", str(tmp_path / "back")]))
+    assert "'token'" in result.output
+    back, ours = load_sae(tmp_path / "back"), load_sae(run)
+    assert back.config.normalization == "token" and back.config.layers == [layer]
+    assert back.config.model["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    x = inputs()
+    with torch.no_grad():
+        f = ours.encode(x)
+        assert (f > 0).sum() > 0
+        close(f, back.encode(x), 2e-5)
+        close(ours.reconstruct(x), back.reconstruct(x), 2e-5)
+    # and back out again: the same files, up to the provenance lines
+    ok(export(tmp_path / "back", "--format", fmt, "--out", tmp_path / "again"))
+    name = "sae_weights.safetensors" if fmt == "saelens" else "sae.safetensors"
+    with safe_open(str(tmp_path / "out" / name), framework="pt") as a, safe_open(str(tmp_path / "again" / name), framework="pt") as b:
+        for key in a.keys():
+            close(a.get_tensor(key), b.get_tensor(key), 1e-6)
+
+
+def test_exports_written_before_the_side_file_import_back_too(tmp_path):
+    """Earlier exports: metadata.routesae without input_normalization / layer_norm_factor (the record's
+    scheme says 'token'), and sparsify's routesae block inside cfg.json."""
+    run = make_run(tmp_path / "run", "gated", "token", seed=6)
+    ok(export(run, "--format", "saelens", "--out", tmp_path / "sl"))
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    for key in ("input_normalization", "layer_norm_factor", "hidden_states"):
+        del cfg["metadata"]["routesae"][key]
+    write_json(tmp_path / "sl" / "cfg.json", cfg)
+    topk = make_run(tmp_path / "topk", "topk", "token", seed=6)
+    ok(export(topk, "--format", "sparsify", "--out", tmp_path / "layers.19"))
+    side = tmp_path / "layers.19" / "routesae.json"
+    cfg = json.loads((tmp_path / "layers.19" / "cfg.json").read_text())
+    write_json(tmp_path / "layers.19" / "cfg.json", {**cfg, "routesae": json.loads(side.read_text())})
+    side.unlink()
+    x = inputs()
+    for folder, fmt, original in ((tmp_path / "sl", "saelens", run), (tmp_path / "layers.19", "sparsify", topk)):
+        ok(CliRunner().invoke(main, ["import", str(folder), "--format", fmt, "--out", str(tmp_path / f"back-{fmt}")]))
+        back, ours = load_sae(tmp_path / f"back-{fmt}"), load_sae(original)
+        assert back.config.normalization == "token" and back.config.layers == [20]
+        close(ours.encode(x), back.encode(x), 2e-5)
+        close(ours.reconstruct(x), back.reconstruct(x), 2e-5)
+    # --scale means nothing to an SAE that normalizes each token
+    one_line_error(CliRunner().invoke(main, ["import", str(tmp_path / "layers.19"), "--format", "sparsify", "--out",
+                                             str(tmp_path / "s"), "--scale", "2"]), "--scale", "'token'")
+
+
+def test_a_layer_norm_sae_not_from_routesae_is_still_refused(tmp_path):
+    run = make_run(tmp_path / "run", "topk", "token")
+    ok(export(run, "--format", "saelens", "--out", tmp_path / "sl"))
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    del cfg["metadata"]["routesae"]
+    write_json(tmp_path / "sl" / "cfg.json", cfg)
+    one_line_error(CliRunner().invoke(main, ["import", str(tmp_path / "sl"), "--format", "saelens", "--out", str(tmp_path / "t")]),
+                   "layer_norm")
+    assert not (tmp_path / "t").exists()
 
 
 def test_bad_export_arguments(tmp_path):

