@@ -34,19 +34,24 @@ def _latents(text: str | None) -> list[int] | None:
 @click.option("--concurrency", default=4, show_default=True, type=int, help="Requests in flight at once.")
 @click.option("--cache-dir", default=None, help="Reply cache, one JSON file per reply  [default: <out>.cache].")
 @click.option("--max-retries", default=5, show_default=True, type=int,
-              help="Retries per request on connection errors, 5xx and 429, with exponential backoff.")
+              help="Retries per request on connection errors, timeouts, 408, 409, 429 and 5xx, with exponential "
+                   "backoff or the wait the server asks for (Retry-After).")
 @click.option("--temperature", default=0.0, show_default=True, type=float,
               help="Judge temperature: 0 is greedy and repeatable (the RouteSAE paper used 0.1).")
 @click.option("--max-tokens", default=300, show_default=True, type=int, help="Longest judge reply, in tokens.")
-@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds one request may take.")
+@click.option("--timeout", default=600.0, show_default=True, type=float,
+              help="Seconds the judge may stay silent on a request: before its reply starts, or between two tokens.")
 @click.option("--batch", default=5, show_default=True, type=int, help="Held-out windows per detection/fuzzing request.")
 @click.option("--min-examples", default=4, show_default=True, type=int,
               help="Draw only latents with at least this many top examples (and held-out windows for detection/fuzzing).")
 @click.option("--all-negatives", is_flag=True,
               help="Score on every negative window, not as many as there are activating ones.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an --out that holds another SAE's interpretation or another file (refused by default).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def interpret(contexts, judge_url, judge_model, features, latent_list, seed, out, protocols, concurrency, cache_dir,
-              max_retries, temperature, max_tokens, timeout, batch, min_examples, all_negatives, quiet) -> None:
+              max_retries, temperature, max_tokens, timeout, batch, min_examples, all_negatives, overwrite,
+              quiet) -> None:
     """Ask an LLM judge about a seeded sample of latents: the RouteSAE paper's protocol (category,
     1-5 consistency score, explanation) and delphi's detection and fuzzing of held-out windows
     (balanced accuracy). Every reply is cached: a rerun is free and a killed run resumes.
@@ -57,7 +62,8 @@ def interpret(contexts, judge_url, judge_model, features, latent_list, seed, out
         contexts=contexts, out=out, judge_model=judge_model, judge_url=judge_url, features=features, seed=seed,
         protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()), latents=_latents(latent_list),
         min_examples=min_examples, batch=batch, balance=not all_negatives, concurrency=concurrency, cache_dir=cache_dir,
-        max_retries=max_retries, temperature=temperature, max_tokens=max_tokens, timeout=timeout, progress=not quiet,
+        max_retries=max_retries, temperature=temperature, max_tokens=max_tokens, timeout=timeout, overwrite=overwrite,
+        progress=not quiet,
     )
     result = run_interpret(cfg, warn=lambda message: click.echo(f"routesae: warning: {message}", err=True))
     click.echo(summary_table(result.summary))

@@ -56,15 +56,17 @@ class InterpretConfig:
     cache_dir: str | None = None
     """Reply cache (default: <out>.cache next to --out)."""
     max_retries: int = 5
-    """Retries per request on connection errors, 5xx and 429."""
+    """Retries per request on connection errors, timeouts, 408, 409, 429 and 5xx (honouring Retry-After)."""
     temperature: float = 0.0
     """Judge sampling temperature (the RouteSAE paper used 0.1)."""
     max_tokens: int = 300
     """Longest judge reply in tokens."""
     timeout: float = 600.0
-    """Seconds one request may take."""
+    """Seconds the judge may stay silent on a request (before its reply starts, or between two tokens of it)."""
+    overwrite: bool = False
+    """Replace an --out that is not an interpretation of this SAE and store (by default refused)."""
     progress: bool = True
-    """Show progress bars."""
+    """Show progress bars and what is being asked of whom."""
 
     def judge_config(self) -> JudgeConfig:
         return JudgeConfig(model=self.judge_model, url=self.judge_url, cache_dir=Path(self.cache_path),
@@ -193,6 +195,37 @@ def check_config(cfg: InterpretConfig) -> None:
         raise RouteSAEError("--judge-model local:PATH runs in-process: drop --judge-url")
 
 
+def _sae_and_store(entry: dict[str, Any]) -> tuple[Any, Any]:
+    """What names an SAE and its store in a contexts manifest (or interp.json's `contexts`): the
+    weights' hash and the store's fingerprint, or the whole entries where those are missing."""
+    sae = entry.get("sae") if isinstance(entry.get("sae"), dict) else {}
+    store = entry.get("store") if isinstance(entry.get("store"), dict) else {}
+    return sae.get("weights_sha256") or sae, store.get("fingerprint") or store
+
+
+def check_out(out: Path, ctx: Contexts, overwrite: bool) -> None:
+    """Refuse, before any request, an --out holding something else than an interpretation of this
+    SAE and store (such a file is rewritten, what was asked before answered from the cache); with
+    overwrite, any file is replaced."""
+    if out.is_dir():
+        raise RouteSAEError(f"--out {out} is a folder: interpret writes one JSON file (e.g. {out / 'interp.json'})")
+    if overwrite or not out.exists():
+        return
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        raise RouteSAEError(f"{out} exists and is not an output of routesae interpret; choose another --out, "
+                            "or pass --overwrite to replace it")
+    contexts = old.get("contexts") if isinstance(old.get("contexts"), dict) else {}
+    if _sae_and_store(contexts) != _sae_and_store(ctx.manifest):
+        sae = contexts.get("sae") if isinstance(contexts.get("sae"), dict) else {}
+        raise RouteSAEError(f"{out} holds the interpretation of another SAE or store ({sae.get('name', 'unnamed')}, "
+                            f"from {contexts.get('path', 'elsewhere')}); choose another --out, "
+                            "or pass --overwrite to replace it")
+
+
 def _paper_entry(reply: str, source: str) -> dict[str, Any]:
     answer = P.parse_paper(reply)
     if answer is None:
@@ -207,6 +240,7 @@ def run_interpret(cfg: InterpretConfig, backend: Backend | None = None,
     backend: instead of the one cfg names (tests); warn: told, before any request, of a clamped --features."""
     check_config(cfg)
     ctx = load_contexts(cfg.contexts)
+    check_out(Path(cfg.out), ctx, cfg.overwrite)
     selection = select_latents(ctx, cfg)
     if selection.clamped and warn is not None:
         warn(f"--features {cfg.features}, but only {selection.available} latents have enough examples: "

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from routesae.cli import main
 from routesae.errors import RouteSAEError
 from routesae.interpret import protocols as P
+from routesae.interpret import judge as judge_module
 from routesae.interpret.judge import cache_key
 from routesae.interpret.run_interpret import InterpretConfig, load_contexts, select_latents
 
@@ -132,15 +133,31 @@ def garbage(messages: list[dict]) -> str:
     return "I like turtles."
 
 
+def pieces(reply: str) -> list[str]:
+    """How the fake server streams a reply: word by word, each with the spaces before it."""
+    return re.findall(r"\s*\S+|\s+", reply)
+
+
 class FakeJudge:
-    """An OpenAI-compatible server on 127.0.0.1: /v1/models and /v1/chat/completions."""
+    """An OpenAI-compatible server on 127.0.0.1: /v1/models and /v1/chat/completions, which streams
+    its reply (server-sent events, one word a chunk) when asked to, unless `streams` is off."""
 
     def __init__(self, policy: Callable[[list[dict]], str]):
         self.policy = policy
         self.hits: list[str] = []
         self.auth: set[str] = set()
-        self.fail: list[int] = []
-        """HTTP statuses to answer the next chat requests with, first to last."""
+        self.times: list[float] = []
+        """When each chat request arrived (time.monotonic, server side)."""
+        self.fail: list[int | tuple[int, dict[str, str]]] = []
+        """HTTP statuses (or status and headers) to answer the next chat requests with, first to last."""
+        self.streams = True
+        """Stream when the request asks to; off: a plain JSON reply whatever is asked (some servers)."""
+        self.streamed = 0
+        """Chat requests answered as a stream."""
+        self.break_after: int | None = None
+        """Close the next streamed reply after this many of its events, without the rest."""
+        self.after_piece: Callable[[int], None] | None = None
+        """Called after each word of a streamed reply is sent, with its index (slows the stream down)."""
         self.block_after: int | None = None
         """Answer this many chat requests, then hold the others until `release` is set."""
         self.answered = 0
@@ -152,13 +169,39 @@ class FakeJudge:
             def log_message(self, *args):
                 pass
 
-            def _send(self, status: int, obj: dict) -> None:
+            def _send(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
                 body = json.dumps(obj).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _stream(self, model: str, reply: str) -> None:
+                def event(delta: dict, finish: str | None = None) -> bytes:
+                    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
+                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+                words = pieces(reply)
+                events = [event({"role": "assistant", "content": ""}), *(event({"content": w}) for w in words),
+                          event({}, "stop"), b"data: [DONE]\n\n"]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                # The length of the whole stream: a reply cut short is one the client can tell is.
+                self.send_header("Content-Length", str(sum(map(len, events))))
+                self.end_headers()
+                with judge.lock:
+                    cut, judge.break_after = judge.break_after, None
+                for i, data in enumerate(events):
+                    if cut is not None and i == cut:
+                        return  # the connection closes mid-reply
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                    if 1 <= i <= len(words) and judge.after_piece is not None:
+                        judge.after_piece(i - 1)
 
             def do_GET(self):
                 judge.hits.append(self.path)
@@ -169,19 +212,25 @@ class FakeJudge:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with judge.lock:
                     judge.hits.append(self.path)
+                    judge.times.append(time.monotonic())
                     judge.auth.add(self.headers.get("Authorization", ""))
-                    status = judge.fail.pop(0) if judge.fail else 200
+                    status, headers = (lambda f: f if isinstance(f, tuple) else (f, {}))(
+                        judge.fail.pop(0) if judge.fail else 200)
                     hold = judge.block_after is not None and judge.answered >= judge.block_after
                 if hold:
                     judge.release.wait(60)
                     return
                 if status != 200:
-                    return self._send(status, {"error": {"message": f"status {status} on purpose"}})
+                    return self._send(status, {"error": {"message": f"status {status} on purpose"}}, headers)
                 if request.get("model") != "fake-judge":
                     return self._send(404, {"detail": f"no model {request.get('model')}"})
                 reply = judge.policy(request["messages"])
                 with judge.lock:
                     judge.answered += 1
+                if request.get("stream") and judge.streams:
+                    with judge.lock:
+                        judge.streamed += 1
+                    return self._stream(request["model"], reply)
                 self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
                                  "choices": [{"index": 0, "finish_reason": "stop",
                                               "message": {"role": "assistant", "content": reply}}],
@@ -477,14 +526,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_judge_is_one_line_naming_the_url(ctx_dir, tmp_path):
+@pytest.mark.parametrize("quiet", [True, False])
+def test_unreachable_judge_is_one_line_naming_the_url(ctx_dir, tmp_path, quiet):
     url = f"http://127.0.0.1:{_free_port()}/v1"
+    started = time.monotonic()
     result = _cli("--contexts", ctx_dir, "--judge-url", url, "--judge-model", "m", "--features", 1,
-                  "--out", tmp_path / "interp.json", "--quiet")
-    assert result.exit_code == 1
+                  "--out", tmp_path / "interp.json", *(["--quiet"] if quiet else []))
+    # at once, not after the client's retries and backoff (5 retries: 15 s and more)
+    assert result.exit_code == 1 and time.monotonic() - started < 10
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("routesae: error: the judge at") and url in lines[0]
-    assert "does not answer" in lines[0] and not (tmp_path / "interp.json").exists()
+    assert "does not answer" in lines[0]
+    assert list(tmp_path.iterdir()) == []  # neither the output nor an empty reply cache
+
+
+def test_reply_cache_folder_appears_with_the_first_reply(ctx_dir, tmp_path, serve):
+    judge = serve()
+    judge.fail = [404]  # refused, not retried: the run ends with no reply
+    result = _cli("--contexts", ctx_dir, "--judge-url", judge.url, "--judge-model", "fake-judge", "--features", 1,
+                  "--protocols", "paper", "--out", tmp_path / "interp.json", "--quiet")
+    assert result.exit_code == 1 and judge.chats == 1 and list(tmp_path.iterdir()) == []
+    _interpret(ctx_dir, judge, tmp_path / "interp.json", "--features", 1, "--protocols", "paper")
+    assert len(list((tmp_path / "interp.json.cache").glob("*.json"))) == 1
+
+
+def test_429_waits_as_long_as_retry_after_says(ctx_dir, tmp_path, serve):
+    judge = serve()
+    judge.fail = [(429, {"Retry-After": "1"})]
+    _, doc = _interpret(ctx_dir, judge, tmp_path / "interp.json", "--features", 1, "--protocols", "paper",
+                        "--concurrency", 1)
+    assert judge.chats == 2 and doc["summary"]["paper"]["mean_score"] == 5
+    # measured where the requests arrive: the second came no sooner than the server asked
+    assert judge.times[1] - judge.times[0] >= 1.0
 
 
 def test_5xx_and_429_are_retried(ctx_dir, tmp_path, serve):
@@ -493,6 +566,16 @@ def test_5xx_and_429_are_retried(ctx_dir, tmp_path, serve):
     _, doc = _interpret(ctx_dir, judge, tmp_path / "interp.json", "--features", 1, "--protocols", "paper",
                         "--concurrency", 1)
     assert judge.chats == 3 and doc["summary"]["paper"]["mean_score"] == 5
+
+
+def test_a_reply_broken_off_mid_stream_is_asked_again(ctx_dir, tmp_path, serve):
+    judge = serve()
+    judge.break_after = 3  # the role, then two words of the reply, then the connection closes
+    _, doc = _interpret(ctx_dir, judge, tmp_path / "interp.json", "--features", 1, "--protocols", "paper",
+                        "--concurrency", 1)
+    assert judge.chats == 2 and judge.streamed == 2
+    (entry,) = doc["latents"].values()
+    assert entry["paper"]["score"] == 5 and entry["paper"]["explanation"] == "the trigger token"
 
 
 def test_retries_run_out_in_one_line(ctx_dir, tmp_path, serve):
@@ -571,3 +654,157 @@ def test_local_judge_runs_and_caches(ctx_dir, tmp_path, tiny_llama_dir, monkeypa
     again = _cli(*args)
     assert again.exit_code == 0 and "0 judge requests" in again.output
     assert json.loads(out.read_text()) == doc
+
+
+# -- what --out may replace ------------------------------------------------------------------------
+
+def test_out_of_another_sae_is_refused_before_any_request(ctx_dir, tmp_path, serve):
+    other = write_contexts(tmp_path / "other-k4")
+    manifest = json.loads((other / "contexts.json").read_text())
+    manifest["sae"] |= {"name": "other-k4", "weights_sha256": "1" * 64}
+    (other / "contexts.json").write_text(json.dumps(manifest))
+    judge = serve()
+    out = tmp_path / "interp.json"
+    _, theirs = _interpret(other, judge, out, "--features", 1, "--protocols", "paper")
+    asked = judge.chats
+    refused = _cli("--contexts", ctx_dir, "--judge-url", judge.url, "--judge-model", "fake-judge", "--features", 1,
+                   "--protocols", "paper", "--cache-dir", tmp_path / "mine.cache", "--out", out, "--quiet")
+    assert refused.exit_code == 1 and judge.chats == asked and not (tmp_path / "mine.cache").exists()
+    line, = refused.output.strip().splitlines()
+    assert line == (f"routesae: error: {out} holds the interpretation of another SAE or store (other-k4, from "
+                    f"{other.resolve()}); choose another --out, or pass --overwrite to replace it")
+    assert json.loads(out.read_text()) == theirs
+    _, mine = _interpret(ctx_dir, judge, out, "--features", 1, "--protocols", "paper", "--overwrite")
+    assert mine["contexts"]["sae"]["name"] == "fake-k4"  # the same prompts: answered from the cache
+
+
+def test_out_of_the_same_sae_is_rewritten_and_foreign_files_refused(ctx_dir, tmp_path, serve):
+    judge = serve()
+    out = tmp_path / "interp.json"
+    _interpret(ctx_dir, judge, out, "--features", 1, "--protocols", "paper")
+    asked = judge.chats
+    # the same SAE with other settings: judged again, the reply already had from the cache
+    _, more = _interpret(ctx_dir, judge, out, "--features", 2, "--protocols", "paper")
+    assert more["features"] == 2 and judge.chats == asked + 1
+    out.write_text("my notes\n")
+    refused = _cli("--contexts", ctx_dir, "--judge-url", judge.url, "--judge-model", "fake-judge", "--features", 1,
+                   "--out", out, "--quiet")
+    assert refused.exit_code == 1 and out.read_text() == "my notes\n" and judge.chats == asked + 1
+    assert refused.output.strip() == (f"routesae: error: {out} exists and is not an output of routesae interpret; "
+                                      "choose another --out, or pass --overwrite to replace it")
+    _, doc = _interpret(ctx_dir, judge, out, "--features", 1, "--protocols", "paper", "--overwrite")
+    assert doc["format"] == "routesae-interpretations"
+    folder = _cli("--contexts", ctx_dir, "--judge-url", judge.url, "--judge-model", "fake-judge", "--out", tmp_path,
+                  "--quiet", "--overwrite")
+    assert folder.exit_code == 1 and "is a folder" in folder.output
+
+
+# -- streaming and progress ----------------------------------------------------------------------
+
+class RecordingBar:
+    """Stands in for tqdm in the judge module: records the bars' counts and the lines written."""
+
+    bars: list["RecordingBar"] = []
+    lines: list[str] = []
+    changed = threading.Condition()
+
+    def __init__(self, *args, desc: str = "", unit: str = "it", total: int | None = None, **kwargs):
+        self.desc, self.unit, self.total, self.n, self.closed = desc, unit, total, 0, False
+        with self.changed:
+            self.bars.append(self)
+
+    def update(self, n: int = 1) -> None:
+        with self.changed:
+            self.n += n
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        self.closed = True
+
+    @classmethod
+    def write(cls, line: str, file=None) -> None:
+        cls.lines.append(line)
+
+    @classmethod
+    def of(cls, unit: str) -> "RecordingBar | None":
+        return next((b for b in cls.bars if b.unit == unit), None)
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    monkeypatch.setattr(RecordingBar, "bars", [])
+    monkeypatch.setattr(RecordingBar, "lines", [])
+    monkeypatch.setattr(judge_module, "tqdm", RecordingBar)
+    return RecordingBar
+
+
+def test_progress_moves_during_one_slow_streamed_reply(ctx_dir, tmp_path, serve, recording):
+    judge = serve()
+    seen: list[tuple[int, int] | None] = []
+
+    def tokens_counted() -> int:
+        bar = recording.of("tok")
+        return bar.n if bar is not None else 0
+
+    def after_piece(i: int) -> None:
+        # The next word is sent only once the token bar has counted this one (or 10 s passed: then
+        # the snapshot says so), so what is asserted is the order of events, never their timing.
+        with recording.changed:
+            ok = recording.changed.wait_for(lambda: tokens_counted() > i, timeout=10)
+            seen.append((tokens_counted(), recording.of("req").n) if ok else None)
+
+    judge.after_piece = after_piece
+    out = tmp_path / "interp.json"
+    result = _cli("--contexts", ctx_dir, "--judge-url", judge.url, "--judge-model", "fake-judge", "--latents", 3,
+                  "--protocols", "paper", "--out", out)
+    assert result.exit_code == 0, result.output
+    words = pieces(truthful([{"role": "system", "content": P.PAPER_SYSTEM}, {"role": "user", "content": ""}]))
+    assert len(words) >= 5 and judge.streamed == 1
+    # one request: its token count went up word by word while it was still unanswered
+    assert seen == [(i + 1, 0) for i in range(len(words))]
+    assert recording.of("req").n == 1 and recording.of("tok").n == len(words)
+    assert all(b.closed for b in recording.bars)
+    assert recording.lines == [f"judge: contexts: 1 request to fake-judge at {judge.url}"]
+    assert json.loads(out.read_text())["latents"]["3"]["paper"]["score"] == 5
+
+
+def test_streamed_and_plain_replies_are_cached_alike(ctx_dir, tmp_path, serve):
+    def cache(streams: bool) -> dict[str, str]:
+        judge = serve()
+        judge.streams = streams
+        _interpret(ctx_dir, judge, tmp_path / f"{streams}.json", "--features", 2)
+        assert judge.streamed == (judge.chats if streams else 0) and judge.chats > 2
+        return {p.name: p.read_text() for p in (tmp_path / f"{streams}.json.cache").glob("*.json")}
+
+    streamed, plain = cache(True), cache(False)
+    assert streamed == plain and len(streamed) > 2
+
+
+def test_announcement_names_the_judge_and_counts_what_the_cache_lacks(ctx_dir, tmp_path, serve, recording):
+    judge = serve()
+    args = ("--contexts", ctx_dir, "--judge-url", judge.url, "--judge-model", "fake-judge", "--protocols", "paper",
+            "--out", tmp_path / "interp.json")
+    assert _cli(*args, "--features", 2).exit_code == 0
+    assert _cli(*args, "--features", 3).exit_code == 0
+    assert recording.lines == [f"judge: contexts: 2 requests to fake-judge at {judge.url}",
+                               f"judge: contexts: 1 request to fake-judge at {judge.url} (2 more answered from the cache)"]
+    assert [b.n for b in recording.bars if b.unit == "req"] == [2, 1]
+
+
+def test_local_judge_counts_its_tokens_as_it_generates(ctx_dir, tmp_path, tiny_llama_dir, recording):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "chat-llama"
+    shutil.copytree(tiny_llama_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    tok.save_pretrained(model)
+    result = _cli("--contexts", ctx_dir, "--judge-model", f"local:{model}", "--latents", "2,3", "--protocols", "paper",
+                  "--max-tokens", 6, "--out", tmp_path / "interp.json")
+    assert result.exit_code == 0, result.output
+    assert recording.lines == [f"loading the judge {model} ...",
+                               f"judge: contexts: 2 requests to local:{model} (in-process)"]
+    # every generated token counted, the prompt not: at least one and at most 6 a reply
+    assert recording.of("req").n == 2 and 2 <= recording.of("tok").n <= 12
