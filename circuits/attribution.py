@@ -12,6 +12,7 @@ Circuits keep the largest |score|.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -37,10 +38,12 @@ def spliced_codes(cm: CircuitModel, batch: PairBatch, means: Means) -> Codes:
     return Codes(clean, patch)
 
 
-def integrated_gradients(cm: CircuitModel, batch: PairBatch, means: Means, steps: int = 10) -> dict[int, Tensor]:
+def integrated_gradients(cm: CircuitModel, batch: PairBatch, means: Means, steps: int = 10,
+                         tick: Callable[[], None] | None = None) -> dict[int, Tensor]:
     """layer -> [s-1, n_latents] IG score of each (position, latent), summed over the batch's
     prompts (divide by the prompt count for a mean); per prompt, a layer's scores sum to about
-    m(clean code at that layer) - m(patch code there)."""
+    m(clean code at that layer) - m(patch code there). tick: called after each of the
+    len(cm.layers) * steps forward + backward passes (a progress bar's update)."""
     codes = spliced_codes(cm, batch, means)
     scores: dict[int, Tensor] = {}
     for layer in cm.layers:
@@ -52,6 +55,8 @@ def integrated_gradients(cm: CircuitModel, batch: PairBatch, means: Means, steps
             m = cm.metric(batch, means, override={layer: z}).sum()
             (g,) = torch.autograd.grad(m, z)
             grad += g
+            if tick is not None:
+                tick()
         scores[layer] = ((zc - zp) * grad / steps).sum(0)
     return scores
 

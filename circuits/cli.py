@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from routesae.cli_args import sae_paths
+from routesae.model.compute_dtype import CHOICES
 
 
 @click.command("circuit")
@@ -27,9 +28,13 @@ from routesae.cli_args import sae_paths
 @click.option("--seed", default=0, show_default=True, help="Seed of the batch order.")
 @click.option("--model", default=None, help="Load the model from here instead of the SAEs' recorded model id.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@click.option("--dtype", type=click.Choice(CHOICES), default="auto", show_default=True,
+              help="The model's compute dtype. auto: the SAEs' recorded dtype where the device multiplies it "
+                   "natively (CPU: AVX512-BF16/AMX; CUDA: Ampere on), else float32.")
 @click.option("--contexts", multiple=True, help="routesae contexts folder(s): one per SAE, or a parent of them.")
+@click.option("--quiet", is_flag=True, help="No phase lines or progress bars.")
 def circuit(more_saes, task, saes, out, lambdas, steps, lr, beta_max, shared_positions, ablation, error, ig_steps,
-            batch_size, seed, model, device, contexts) -> None:
+            batch_size, seed, model, device, dtype, contexts, quiet) -> None:
     """Find circuits over the SAEs' latents with learned binary masks, swept over the penalty, and
     compare them with integrated gradients and attribution patching at equal node counts."""
     from routesae.circuits.run_circuit import CircuitConfig, run_circuit
@@ -37,7 +42,7 @@ def circuit(more_saes, task, saes, out, lambdas, steps, lr, beta_max, shared_pos
     cfg = CircuitConfig(task=task, saes=sae_paths(saes, more_saes), out=out, lambdas=lambdas, steps=steps, lr=lr,
                         beta_max=beta_max, shared_positions=shared_positions, ablation=ablation, error=error,
                         ig_steps=ig_steps, batch_size=batch_size, seed=seed, model=model, device=device,
-                        contexts=list(contexts))
+                        dtype=dtype, progress=not quiet, contexts=list(contexts))
     result = run_circuit(cfg)
     for c in result["circuits"]:
         click.echo(f"lambda {c['lambda']:.4g}: {c['n_nodes']} nodes, faithfulness (baselined) masks "

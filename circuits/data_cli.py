@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import click
 from routesae.atomic_files import atomic_open, write_json
+from routesae.circuits.progress import Progress
 from routesae.circuits.tasks import GENERATORS, TaskConfig, generate
 from routesae.errors import RouteSAEError
+from routesae.model.compute_dtype import CHOICES
 
 
 @dataclass
@@ -35,9 +38,12 @@ class CircuitDataConfig:
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
     dtype: str = "float32"
-    """Model dtype for the evaluation."""
+    """Model dtype for the evaluation: float32, bfloat16, float16, or auto (bf16 where the device
+    multiplies it natively, else float32: model/compute_dtype.py)."""
     batch_size: int = 32
     """Prompts per forward pass."""
+    progress: bool = True
+    """Phase lines and progress bars on stderr."""
 
 
 class CircuitDataResult(NamedTuple):
@@ -50,16 +56,27 @@ class CircuitDataResult(NamedTuple):
 
 def run_circuit_data(cfg: CircuitDataConfig) -> CircuitDataResult:
     """Generate, split, write, and (unless cfg.evaluate is off) score the model."""
-    from routesae.model.loading import load_model, load_tokenizer
+    from routesae.model.compute_dtype import pick_compute_dtype
+    from routesae.model.loading import load_model, load_tokenizer, resolve_device
 
     # Check the cheap arguments before any model load.
     if cfg.task not in GENERATORS:
         raise RouteSAEError(f"unknown task {cfg.task!r}: choose from {', '.join(GENERATORS)}")
     if cfg.n < 1:
         raise RouteSAEError(f"--n must be at least 1, got {cfg.n}")
+    if cfg.dtype not in CHOICES:
+        raise RouteSAEError(f"--dtype {cfg.dtype!r}: use one of {', '.join(CHOICES)}")
+    compute = pick_compute_dtype(cfg.dtype, "bfloat16", resolve_device(cfg.device), "wanted") if cfg.evaluate else None
+    progress = Progress(cfg.progress)
     # The tokenizer alone (quick) makes and checks the pairs; the model loads only to score them.
     tokenizer = load_tokenizer(cfg.model)
-    data = generate(TaskConfig(cfg.task, cfg.n, cfg.seed, cfg.eval_fraction), tokenizer)
+    progress.phase(f"generating {cfg.n} {cfg.task} pairs and checking their tokens ...")
+    bar = progress.bar(cfg.n, cfg.task, unit="pair")
+    try:
+        data = generate(TaskConfig(cfg.task, cfg.n, cfg.seed, cfg.eval_fraction), tokenizer,
+                        tick=partial(bar.update, 1))
+    finally:
+        bar.close()
     path = Path(cfg.out)
     with atomic_open(path) as f:
         for r in data.records:
@@ -75,11 +92,22 @@ def run_circuit_data(cfg: CircuitDataConfig) -> CircuitDataResult:
     if cfg.evaluate:
         from routesae.circuits.task_eval import score_task
 
-        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        assert compute is not None
+        progress.phase(f"wrote {path}; loading model {cfg.model} in {compute.name} ({compute.reason}) on "
+                       f"{resolve_device(cfg.device)} ...")
+        loaded = load_model(cfg.model, dtype=compute.name, device=cfg.device)
+        summary["dtype"] = {"name": compute.name, "reason": compute.reason}
         eval_records = [r for r in data.records if r["split"] == "eval"]
         summary["scored_split"] = "eval" if eval_records else "all"  # --eval-fraction 0: score every pair
         eval_records = eval_records or data.records
-        overall, by_variant = score_task(loaded.model, loaded.tokenizer, eval_records, cfg.batch_size)
+        progress.phase(f"scoring the model on {len(eval_records)} {summary['scored_split']} pairs "
+                       f"({2 * len(eval_records)} prompts) ...")
+        bar = progress.bar(2 * len(eval_records), "scoring", unit="prompt")
+        try:
+            overall, by_variant = score_task(loaded.model, loaded.tokenizer, eval_records, cfg.batch_size,
+                                             tick=bar.update)
+        finally:
+            bar.close()
         summary["eval"] = overall.as_dict()
         summary["eval_by_variant"] = {v: s.as_dict() for v, s in by_variant.items()}
     summary_path = path.with_name(path.name + ".summary.json")
@@ -98,7 +126,11 @@ def run_circuit_data(cfg: CircuitDataConfig) -> CircuitDataResult:
 @click.option("--no-eval", is_flag=True, help="Skip running the model on the eval split.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Prompts per forward pass.")
-def circuit_data(task, model, n, seed, eval_fraction, out, no_eval, device, batch_size) -> None:
+@click.option("--dtype", type=click.Choice(CHOICES), default="float32", show_default=True,
+              help="The model's dtype for the scoring. auto: bf16 where the device multiplies it natively "
+                   "(CPU: AVX512-BF16/AMX; CUDA: Ampere on), else float32.")
+@click.option("--quiet", is_flag=True, help="No phase lines or progress bars.")
+def circuit_data(task, model, n, seed, eval_fraction, out, no_eval, device, batch_size, dtype, quiet) -> None:
     """Offline task datasets for circuit finding: clean/patch prompt pairs of equal token length with
     single-token answers, one JSON object per line, split train/eval by seed; then the model's mean
     logit difference and accuracy on the eval split.
@@ -108,7 +140,8 @@ def circuit_data(task, model, n, seed, eval_fraction, out, no_eval, device, batc
 
     res = run_circuit_data(CircuitDataConfig(task=task, out=out, model=model, n=n, seed=seed,
                                              eval_fraction=eval_fraction, evaluate=not no_eval,
-                                             device=device, batch_size=batch_size))
+                                             device=device, batch_size=batch_size, dtype=dtype,
+                                             progress=not quiet))
     s = res.summary
     click.echo(f"{task}: kept {s['n']} pairs ({s['splits']['train']} train, {s['splits']['eval']} eval), "
                f"dropped {s['dropped']} failing the tokenizer checks, skipped {s['duplicates']} duplicates")

@@ -9,6 +9,7 @@ means the same price per latent whatever the SAEs' widths. The circuit is logit 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -74,9 +75,10 @@ def penalty(masks: dict[int, Tensor]) -> Tensor:
 
 
 def train_masks(cm: CircuitModel, data: list[tuple[PairBatch, Means]], n_pos: int, cfg: MaskConfig,
-                targets: list[Tensor] | None = None) -> MaskResult:
+                targets: list[Tensor] | None = None, tick: Callable[[float], None] | None = None) -> MaskResult:
     """Train masks on `data` (batches with their patch means); n_pos: positions the masks cover
-    (the longest prompt minus BOS). targets: m(M) per batch, if already computed."""
+    (the longest prompt minus BOS). targets: m(M) per batch, if already computed. tick: called
+    with the loss after each step (a progress bar's update)."""
     if targets is None:
         with torch.no_grad():
             targets = [cm.metric(b, mu).mean() for b, mu in data]
@@ -97,6 +99,8 @@ def train_masks(cm: CircuitModel, data: list[tuple[PairBatch, Means]], n_pos: in
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if tick is not None:
+            tick(losses[-1])
     final = {layer: t.detach() for layer, t in logits.items()}
     circuit = {layer: t > 0 for layer, t in final.items()}
     return MaskResult(final, circuit, count_nodes(circuit), losses)

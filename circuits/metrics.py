@@ -13,11 +13,16 @@ ablated. M: every node on (the model with SAEs spliced); empty: every node off.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from routesae.circuits.splice import CircuitModel, Means, PairBatch
 from torch import Tensor
+
+
+Tick = Callable[[], None] | None
+"""Called after each forward (a progress bar's update), or None."""
 
 
 class Baselines(NamedTuple):
@@ -39,19 +44,25 @@ class CircuitScores(NamedTuple):
 
 
 @torch.no_grad()
-def mean_metric(cm: CircuitModel, data: list[tuple[PairBatch, Means]], masks: dict[int, Tensor]) -> float:
-    """Mean logit difference over every prompt of `data` with these masks."""
+def mean_metric(cm: CircuitModel, data: list[tuple[PairBatch, Means]], masks: dict[int, Tensor],
+                tick: Tick = None) -> float:
+    """Mean logit difference over every prompt of `data` with these masks (tick: after each batch)."""
     total, count = 0.0, 0
     for batch, mu in data:
         m = cm.metric(batch, mu, masks=masks)
         total += float(m.sum())
         count += m.numel()
+        if tick is not None:
+            tick()
     return total / max(count, 1)
 
 
-def baselines(cm: CircuitModel, data: list[tuple[PairBatch, Means]], n_pos: int, rows: int) -> Baselines:
-    """m(M) and m(empty); rows: the masks' row count (n_pos, or 1 with shared positions)."""
-    return Baselines(mean_metric(cm, data, cm.full_masks(rows, 1.0)), mean_metric(cm, data, cm.full_masks(rows, 0.0)))
+def baselines(cm: CircuitModel, data: list[tuple[PairBatch, Means]], n_pos: int, rows: int,
+              tick: Tick = None) -> Baselines:
+    """m(M) and m(empty); rows: the masks' row count (n_pos, or 1 with shared positions).
+    2 * len(data) forwards (tick: after each)."""
+    return Baselines(mean_metric(cm, data, cm.full_masks(rows, 1.0), tick),
+                     mean_metric(cm, data, cm.full_masks(rows, 0.0), tick))
 
 
 def _ratio(a: float, b: float) -> float:
@@ -59,10 +70,11 @@ def _ratio(a: float, b: float) -> float:
 
 
 def score_circuit(cm: CircuitModel, data: list[tuple[PairBatch, Means]], circuit: dict[int, Tensor],
-                  base: Baselines) -> CircuitScores:
+                  base: Baselines, tick: Tick = None) -> CircuitScores:
+    """The circuit's metrics on `data`: 2 * len(data) forwards (tick: after each)."""
     on = {layer: c.float() for layer, c in circuit.items()}
     off = {layer: 1.0 - c.float() for layer, c in circuit.items()}
-    m_c, m_out = mean_metric(cm, data, on), mean_metric(cm, data, off)
+    m_c, m_out = mean_metric(cm, data, on, tick), mean_metric(cm, data, off, tick)
     span = base.full - base.empty
     return CircuitScores(
         n_nodes=int(sum(int(c.sum()) for c in circuit.values())),

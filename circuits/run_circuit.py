@@ -9,6 +9,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ from routesae.circuits.attribution import (
 from routesae.atomic_files import save_figure, write_json, write_text
 from routesae.circuits.masks import MaskConfig, train_masks
 from routesae.circuits.metrics import baselines, score_circuit, stability
+from routesae.circuits.progress import QUIET, Progress
 from routesae.circuits.splice import CircuitModel, Means, PairBatch
 from routesae.errors import RouteSAEError
 from torch import Tensor
@@ -65,6 +67,11 @@ class CircuitConfig:
     """Load the model from here instead of the SAEs' recorded model id."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
+    dtype: str = "auto"
+    """The model's compute dtype: 'auto' (the SAEs' recorded dtype where the device multiplies it
+    natively, else float32: model/compute_dtype.py), 'float32', 'bfloat16' or 'float16'."""
+    progress: bool = True
+    """Phase lines and progress bars on stderr."""
     contexts: list[str] = field(default_factory=list)
     """`routesae contexts` folders (one per SAE, or a parent of one folder per SAE name)."""
     top_contexts: int = 3
@@ -102,24 +109,44 @@ class TaskData(NamedTuple):
     """Records left out, by reason."""
 
 
+SPLITS = ("train", "eval")
+NEEDED = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
+"""The string fields every task record has (routesae circuit-data writes them)."""
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The task file's records, checked as far as they can be without the model (fields, splits,
+    both splits present): run before anything loads, so a wrong file fails in a second."""
     p = Path(path)
     if not p.is_file():
         raise RouteSAEError(f"no task file at {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RouteSAEError(f"{p} is not UTF-8 text (a task file is JSON Lines from routesae circuit-data)") from None
     records = []
-    need = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    counts = dict.fromkeys(SPLITS, 0)
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
-            raise RouteSAEError(f"{p}:{i} is not JSON") from None
-        if not isinstance(r, dict) or any(not isinstance(r.get(k), str) for k in need):
-            raise RouteSAEError(f"{p}:{i} lacks one of {', '.join(need)}")
+            raise RouteSAEError(f"{p}:{i} is not JSON (a task file is JSON Lines from routesae circuit-data)") from None
+        if not isinstance(r, dict) or any(not isinstance(r.get(k), str) for k in NEEDED):
+            raise RouteSAEError(f"{p}:{i} lacks one of {', '.join(NEEDED)} (strings)")
+        split = r.get("split", "train")
+        if split not in SPLITS:
+            raise RouteSAEError(f"{p}:{i}: split must be 'train' or 'eval', got {split!r}")
+        counts[split] += 1
         records.append(r)
     if not records:
         raise RouteSAEError(f"{p} holds no records")
+    for split, n in counts.items():
+        if n == 0:
+            raise RouteSAEError(f"{p} has no {split} records ({counts['train']} train, {counts['eval']} eval): "
+                                "the masks train on the train split and are scored on the eval split; make the "
+                                "task with routesae circuit-data (--eval-fraction between 0 and 1)")
     return records
 
 
@@ -147,7 +174,7 @@ def tokenize_task(records: list[dict[str, Any]], tokenizer: Any, bos: int, batch
             skipped["answer not one token"] += 1
             continue
         split = r.get("split", "train")
-        if split not in ("train", "eval"):
+        if split not in SPLITS:
             raise RouteSAEError(f"record {r.get('id')}: split must be 'train' or 'eval', got {split!r}")
         groups[(split, len(c) + 1)].append(([bos, *c], [bos, *p], ca, pa))
     out: dict[str, list[tuple[PairBatch, Means | None]]] = {"train": [], "eval": []}
@@ -164,12 +191,14 @@ def tokenize_task(records: list[dict[str, Any]], tokenizer: Any, bos: int, batch
     return TaskData(out["train"], out["eval"], n_pos, dict(skipped))
 
 
-def attach_means(cm: CircuitModel, data: TaskData, batch_size: int) -> TaskData:
+def attach_means(cm: CircuitModel, data: TaskData, batch_size: int, progress: Progress = QUIET) -> TaskData:
     """Each batch with the per-position means over every patch prompt of its token length (both splits)."""
     by_len: dict[int, list[Tensor]] = defaultdict(list)
     for b, _ in data.train + data.eval:
         by_len[b.patch.shape[1]].append(b.patch)
     means: dict[int, Means] = {}
+    n_forwards = sum(math.ceil(sum(c.shape[0] for c in chunks) / batch_size) for chunks in by_len.values())
+    bar = progress.bar(n_forwards, "patch means")
     for length, chunks in by_len.items():
         patch = torch.cat(chunks)
         sums_z: dict[int, Tensor] = {}
@@ -180,8 +209,10 @@ def attach_means(cm: CircuitModel, data: TaskData, batch_size: int) -> TaskData:
             for layer in cm.layers:
                 sums_z[layer] = sums_z.get(layer, 0) + mu.z[layer] * part.shape[0]
                 sums_e[layer] = sums_e.get(layer, 0) + mu.error[layer] * part.shape[0]
+            bar.update(1)
         n = patch.shape[0]
         means[length] = Means({k: v / n for k, v in sums_z.items()}, {k: v / n for k, v in sums_e.items()})
+    bar.close()
     attach = lambda split: [(b, means[b.patch.shape[1]]) for b, _ in split]
     return data._replace(train=attach(data.train), eval=attach(data.eval))
 
@@ -231,9 +262,20 @@ def _nodes(circuit: dict[int, Tensor], n_pos: int, shared: bool, logits: dict[in
     return rows
 
 
+def _step_done(bar: Any, loss: float) -> None:
+    """A mask-training step's update of its bar, with the loss."""
+    bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+    bar.update(1)
+
+
 def run_circuit(cfg: CircuitConfig, loaded: Any = None, saes: list[Any] | None = None) -> dict[str, Any]:
     """The sweep; writes the outputs and returns the JSON-ready result. `loaded`/`saes`: a model
-    (LoadedModel) and SAEs already in memory (tests), else loaded from cfg."""
+    (LoadedModel) and SAEs already in memory (tests), else loaded from cfg.
+
+    Everything that can be checked without the model is checked first (the arguments, the task
+    file, the SAEs, then the task's tokenization with the tokenizer alone), so a wrong input fails
+    in seconds, not after the model's load."""
+    from routesae.model.compute_dtype import CHOICES, pick_compute_dtype
     from routesae.model.special_tokens import SpecialTokens
     from routesae.train.load import load_sae
 
@@ -241,13 +283,19 @@ def run_circuit(cfg: CircuitConfig, loaded: Any = None, saes: list[Any] | None =
     if cfg.steps < 1 or cfg.ig_steps < 1 or cfg.batch_size < 1:
         raise RouteSAEError("--steps, --ig-steps and --batch-size must be at least 1")
     lambdas = parse_lambdas(cfg.lambdas)
+    if cfg.dtype not in CHOICES:
+        raise RouteSAEError(f"--dtype {cfg.dtype!r}: use one of {', '.join(CHOICES)}")
+    if saes is None and not cfg.saes:
+        raise RouteSAEError("no SAE given: pass --saes RUN [RUN...]")
+    records = read_records(cfg.task)
+    progress = Progress(cfg.progress)
     if saes is None:
-        if not cfg.saes:
-            raise RouteSAEError("no SAE given: pass --saes RUN [RUN...]")
+        progress.phase(f"loading {len(cfg.saes)} SAE(s) ...")
         saes = [load_sae(p) for p in cfg.saes]
     names = [Path(p).name for p in cfg.saes] if cfg.saes else [f"sae{i}" for i in range(len(saes))]
+    compute = None
     if loaded is None:
-        from routesae.model.loading import load_store_model
+        from routesae.model.loading import load_store_model, load_tokenizer, resolve_device, store_model_spec
 
         models = {json.dumps({k: s.config.model.get(k) for k in ("id", "revision")}, sort_keys=True) for s in saes}
         if len(models) != 1:
@@ -255,25 +303,47 @@ def run_circuit(cfg: CircuitConfig, loaded: Any = None, saes: list[Any] | None =
         recorded = dict(saes[0].config.model)
         if not recorded.get("id") and cfg.model is None:
             raise RouteSAEError(f"{cfg.saes[0]} records no model; pass --model")
-        loaded = load_store_model(Path(cfg.saes[0]), recorded, cfg.model, cfg.device, "find circuits in")
+        spec = store_model_spec(Path(cfg.saes[0]), recorded, cfg.model)
+        compute = pick_compute_dtype(cfg.dtype, recorded.get("dtype", "bfloat16"), resolve_device(cfg.device))
+        # the tokenizer alone (seconds) tells whether the task has usable pairs for this model
+        tokenizer = load_tokenizer(spec)
+        data = tokenize_task(records, tokenizer, SpecialTokens.of(tokenizer).bos, cfg.batch_size)
+        progress.phase(f"loading model {spec} in {compute.name} ({compute.reason}) on {resolve_device(cfg.device)} ...")
+        loaded = load_store_model(Path(cfg.saes[0]), recorded, cfg.model, cfg.device, "find circuits in",
+                                  dtype=compute.name)
+    else:
+        data = tokenize_task(records, loaded.tokenizer, SpecialTokens.of(loaded.tokenizer).bos, cfg.batch_size)
     device = next(loaded.model.parameters()).device
     saes = [s.to(device) for s in saes]
     cm = CircuitModel(loaded.model, saes, error=cfg.error, ablation=cfg.ablation)
     layer_names = {int(s.config.layers[0]): n for s, n in zip(saes, names)}
-    bos = SpecialTokens.of(loaded.tokenizer).bos
-    data = tokenize_task(read_records(cfg.task), loaded.tokenizer, bos, cfg.batch_size)
-    data = attach_means(cm, data, cfg.batch_size)
+    n_train = sum(b.clean.shape[0] for b, _ in data.train)
+    n_eval = sum(b.clean.shape[0] for b, _ in data.eval)
+    skipped = ", ".join(f"{n} {why}" for why, n in data.skipped.items()) or "none"
+    progress.phase(f"task {cfg.task}: {n_train} train pairs in {len(data.train)} batches, {n_eval} eval pairs in "
+                   f"{len(data.eval)} batches, {data.n_pos} positions; skipped: {skipped}")
+    progress.phase("computing the patch means of the SAE codes and error terms ...")
+    data = attach_means(cm, data, cfg.batch_size, progress)
     rows = 1 if cfg.shared_positions else data.n_pos
-    base_eval = baselines(cm, data.eval, data.n_pos, rows)
+    progress.phase("scoring the eval split with every node on and every node off ...")
+    bar = progress.bar(2 * len(data.eval), "m(M), m(empty)")
+    base_eval = baselines(cm, data.eval, data.n_pos, rows, tick=partial(bar.update, 1))
+    bar.close()
     with torch.no_grad():
         targets = [cm.metric(b, mu).mean() for b, mu in data.train]
 
     # baselines' scores over the train split, summed over prompts
     t_ig = time.time()
+    progress.phase(f"integrated gradients ({cfg.ig_steps} steps per SAE) and attribution patching on the train "
+                   f"split: {len(data.train) * (len(cm.layers) * cfg.ig_steps + 1)} forward+backward passes ...")
+    bar = progress.bar(len(data.train) * (len(cm.layers) * cfg.ig_steps + 1), "IG + AtP", unit="pass")
     ig_total = atp_total = None
     for b, mu in data.train:
-        ig_total = accumulate(ig_total, integrated_gradients(cm, b, mu, cfg.ig_steps), data.n_pos)
+        ig_total = accumulate(ig_total, integrated_gradients(cm, b, mu, cfg.ig_steps, tick=partial(bar.update, 1)),
+                              data.n_pos)
         atp_total = accumulate(atp_total, attribution_patching(cm, b, mu), data.n_pos)
+        bar.update(1)
+    bar.close()
     assert ig_total is not None and atp_total is not None
     if cfg.shared_positions:
         ig_total, atp_total = share_positions(ig_total), share_positions(atp_total)
@@ -281,18 +351,26 @@ def run_circuit(cfg: CircuitConfig, loaded: Any = None, saes: list[Any] | None =
 
     circuits: list[dict[str, Any]] = []
     mask_circuits = []
-    for lam in lambdas:
+    for i, lam in enumerate(lambdas, 1):
         t_l = time.time()
+        progress.phase(f"training masks at lambda {lam:.4g} ({i} of {len(lambdas)}): {cfg.steps} steps ...")
+        bar = progress.bar(cfg.steps, f"masks lambda {lam:.4g}", unit="step")
         res = train_masks(cm, data.train, data.n_pos, MaskConfig(lam=lam, steps=cfg.steps, lr=cfg.lr,
                                                                  beta_max=cfg.beta_max,
                                                                  shared_positions=cfg.shared_positions,
-                                                                 seed=cfg.seed), targets)
+                                                                 seed=cfg.seed), targets, tick=partial(_step_done, bar))
+        bar.close()
         mask_circuits.append(res.circuit)
         entry: dict[str, Any] = {"lambda": lam, "n_nodes": res.n_nodes, "seconds": round(time.time() - t_l, 2),
                                  "final_loss": res.losses[-1]}
-        entry["masks"] = score_circuit(cm, data.eval, res.circuit, base_eval)._asdict()
+        progress.phase(f"lambda {lam:.4g}: {res.n_nodes} nodes; scoring it, and IG's and attribution patching's "
+                       "circuits of that size, on the eval split ...")
+        bar = progress.bar(6 * len(data.eval), f"scores lambda {lam:.4g}")
+        entry["masks"] = score_circuit(cm, data.eval, res.circuit, base_eval, tick=partial(bar.update, 1))._asdict()
         for method, scores in (("ig", ig_total), ("attribution_patching", atp_total)):
-            entry[method] = score_circuit(cm, data.eval, top_n_circuit(scores, res.n_nodes), base_eval)._asdict()
+            entry[method] = score_circuit(cm, data.eval, top_n_circuit(scores, res.n_nodes), base_eval,
+                                          tick=partial(bar.update, 1))._asdict()
+        bar.close()
         entry["nodes"] = _nodes(res.circuit, data.n_pos, cfg.shared_positions, res.logits, ig_total, layer_names)
         entry["per_layer"] = {layer_names[layer]: int(c.sum()) for layer, c in res.circuit.items()}
         circuits.append(entry)
@@ -312,7 +390,8 @@ def run_circuit(cfg: CircuitConfig, loaded: Any = None, saes: list[Any] | None =
     result = {
         "format": FORMAT, "version": VERSION,
         "config": asdict(cfg),
-        "model": {k: loaded.info.get(k) for k in ("id", "revision", "dtype", "n_layers", "d_model")},
+        "model": {**{k: loaded.info.get(k) for k in ("id", "revision", "dtype", "n_layers", "d_model")},
+                  "dtype_reason": compute.reason if compute is not None else "the model passed in"},
         "saes": [{"name": n, "layer": int(s.config.layers[0]), "arch": s.config.arch,
                   "n_latents": int(s.config.n_latents)} for s, n in zip(saes, names)],
         "task": {"train_pairs": sum(b.clean.shape[0] for b, _ in data.train),
@@ -327,6 +406,7 @@ def run_circuit(cfg: CircuitConfig, loaded: Any = None, saes: list[Any] | None =
         "contexts_found": sorted(ctx),
         "seconds": {"ig_and_attribution_patching": round(ig_seconds, 2), "total": round(time.time() - t0, 2)},
     }
+    progress.phase(f"writing {cfg.out}/circuit.json, circuit.md, faithfulness.png")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "circuit.json", result, indent=1)

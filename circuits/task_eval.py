@@ -7,6 +7,7 @@ length, so there is no padding."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,8 +33,13 @@ class TaskScore(NamedTuple):
         return self._asdict()
 
 
+Tick = Callable[[int], None] | None
+"""Called with the prompts of each forward done (a progress bar's update), or None."""
+
+
 @torch.no_grad()
-def last_logits(model: torch.nn.Module, tokenizer: Any, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+def last_logits(model: torch.nn.Module, tokenizer: Any, prompts: list[str], batch_size: int = 32,
+                tick: Tick = None) -> torch.Tensor:
     """[len(prompts), vocab] float32 logits at each prompt's last token, BOS prepended; prompts are
     batched by token length so no batch needs padding."""
     bos = SpecialTokens.of(tokenizer).bos
@@ -50,6 +56,8 @@ def last_logits(model: torch.nn.Module, tokenizer: Any, prompts: list[str], batc
             logits = model(input_ids=batch).logits[:, -1].float().cpu()
             for row, i in enumerate(chunk):
                 out[i] = logits[row]
+            if tick is not None:
+                tick(len(chunk))
     return torch.stack(out) if out else torch.empty(0)
 
 
@@ -62,10 +70,12 @@ class PairDiffs(NamedTuple):
     """[n] on the patch prompts: patch answer - clean answer."""
 
 
-def pair_diffs(model: torch.nn.Module, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 32) -> PairDiffs:
-    """The model's logit differences on each of `records` (the JSONL records of one task)."""
-    clean = last_logits(model, tokenizer, [r["clean_prefix"] for r in records], batch_size)
-    patch = last_logits(model, tokenizer, [r["patch_prefix"] for r in records], batch_size)
+def pair_diffs(model: torch.nn.Module, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 32,
+               tick: Tick = None) -> PairDiffs:
+    """The model's logit differences on each of `records` (the JSONL records of one task):
+    2 * len(records) prompts (tick: per forward, with its prompt count)."""
+    clean = last_logits(model, tokenizer, [r["clean_prefix"] for r in records], batch_size, tick)
+    patch = last_logits(model, tokenizer, [r["patch_prefix"] for r in records], batch_size, tick)
     ca = torch.tensor([r["clean_answer_id"] for r in records])
     pa = torch.tensor([r["patch_answer_id"] for r in records])
     rows = torch.arange(len(records))
@@ -81,11 +91,11 @@ def summarize(d: PairDiffs) -> TaskScore:
 
 
 def score_task(model: torch.nn.Module, tokenizer: Any, records: list[dict[str, Any]],
-               batch_size: int = 32) -> tuple[TaskScore, dict[str, TaskScore]]:
-    """The model's figures on `records`, overall and per template variant."""
+               batch_size: int = 32, tick: Tick = None) -> tuple[TaskScore, dict[str, TaskScore]]:
+    """The model's figures on `records`, overall and per template variant (tick: see pair_diffs)."""
     if not records:
         return summarize(PairDiffs(np.zeros(0), np.zeros(0))), {}
-    d = pair_diffs(model, tokenizer, records, batch_size)
+    d = pair_diffs(model, tokenizer, records, batch_size, tick)
     variants = np.array([r.get("variant", "") for r in records])
     by_variant = {v: summarize(PairDiffs(d.clean[variants == v], d.patch[variants == v]))
                   for v in sorted(set(variants.tolist()))}

@@ -173,8 +173,9 @@ def check(tokenizer: Any, c: Candidate) -> Checked:
     return Checked(ok, n_clean, ca if ca is not None else -1, pa if pa is not None else -1)
 
 
-def generate(cfg: TaskConfig, tokenizer: Any) -> TaskData:
-    """Draw candidates until cfg.n pass the checks; split them train/eval by cfg.seed."""
+def generate(cfg: TaskConfig, tokenizer: Any, tick: Callable[[], None] | None = None) -> TaskData:
+    """Draw candidates until cfg.n pass the checks; split them train/eval by cfg.seed. tick: called
+    per pair kept (a progress bar's update)."""
     if cfg.task not in GENERATORS:
         raise RouteSAEError(f"unknown task {cfg.task!r}: choose from {', '.join(GENERATORS)}")
     if cfg.n < 1:
@@ -203,6 +204,8 @@ def generate(cfg: TaskConfig, tokenizer: Any) -> TaskData:
                         "task": cfg.task, "variant": c.variant, "n_tokens": chk.n_tokens,
                         "clean_answer_id": chk.clean_answer_id, "patch_answer_id": chk.patch_answer_id,
                         "prepend_bos": True})
+        if tick is not None:
+            tick()
     if len(records) < cfg.n:
         raise RouteSAEError(f"only {len(records)} of {cfg.n} {cfg.task} pairs pass the tokenizer checks "
                             f"({dropped} dropped, {duplicates} duplicates): ask for fewer with --n")

@@ -1,9 +1,11 @@
 """`routesae steer`: continue prompts with and without edits of an SAE's latents, side by side.
 
-The model is the one the SAE's config records (id, revision, dtype), or `--model` (a moved copy of
-it: another revision is refused). Each prompt is generated twice with the same settings and seed,
-once plain and once under `steering` (interpret/steering.py), and the first steered forward is
-compared with the baseline's: per token, KL(baseline || steered) of the next-token distribution.
+The model is the one the SAE's config records (id, revision), or `--model` (a moved copy of it:
+another revision is refused), run in the recorded dtype where the device multiplies it natively,
+else float32 (`--dtype auto`, model/compute_dtype.py: bf16 on a CPU without it is ~27x slower).
+Each prompt is generated twice with the same settings and seed, once plain and once under
+`steering` (interpret/steering.py), and the first steered forward is compared with the
+baseline's: per token, KL(baseline || steered) of the next-token distribution.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import click
 from routesae.errors import RouteSAEError
 from routesae.interpret.steering import (MODES, POSITIONS, WHERES, Comparison, Edit, GenerationSettings,
                                          check_edits, check_steerable, compare)
+from routesae.model.compute_dtype import CHOICES
 
 
 @dataclass
@@ -40,6 +43,9 @@ class SteerConfig:
     """Load the model from here instead of the SAE's recorded model id."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', 'cuda:N'."""
+    dtype: str = "auto"
+    """The model's compute dtype: 'auto' (the recorded dtype where the device multiplies it natively,
+    else float32), 'float32', 'bfloat16' or 'float16'."""
 
 
 def _number(text: str, what: str) -> float:
@@ -136,6 +142,8 @@ def run_steer(cfg: SteerConfig) -> dict[str, Any]:
     from routesae.train.load import load_sae
 
     started = time.time()
+    if cfg.dtype not in CHOICES:
+        raise RouteSAEError(f"--dtype {cfg.dtype!r}: use one of {', '.join(CHOICES)}")
     sae_dir = Path(cfg.sae)
     sae = load_sae(sae_dir)
     edits = check_edits(cfg.edits, sae.config.n_latents)
@@ -145,7 +153,7 @@ def run_steer(cfg: SteerConfig) -> dict[str, Any]:
     recorded: dict[str, Any] = dict(sae.config.model)
     if not recorded.get("id") and cfg.model is None:
         raise RouteSAEError(f"{sae_dir} records no model to steer; pass --model")
-    loaded = load_store_model(sae_dir, recorded, cfg.model, cfg.device, "steer with")
+    loaded = load_store_model(sae_dir, recorded, cfg.model, cfg.device, "steer with", dtype=cfg.dtype)
     sae = sae.to(next(loaded.model.parameters()).device)
     results = [compare(loaded.model, loaded.tokenizer, sae, edits, p, cfg.settings) for p in cfg.prompts]
     deepest = max(sae.config.layers)
@@ -263,9 +271,12 @@ def format_text(result: dict[str, Any], width: int) -> str:
 @click.option("--no-cache", is_flag=True, help="Generate without the key-value cache (slower; the same greedy output).")
 @click.option("--model", default=None, help="Load the model from here instead of the SAE's recorded model id.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(CHOICES), default="auto",
+              show_default=True, help="The model's compute dtype. auto: the recorded dtype where the device "
+                                      "multiplies it natively (CPU: AVX512-BF16/AMX; CUDA: Ampere on), else float32.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def steer(sae, latents, modes, values, wheres, positions, prompts, prompts_file, max_new_tokens, sample, temperature,
-          top_p, seed, no_cache, model, device, as_json) -> None:
+          top_p, seed, no_cache, model, device, dtype, as_json) -> None:
     """Continue prompts with and without edits of SAE latents, side by side: the same seed and decoding
     (greedy by default), plus the per-token KL of the first steered forward. The edit keeps the SAE's
     error term (x + decode(z') - decode(z)) and applies on every forward, prompt and generated tokens.
@@ -277,7 +288,7 @@ def steer(sae, latents, modes, values, wheres, positions, prompts, prompts_file,
         sae=sae, edits=edits, prompts=read_prompts(prompts, prompts_file),
         settings=GenerationSettings(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
                                     seed=seed, use_cache=not no_cache),
-        model=model, device=device,
+        model=model, device=device, dtype=dtype,
     )
     result = run_steer(cfg)
     if as_json:

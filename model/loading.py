@@ -228,12 +228,24 @@ def load_model(spec: str, dtype: str = "bfloat16", device: str = "auto", config:
     return LoadedModel(model, tokenizer, info)
 
 
-def load_store_model(store: Path, recorded: dict[str, Any], spec: str | None, device: str, purpose: str) -> LoadedModel:
+def load_store_model(store: Path, recorded: dict[str, Any], spec: str | None, device: str, purpose: str,
+                     dtype: str = "recorded") -> LoadedModel:
     """Reload the model a store was harvested from (`recorded`: the store's model provenance), from
-    `spec` if given (a moved copy) else its recorded id, in its recorded dtype; refuses a model of
-    another revision or shape. `purpose` completes "refusing to ... a different model"."""
+    `spec` if given (a moved copy) else its recorded id; refuses a model of another revision or
+    shape. `purpose` completes "refusing to ... a different model".
+
+    dtype: 'recorded' (the default): the store's dtype exactly, as `repair` and eval's store-started
+    clean runs need (their forward must equal the harvest's bit for bit); 'auto': the recorded dtype
+    where the device multiplies it natively, else float32 (model/compute_dtype.py: a CPU without
+    native bf16 runs it about 27 times slower); or a dtype name, used as given. info["dtype"] is
+    the dtype the model runs in."""
     spec = store_model_spec(store, recorded, spec)
-    loaded = load_model(spec, recorded.get("dtype", "bfloat16"), device)
+    wanted = recorded.get("dtype", "bfloat16")
+    if dtype != "recorded":
+        from routesae.model.compute_dtype import pick_compute_dtype
+
+        wanted = pick_compute_dtype(dtype, wanted, resolve_device(device)).name
+    loaded = load_model(spec, wanted, device)
     info = loaded.info
     check_revision(spec, info.get("revision"), recorded, store, purpose)
     check_shape(spec, {key: info.get(key) for key in ("n_layers", "d_model")}, recorded)
