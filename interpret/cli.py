@@ -5,19 +5,25 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import click
 
 from routesae.atomic_files import write_json, write_text
 from routesae.cli_args import parse_count, sae_options, sae_paths
-from routesae.interpret.contexts import RULES, ContextsConfig, ContextsResult, run_contexts
+from routesae.interpret.contexts import (PAPER_THRESHOLD, RULES, ContextsConfig, ContextsResult, rule_label,
+                                         run_contexts)
 
 
-def counts_table(results: list[ContextsResult], rule: str, min_contexts: int) -> str:
-    """The interpretable-feature counts of the SAEs side by side, as markdown."""
-    lines = [f"Interpretable features, rule {rule!r} (activation > threshold, at most 32 distinct tokens, "
-             f"at least {min_contexts} contexts):", "",
-             "| SAE | latents | interpretable | kept | active | dead |", "|---|---:|---:|---:|---:|---:|"]
+def counts_table(results: list[ContextsResult], settings: dict[str, Any]) -> str:
+    """The interpretable-feature counts of the SAEs side by side, as markdown, under what they count:
+    the paper's rule only at its threshold, else the threshold used and the paper's beside it."""
+    label = rule_label(settings)
+    above = "?" if label.threshold is None else f"{label.threshold:g}"
+    head = (f"Interpretable features by {label.name} ({label.criteria}):" if label.paper
+            else f"Features {label.name}: {label.criteria}:")
+    lines = [head, "", f"| SAE | latents | interpretable (> {above}) | kept | active (> {above}) | dead |",
+             "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r.name} | {r.n_latents} | {r.interpretable} | {r.kept} | {r.active} | {r.dead} |" for r in results]
     return "\n".join(lines)
 
@@ -25,10 +31,11 @@ def counts_table(results: list[ContextsResult], rule: str, min_contexts: int) ->
 def threshold_note(results: list[ContextsResult], threshold: float) -> str:
     """Why a count is 0: the paper's threshold is an absolute activation, sized for its models."""
     names = ", ".join(f"{r.name} (largest {r.max_activation:.2f})" for r in results)
-    scaled = ", ".join(sorted({f"{15 * math.sqrt(r.d_model / 2048):.1f} at d_model {r.d_model}" for r in results}))
-    return (f"Note: no activation of {names} exceeds {threshold:g}, so the rule counts nothing. The paper's 15 is on "
-            "its models' scale (inputs normalized per token to norm sqrt(d_model), d_model 2048 or 3072); the same "
-            f"relative size is 15 * sqrt(d_model / 2048): {scaled}. Pass --threshold to count at another.")
+    t = PAPER_THRESHOLD
+    scaled = ", ".join(sorted({f"{t * math.sqrt(r.d_model / 2048):.1f} at d_model {r.d_model}" for r in results}))
+    return (f"Note: no activation of {names} exceeds {threshold:g}, so the rule counts nothing. The paper's {t:g} is "
+            "on its models' scale (inputs normalized per token to norm sqrt(d_model), d_model 2048 or 3072); the same "
+            f"relative size is {t:g} * sqrt(d_model / 2048): {scaled}. Pass --threshold to count at another.")
 
 
 @click.command("contexts")
@@ -51,7 +58,8 @@ def threshold_note(results: list[ContextsResult], threshold: float) -> str:
 @click.option("--negatives", default=ContextsConfig.negatives, show_default=True, type=int,
               help="Windows per latent where it is zero.")
 @click.option("--threshold", default=ContextsConfig.threshold, show_default=True, type=float,
-              help="Paper rule: activation above which a latent counts as active.")
+              help="Activation above which a latent counts as active (the paper's is 15; a count at another is "
+                   "labelled with its threshold, not as the paper's rule).")
 @click.option("--min-contexts", default=None, type=int, help="Paper rule: contexts needed (default: the rule's).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the samples and negatives.")
 @click.option("--model", default=None, help="Load the tokenizer from here instead of the store's model id.")
@@ -61,8 +69,8 @@ def threshold_note(results: list[ContextsResult], threshold: float) -> str:
 def contexts(saes, more_saes, cache, out, all_tokens, tokens, rule, top, left, right, quantiles, per_quantile, samples,
              negatives, threshold, min_contexts, seed, model, device, overwrite, quiet) -> None:
     """Per latent: firing count, activation histogram, top and quantile contexts, held-out and
-    zero windows, rebuilt from the store's token ids (no LLM run); and the RouteSAE paper's
-    interpretable-feature count per SAE.
+    zero windows, rebuilt from the store's token ids (no LLM run); and the interpretable-feature count
+    per SAE: the RouteSAE paper's rule at its threshold (15), labelled with the threshold at another.
 
     Example: routesae contexts --sae runs/topk-k64 runs/routesae-k64 --cache store.zarr --out ctx"""
     paths = sae_paths(saes, more_saes)
@@ -73,7 +81,7 @@ def contexts(saes, more_saes, cache, out, all_tokens, tokens, rule, top, left, r
         seed=seed, model=model, device=device, progress=not quiet, overwrite=overwrite,
     )
     results = run_contexts(cfg)
-    table = counts_table(results, rule, cfg.settings()["min_contexts"])
+    table = counts_table(results, cfg.settings())
     quiet_rule = [r for r in results if r.active == 0]
     if quiet_rule:
         table += "\n\n" + threshold_note(quiet_rule, threshold)

@@ -29,6 +29,10 @@ HIST_EDGES = [float(v) for v in np.logspace(-3, 3, 61)]
 """Bins of the activation histograms: 10 per decade from 0.001 to 1000 (the SAEs' normalized space)."""
 RULES = {"paper": 4, "paper-code": 5}
 """Interpretable-feature rules: the RouteSAE paper's (at least 4 contexts) and its code's (at least 5)."""
+PAPER_THRESHOLD = 15.0
+"""The paper's activation threshold, on its models' scale (inputs normalized per token, d_model 2048-3072)."""
+PAPER_MAX_DISTINCT, PAPER_PER_TOKEN = 32, 2
+"""The paper's limit on distinct activating tokens, and its contexts kept per token."""
 OWN_FILES = ("contexts.json", "latents.jsonl", "tokens.json", "latents.jsonl.partial", "contexts.json.partial")
 
 
@@ -62,11 +66,11 @@ class ContextsConfig:
     """Read the whole store, not the SAEs' held-out tail."""
     tokens: int | None = None
     """At most this many tokens (whole contexts)."""
-    threshold: float = 15.0
+    threshold: float = PAPER_THRESHOLD
     """Paper rule: activation above which a latent is active."""
-    max_distinct: int = 32
+    max_distinct: int = PAPER_MAX_DISTINCT
     """Paper rule: latents with more distinct activating tokens are dropped."""
-    per_token: int = 2
+    per_token: int = PAPER_PER_TOKEN
     """Paper rule: contexts kept per distinct (lower-cased) token."""
     min_contexts: int | None = None
     """Paper rule: contexts a latent needs to count as interpretable (default: the rule's)."""
@@ -121,7 +125,63 @@ class ContextsResult(NamedTuple):
     """The largest activation of any latent."""
     d_model: int
     """Width the SAE reads (what the paper's threshold scales with)."""
+    threshold: float
+    """The activation threshold the count used."""
+    min_contexts: int
+    """Contexts a latent needed to count."""
+    label: str
+    """What the count is: "the paper's rule" only at its settings (rule_label)."""
     already_done: bool
+
+
+class RuleLabel(NamedTuple):
+    """How a count or verdict of the interpretable-feature rule is named. It is "the paper's rule" only
+    at the paper's settings: a count at another threshold is not the paper's figure, so it says so."""
+
+    paper: bool
+    """The settings are the rule's own (threshold 15 and the rule's other numbers)."""
+    threshold: float | None
+    """The activation threshold used (None: not recorded)."""
+    name: str
+    """"the paper's rule", or e.g. "interpretable at threshold 3 (the paper's rule uses 15)"."""
+    scope: str
+    """What a verdict is by: "the paper's rule" or "at threshold 3"."""
+    note: str
+    """What differs from the rule: "the paper's rule uses 15" ("" at its settings)."""
+    criteria: str
+    """The rule spelled out: "activation above 3, at most 32 distinct tokens, ..."."""
+    column: str
+    """A table column's heading: "Paper's rule (> 15)" or "At threshold 3"."""
+
+
+def rule_label(settings: dict[str, Any]) -> RuleLabel:
+    """The name of the rule that contexts of these settings (contexts.json's `settings`) counted by."""
+    rule = settings.get("rule") if settings.get("rule") in RULES else "paper"
+    whose = "the paper's rule" if rule == "paper" else "the paper code's rule"
+    t = settings.get("threshold")
+    threshold = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+    at = "an unrecorded threshold" if threshold is None else f"threshold {threshold:g}"
+    above = "an unrecorded threshold" if threshold is None else f"{threshold:g}"
+    min_contexts = settings.get("min_contexts", RULES[rule])
+    max_distinct = settings.get("max_distinct", PAPER_MAX_DISTINCT)
+    per_token = settings.get("per_token", PAPER_PER_TOKEN)
+    criteria = (f"activation above {above}, at most {max_distinct} distinct tokens, {per_token} contexts per token, "
+                f"at least {min_contexts} contexts")
+    ours, its = [], []  # what these settings use where the rule's differ, and the rule's
+    if threshold != PAPER_THRESHOLD:
+        its.append(f"{PAPER_THRESHOLD:g}")
+    for value, standard, text in ((min_contexts, RULES[rule], "at least {} contexts"),
+                                  (max_distinct, PAPER_MAX_DISTINCT, "at most {} distinct tokens"),
+                                  (per_token, PAPER_PER_TOKEN, "{} contexts per token")):
+        if value != standard:
+            ours.append(text.format(value))
+            its.append(text.format(standard))
+    if not its:
+        column = f"{whose[4].upper()}{whose[5:]} (> {PAPER_THRESHOLD:g})"
+        return RuleLabel(True, threshold, whose, whose, "", criteria, column)
+    note = f"{whose} uses {', '.join(its)}"
+    name = f"interpretable at {', '.join([at, *ours])} ({note})"
+    return RuleLabel(False, threshold, name, f"at {at}", note, criteria, f"At {at}")
 
 
 def check_config(cfg: ContextsConfig) -> None:
@@ -424,13 +484,15 @@ def run_contexts(cfg: ContextsConfig) -> list[ContextsResult]:
     del special_all
     root = Path(cfg.out)
     outs = {s.name: root if len(saes) == 1 else root / s.name.replace("/", "__") for s in saes}
+    label = rule_label(cfg.settings())
     todo, results = [], []
     for s in saes:
         want = _manifest(cfg, s, cache, start, stop, n_tokens, None, None)
         if _prepare(outs[s.name], want, cfg.overwrite):
             old = json.loads((outs[s.name] / "contexts.json").read_text())["paper_rule"]
             results.append(ContextsResult(s.name, outs[s.name], s.sae.config.n_latents, old["interpretable"], old["kept"],
-                                          old["active"], old["dead"], old["max_activation"], s.sae.config.d_model, True))
+                                          old["active"], old["dead"], old["max_activation"], s.sae.config.d_model,
+                                          cfg.threshold, want["settings"]["min_contexts"], label.name, True))
         else:
             todo.append(s)
     if todo:
@@ -464,12 +526,16 @@ def _finish(p: _SAEPass, cache: Cache, vocab: _Vocab, out: Path, cfg: ContextsCo
     records = _Writer(p, cache, vocab, n_tokens).records()
     interpretable = sum(r["interpretable"] for r in records)
     active = int(p.paper.active.sum())
+    settings = cfg.settings()
+    # the count says what it counted by: a reader of contexts.json alone sees the threshold with it
     counts = {"interpretable": interpretable, "kept": int((p.paper.active & ~p.paper.dropped).sum()), "active": active,
-              "dead": int((p.count == 0).sum()), "max_activation": float(p.max.max())}
+              "dead": int((p.count == 0).sum()), "max_activation": float(p.max.max()),
+              "threshold": cfg.threshold, "min_contexts": settings["min_contexts"], "label": rule_label(settings).name}
     _write_json(out / "tokens.json", vocab.texts)
     with atomic_open(out / "latents.jsonl") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     _write_json(out / "contexts.json", _manifest(cfg, p.loaded, cache, start, stop, n_tokens, p, counts))
     return ContextsResult(p.loaded.name, out, p.n_latents, interpretable, counts["kept"], active, counts["dead"],
-                          counts["max_activation"], p.sae.config.d_model, False)
+                          counts["max_activation"], p.sae.config.d_model, cfg.threshold, settings["min_contexts"],
+                          counts["label"], False)

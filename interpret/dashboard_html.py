@@ -11,6 +11,8 @@ import html
 import unicodedata
 from typing import Any, Iterable, NamedTuple
 
+from routesae.interpret.contexts import rule_label
+
 GENERATOR = "routesae dashboard"
 """The generator meta tag of every page: how a rerun knows a folder is a dashboard."""
 
@@ -322,10 +324,13 @@ def latent_page(rec: dict[str, Any], ctx: Any, vis: list[str], prev: int | None,
     lay = top_layer(rec, layers)
     if lay is not None:
         stats.append(f"most frequent layer <b>{esc(lay)}</b>")
+    rule = rule_label(m.get("settings") or {})
     verdict = "interpretable" if rec.get("interpretable") else "not counted"
-    distinct, threshold = esc(rec.get("paper_distinct", 0)), esc(m["settings"].get("threshold", "the threshold"))
-    stats.append(f'paper rule: <b>{verdict}</b> '
-                 f'<span class="muted">({distinct} distinct tokens above {threshold})</span>')
+    above = "the threshold" if rule.threshold is None else f"{rule.threshold:g}"
+    why = f"{esc(rec.get('paper_distinct', 0))} distinct tokens above {above}"
+    if rule.note:  # another threshold: the verdict is not the paper's, and says what the paper's is
+        why += f"; {esc(rule.note)}"
+    stats.append(f'{esc(rule.scope)}: <b>{verdict}</b> <span class="muted">({why})</span>')
     body.append('<div class="stats">' + "".join(f"<span>{s}</span>" for s in stats) + "</div>")
     body.append(judge_section(judge))
     left, right = [], []
@@ -378,7 +383,8 @@ def index_page(ctx: Any, rows: list[dict[str, Any]], dead: list[int], interp: di
             ("max", "Max act", "desc")]
     if layers:
         head.append(("layer", "Layer", "asc"))
-    head.append(("rule", "Paper rule", "desc"))
+    rule = rule_label(m.get("settings") or {})
+    head.append(("rule", esc(rule.column), "desc"))
     if has_judge:
         head += [("score", "Judge score", "desc"), ("detection", "Detection", "desc"), ("fuzzing", "Fuzzing", "desc")]
     ths = "".join(f'<th data-k="{k}" data-d="{d}">{label}</th>' for k, label, d in head)
@@ -410,7 +416,9 @@ def index_page(ctx: Any, rows: list[dict[str, Any]], dead: list[int], interp: di
     info = [f"arch <b>{esc(sae.get('arch'))}</b>", f"k <b>{esc(sae.get('k'))}</b>",
             f"{esc(sae.get('n_latents'))} latents", f"{esc(m.get('n_tokens'))} tokens read (store tokens "
             f"{esc(m.get('tokens', ['?', '?'])[0])} to {esc(m.get('tokens', ['?', '?'])[1])})",
-            f"paper rule: <b>{esc(pr.get('interpretable', '?'))}</b> interpretable"]
+            f"<b>{esc(pr.get('interpretable', '?'))}</b> "
+            + (f"interpretable by {esc(rule.name)} (activation above {rule.threshold:g})" if rule.paper
+               else esc(rule.name))]
     if layers:
         info.append(f"layers {esc(layers[0])} to {esc(layers[-1])}")
     body = [f'<h1>{esc(sae.get("name", ""))} <span class="muted small">feature dashboard</span></h1>',

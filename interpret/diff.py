@@ -22,6 +22,8 @@ from routesae.interpret.builtin_prompts import SETS
 from routesae.interpret.codes import sae_input, token_codes
 
 REDUCTIONS = ("mean", "max", "last")
+ALPHA = 0.05
+"""Significance level of the McNemar counts (uncorrected, and Bonferroni over the latents tested)."""
 
 
 @dataclass
@@ -156,8 +158,12 @@ def compare(za: np.ndarray, zb: np.ndarray, top: int) -> dict[str, Any]:
         only_a, only_b = (aa & ~bb).sum(0), (bb & ~aa).sum(0)
         p = mcnemar_p(only_a, only_b)
         ranked = np.lexsort((latents, -np.abs(only_a - only_b), p))
+        tested = only_a + only_b > 0  # a latent with no discordant pair has nothing to test
+        n_tested = int(tested.sum())
         result["paired"] = {
-            "pairs": len(za),
+            "pairs": len(za), "alpha": ALPHA, "tested": n_tested,
+            "significant": int((tested & (p < ALPHA)).sum()),
+            "significant_bonferroni": int((tested & (p * max(n_tested, 1) < ALPHA)).sum()),
             "only_a_per_pair": float((aa & ~bb).sum(1).mean()), "only_b_per_pair": float((bb & ~aa).sum(1).mean()),
             "both_per_pair": float((aa & bb).sum(1).mean()),
             "mcnemar": [{"latent": int(i), "only_a": int(only_a[i]), "only_b": int(only_b[i]),
@@ -202,40 +208,100 @@ def markdown(result: dict[str, Any], cfg: DiffConfig, name: str) -> str:
         lines += ["## Paired (prompt i of A with prompt i of B)", "",
                   f"{paired['pairs']} pairs; per pair, latents active only in A's prompt {paired['only_a_per_pair']:.1f}, "
                   f"only in B's {paired['only_b_per_pair']:.1f}, in both {paired['both_per_pair']:.1f}. "
-                  "Exact McNemar tests per latent, smallest p first (not corrected for the number of latents):", "",
+                  f"Exact McNemar tests per latent: {_significance(paired)}. Smallest p first (not corrected "
+                  "for the number of latents):", "",
                   "| latent | only A | only B | both | p |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['latent']} | {r['only_a']} | {r['only_b']} | {r['both']} | {r['p']:.2g} |" for r in paired["mcnemar"]]
     return "\n".join(lines) + "\n"
 
 
-def plot(za: np.ndarray, zb: np.ndarray, path: Path, title: str) -> None:
+def _significance(paired: dict[str, Any]) -> str:
+    """How many latents a paired diff finds significant, uncorrected and with Bonferroni."""
+    alpha = paired.get("alpha", ALPHA)
+    return (f"{paired['significant']} of the {paired['tested']} latents with a discordant pair at p < {alpha:g} "
+            f"({paired['significant_bonferroni']} with Bonferroni's correction)")
+
+
+def summary(result: dict[str, Any], out: Path, few: int = 3) -> str:
+    """A few lines for the terminal: the sets, how many latents differ significantly, the top few, and
+    where the full tables and the figure are."""
+    a, b = result["a"], result["b"]
+
+    def latents(rows: list[dict[str, Any]]) -> str:
+        shown = [f"{r['latent']} ({r['freq_a']:.2f} vs {r['freq_b']:.2f})" for r in rows[:few]]
+        return ", ".join(shown) if shown else "none"
+
+    lines = [f"{result.get('name', result['sae'])}: A = {result['set_a']} ({a['prompts']} prompts), "
+             f"B = {result['set_b']} ({b['prompts']} prompts), {result['reduce']} over tokens",
+             f"active latents per prompt: A {a['active_mean']:.1f}, B {b['active_mean']:.1f}; exclusive: "
+             f"A {len(result['exclusive_a'])}, B {len(result['exclusive_b'])}; perfectly separating: "
+             f"A {len(result['separating_a'])}, B {len(result['separating_b'])}"]
+    paired = result["paired"]
+    if paired:
+        smallest = ", ".join(f"{r['latent']} (p {r['p']:.2g}, {r['only_a']} pairs only A, {r['only_b']} only B)"
+                             for r in paired["mcnemar"][:few])
+        lines += [f"paired, exact McNemar: {_significance(paired)}", f"smallest p: {smallest or 'none'}"]
+    else:
+        lines.append("not paired (the sets differ in size): no per-latent test, only the ranking by frequency "
+                     "difference")
+    lines += [f"more often in A (frequency A vs B): {latents(result['more_in_a'])}",
+              f"more often in B (frequency A vs B): {latents(result['more_in_b'])}",
+              f"tables: {out / 'diff.md'}; data: {out / 'diff.json'}; figure: {out / 'diff.png'}"]
+    return "\n".join(lines)
+
+
+def _integer_bins(counts: np.ndarray, most: int = 30) -> np.ndarray:
+    """Histogram edges for integer counts: bins of whole numbers (one count each while that makes at
+    most `most` bins, else the same number of counts each), edges half-way between two integers."""
+    lo, hi = int(counts.min()), int(counts.max())
+    width = max(1, -(-(hi - lo + 1) // most))
+    return np.arange(lo, hi + width + 1, width) - 0.5
+
+
+def figure(za: np.ndarray, zb: np.ndarray, title: str) -> Any:
+    """The diff's figure: where each latent sits by its frequency on A and on B, and how many latents a
+    prompt uses. Legends sit below the axes, so none covers a corner where separating latents are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fa, fb = (za > 0).mean(0), (zb > 0).mean(0)
     used = (fa > 0) | (fb > 0)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5))
     sep = used & (((fa == 1) & (fb == 0)) | ((fb == 1) & (fa == 0)))
     excl = used & ((fa == 0) | (fb == 0)) & ~sep
     rest = used & ~sep & ~excl
     for mask, colour, label in ((rest, "#9aa5b1", "both sets"), (excl, "#e08a2c", "exclusive to one"),
                                 (sep, "#c0392b", "perfectly separating")):
-        left.scatter(fa[mask], fb[mask], s=10, c=colour, alpha=0.7, label=f"{label} ({int(mask.sum())})")
+        # frequencies of a few prompts fall on a grid: the latents at one point are one marker, larger for more
+        # (area as the square root, so a point of hundreds does not cover the panel)
+        points, n = np.unique(np.stack([fa[mask], fb[mask]], 1), axis=0, return_counts=True)
+        left.scatter(points[:, 0], points[:, 1], s=12 * np.sqrt(n), c=colour, alpha=0.7,
+                     label=f"{label} ({int(mask.sum())})")
     left.plot([0, 1], [0, 1], color="#555", lw=0.8, ls="--")
     left.set(xlabel="fraction of A's prompts active", ylabel="fraction of B's prompts active",
-             title="latents that fire on either set", xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
-    left.legend(loc="upper left", fontsize=8)
+             title="latents that fire on either set", xlim=(-0.05, 1.05), ylim=(-0.05, 1.05))
+    legend = left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False,
+                         title="a larger marker: more latents at that point", title_fontsize=8)
+    for handle in legend.legend_handles:
+        handle.set_sizes([12])
     counts_a, counts_b = (za > 0).sum(1), (zb > 0).sum(1)
-    bins = np.linspace(min(counts_a.min(), counts_b.min()), max(counts_a.max(), counts_b.max()) + 1, 20)
+    bins = _integer_bins(np.concatenate([counts_a, counts_b]))
     right.hist(counts_a, bins=bins, alpha=0.6, label="A", color="#2c7fb8")
     right.hist(counts_b, bins=bins, alpha=0.6, label="B", color="#e08a2c")
     right.set(xlabel="active latents per prompt", ylabel="prompts", title="how many latents a prompt uses")
-    right.legend()
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))  # both axes count: no tick between two integers
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title)
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    return fig
+
+
+def plot(za: np.ndarray, zb: np.ndarray, path: Path, title: str) -> None:
+    save_figure(figure(za, zb, title), path, dpi=110)
 
 
 def run_diff(cfg: DiffConfig) -> tuple[dict[str, Any], Path]:
@@ -258,8 +324,8 @@ def run_diff(cfg: DiffConfig) -> tuple[dict[str, Any], Path]:
     za = prompt_activations(llm.model, llm.tokenizer, sae, prompts_a, cfg.reduce, cfg.progress, "A")
     zb = prompt_activations(llm.model, llm.tokenizer, sae, prompts_b, cfg.reduce, cfg.progress, "B")
     result = compare(za, zb, cfg.top)
-    result = {"sae": str(Path(cfg.sae).resolve()), "set_a": cfg.a, "set_b": cfg.b, "reduce": cfg.reduce,
-              "n_latents": sae.config.n_latents, **result}
+    result = {"sae": str(Path(cfg.sae).resolve()), "name": loaded.name, "set_a": cfg.a, "set_b": cfg.b,
+              "reduce": cfg.reduce, "n_latents": sae.config.n_latents, **result}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "diff.json", result, indent=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from routesae.interpret.diff import REDUCTIONS, DiffConfig, run_diff
+from routesae.interpret.diff import REDUCTIONS, DiffConfig, run_diff, summary
 
 
 @click.command("diff")
@@ -21,10 +21,10 @@ from routesae.interpret.diff import REDUCTIONS, DiffConfig, run_diff
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def diff(sae, set_a, set_b, reduce, top, out, model, device, quiet) -> None:
     """Which latents tell two prompt sets apart: active latents per prompt, exclusive and perfectly
-    separating latents, a ranking by frequency difference, paired McNemar tests.
+    separating latents, a ranking by frequency difference, paired McNemar tests. Prints a summary; the
+    full tables are in diff.md, the data in diff.json, the figure in diff.png.
 
     Example: routesae diff --sae runs/topk-k32 --a builtin:novice --b builtin:expert --out diff"""
     result, folder = run_diff(DiffConfig(sae=sae, a=set_a, b=set_b, out=out, reduce=reduce, top=top, model=model,
                                          device=device, progress=not quiet))
-    click.echo((folder / "diff.md").read_text().rstrip())
-    click.echo(f"wrote {folder / 'diff.md'}, {folder / 'diff.json'}, {folder / 'diff.png'}")
+    click.echo(summary(result, folder))
