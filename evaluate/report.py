@@ -58,6 +58,8 @@ class Row:
     layer_of: str | None = None
     """For a multi-layer SAE evaluated one layer at a time (MLSAE): the SAE's name, on each
     per-layer row and on the row of their mean."""
+    l0_target: float | None = None
+    """The L0 the SAE was fitted for, where its L0 may drift from it (vanilla, gated, jumprelu)."""
 
     def flat(self) -> dict[str, Any]:
         """The table's values (NaN where not measured)."""
@@ -134,6 +136,8 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Definitions and caveats printed under the table."""
+    warnings: list[str] = field(default_factory=list)
+    """What is off with an SAE itself (an L0 far from its target), one line each; also in `notes`."""
     splice_batches: dict[str, int] | None = None
     """Splice batches whose clean prefix was computed live / taken from the store (None: no splice)."""
 
@@ -169,12 +173,13 @@ class Report:
                 "splice": _jsonable(row.splice._asdict()) if row.splice else None,
                 "splice_note": row.splice_note,
                 "layer_of": row.layer_of,
+                "l0_target": row.l0_target,
             }
             rows.append(d)
         return _jsonable({
             "cache": self.cache, "model": self.model, "token_range": list(self.token_range),
             "held_out": self.held_out, "n_tokens": self.n_tokens, "context_len": self.context_len,
-            "table": [r.flat() for r in self.rows], "rows": rows, "notes": self.notes,
+            "table": [r.flat() for r in self.rows], "rows": rows, "notes": self.notes, "warnings": self.warnings,
             "splice_batches": self.splice_batches,
         })
 

@@ -116,8 +116,14 @@ def splice_metrics(
         def stored(layers: list[int], a: int = a, b: int = b) -> dict[int, torch.Tensor]:
             return {layer: cache.acts_stored(layer, a, b).view(-1, ctx, d) for layer in layers}
 
-        ev.add_batch(ids, keep, torch.arange(a, b).view(-1, ctx), stored)
-        bar.update(b - a)
+        def moved(done: float, doing: str, a: int = a, b: int = b) -> None:
+            # within the batch: the bar stands at the share of its work done (a batch of a large
+            # model's contexts, each run once per SAE, takes minutes)
+            bar.set_postfix_str(doing, refresh=False)
+            bar.update(a - start + int(done * (b - a)) - bar.n)
+
+        ev.add_batch(ids, keep, torch.arange(a, b).view(-1, ctx), stored, moved)
+        bar.update(b - start - bar.n)
     bar.close()
     return SpliceRun(ev.results(), dict(ev.batches), ev.store_matches, ev.store_diff, ev.store_check,
                      dict(ev.zero_contexts))
@@ -191,6 +197,46 @@ def l0_mismatch(rows: list[Row]) -> str | None:
             "(vanilla, gated and jumprelu are steered to it) or --target-l0.")
 
 
+L0_TARGET_TOLERANCE = 0.25
+"""Relative distance of an SAE's held-out L0 from the L0 it was fitted for beyond which eval warns."""
+
+
+def l0_target(s: LoadedSAE) -> float | None:
+    """The L0 a fit aimed this SAE at, where its L0 may drift from it (vanilla and gated steered
+    toward k, JumpReLU's penalty aiming at k); None where k latents fire by construction (TopK and
+    its kin), where a fixed --sparsity-coef set no target, or where no fit recorded one (imports)."""
+    coder = getattr(s.sae, "coder", None)
+    fit = s.training.get("fit")
+    if coder is None or getattr(coder, "fixed_l0", True) or not isinstance(fit, dict):
+        return None
+    if fit.get("sparsity_coef") is not None and not getattr(coder, "targets_l0_itself", False):
+        return None
+    target = s.training.get("target_l0") or s.sae.config.k
+    return float(target) if target and target > 0 else None
+
+
+def l0_off_target(saes: list[LoadedSAE], rows: list[Row]) -> list[str]:
+    """One warning per SAE whose held-out L0 is more than L0_TARGET_TOLERANCE away from its
+    target (see l0_target); its rows get the target in `l0_target`."""
+    warnings = []
+    for s in saes:
+        target = l0_target(s)
+        own = [row for row in rows if row.path == str(s.path) and row.routing in ("-", "router", "layer")]
+        if target is None or not own:
+            continue
+        for row in own:
+            row.l0_target = target
+        l0 = own[0].cache.l0
+        if not math.isfinite(l0) or abs(l0 - target) <= L0_TARGET_TOLERANCE * target:
+            continue
+        warnings.append(
+            f"{s.name}: held-out L0 {l0:.1f} is far from its target {target:g} ({(l0 - target) / target:+.0%}, beyond "
+            f"±{L0_TARGET_TOLERANCE:.0%}): its figures are those of an SAE at L0 {l0:.1f}, not {target:g}; the l0 of "
+            "its metrics.jsonl shows how training went (a longer fit, more --epochs or --tokens, lets the sparsity "
+            "control get there)")
+    return warnings
+
+
 def run_eval(cfg: EvalConfig) -> Report:
     """Evaluate cfg.saes on cfg.cache; returns the report (the CLI prints and writes it)."""
     if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.batch_tokens < 1:
@@ -215,11 +261,13 @@ def run_eval(cfg: EvalConfig) -> Report:
     loaded = None
     if cfg.splice:
         # Load (and check) the model before the cache pass, so a bad model fails fast.
+        _phase(cfg, f"loading {cfg.model or cache.model.get('id')} to splice into ...")
         loaded = load_store_model(cache.path, cache.model, cfg.model, cfg.device, "splice into")
         llm_device = next(loaded.model.parameters()).device
         for s in saes:
             s.sae.to(llm_device)
 
+    _phase(cfg, f"scoring {_names(targets)} on {stop - start:,} store tokens (cache metrics) ...")
     cache_results = evaluate_cache(cache, targets, start, stop, cfg.batch_tokens, cfg.progress)
     report = Report(str(cache.path), cache.model, (start, stop), not cfg.all_tokens, cache_results[0].n_tokens,
                     cache.context_len, notes=list(NOTES))
@@ -232,6 +280,8 @@ def run_eval(cfg: EvalConfig) -> Report:
     for warning in (short_training(saes), l0_mismatch(rows)):
         if warning:
             _say(report, warning)
+    for warning in l0_off_target(saes, rows):
+        _say(report, warning, "warning")
 
     used = {t.routing for t in targets if t.routed and t.routing != "router"}
     for b in BASELINES:
@@ -247,8 +297,11 @@ def run_eval(cfg: EvalConfig) -> Report:
         if skipped:
             _say(report, f"Not spliced: {', '.join(t.name for t in skipped)}: {skipped[0].cannot_splice_reason}.")
         if spliceable:
+            batch_size = cfg.batch_size or cache.harvest_batch_size or 8
+            _phase(cfg, f"splicing {_names([targets[i] for i in spliceable])} into the model: "
+                        f"{(stop - start) // cache.context_len:,} contexts in batches of {batch_size} ...")
             run = splice_metrics(loaded.model, cache, [targets[i] for i in spliceable], start, stop,
-                                 cfg.batch_size or cache.harvest_batch_size or 8,
+                                 batch_size,
                                  # an int8 store's values are not the model's: every clean run is live
                                  "live" if cache.quantized else cfg.prefix, cfg.progress)
             for i, r in zip(spliceable, run.results):
@@ -267,11 +320,25 @@ def run_eval(cfg: EvalConfig) -> Report:
     return report
 
 
-def _say(report: Report, note: str) -> None:
+def _phase(cfg: EvalConfig, text: str) -> None:
+    """One line as a phase of the command starts (silenced with the bars by --quiet)."""
+    if cfg.progress:
+        tqdm.write(text, file=sys.stderr)
+
+
+def _names(targets: list[Target]) -> str:
+    names = [t.name for t in targets]
+    return names[0] if len(names) == 1 else f"{len(names)} rows ({', '.join(names[:4])}" + (", ...)" if len(names) > 4 else ")")
+
+
+def _say(report: Report, note: str, kind: str = "note") -> None:
     """A note that changes how the table reads: in the report, and once on the terminal (--quiet
-    silences progress bars, not this)."""
-    report.notes.append(note)
-    tqdm.write(f"routesae: note: {note}", file=sys.stderr)
+    silences progress bars, not this). kind 'warning': something is off with an SAE itself; the
+    report lists it among its warnings too."""
+    report.notes.append(note if kind == "note" else f"Warning: {note}")
+    if kind == "warning":
+        report.warnings.append(note)
+    tqdm.write(f"routesae: {kind}: {note}", file=sys.stderr)
 
 
 def _add_layer_means(report: Report) -> None:

@@ -384,6 +384,9 @@ def metric_positions(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 PREFIXES = ("auto", "live")
 StoredFn = Callable[[list[int]], dict[int, torch.Tensor]]
+ProgressFn = Callable[[float, str], None]
+"""(share of the batch's work done, 0..1, what runs next) -> None: how add_batch reports its way
+through a batch, so a bar moves within one (a batch of a large model takes minutes)."""
 
 
 class SpliceEvaluator:
@@ -520,11 +523,25 @@ class SpliceEvaluator:
 
     @torch.inference_mode()
     def add_batch(self, input_ids: torch.Tensor, keep: torch.Tensor, token_index: torch.Tensor | None = None,
-                  stored: StoredFn | None = None) -> None:
+                  stored: StoredFn | None = None, progress: ProgressFn | None = None) -> None:
         """input_ids, keep: [batch, seq] (keep: non-special); token_index: [batch, seq] store indices
         of the positions (default 0..batch*seq-1); stored: layers -> their stored activations
         [batch, seq, d] for these contexts (lets the clean run start from the store, see the class).
-        Runs the clean, spliced and zero variants and adds their metrics."""
+        Runs the clean, spliced and zero variants and adds their metrics; `progress` hears of each
+        run and of each chunk of positions measured."""
+        # Work units of a batch, for `progress`: the clean run, each variant's run, each zero-
+        # ablation (at most one per variant), each chunk of positions measured.
+        n_var = len(self.splicers)
+        n_chunks = -(-int(keep.sum()) // self.chunk)
+        units, done = 1 + 2 * n_var + n_chunks, [0]
+
+        def tick(doing: str, n: int = 1) -> None:
+            done[0] += n
+            if progress is not None:
+                progress(min(done[0] / units, 1.0), doing)
+
+        if progress is not None:
+            progress(0.0, "clean run")
         dev = self.sm.device
         input_ids = input_ids.to(dev)
         keep = keep.to(dev)
@@ -556,19 +573,25 @@ class SpliceEvaluator:
             plans = self._plans(clean.inputs, keep, token_index)
             self.batches["live"] += 1
 
-        spliced = [self.sm.continue_from(clean, p) for p in plans]
+        spliced = []
+        for i, p in enumerate(plans):
+            tick(f"splicing {self.splicers[i].name}")
+            spliced.append(self.sm.continue_from(clean, p))
         zero_runs: dict[str, ZeroRun] = {}
         zero_of: list[str] = []
-        for p in plans:
+        for i, p in enumerate(plans):
+            tick(f"zero-ablation for {self.splicers[i].name}")
             key = plan_key(p)
             if key not in zero_runs:
                 zero_runs[key] = self._zero_run(clean, zero_plan(p), input_ids)
             zero_of.append(key)
+        tick("KL and CE")
 
         for t, p in zip(self.totals, plans):
             for layer, m in p.masks.items():
                 t.replaced[layer] = t.replaced.get(layer, 0) + int(m.sum())
-        self._measure(input_ids, keep, clean.final, spliced, zero_runs, zero_of)
+        self._measure(input_ids, keep, clean.final, spliced, zero_runs, zero_of,
+                      lambda: tick("KL and CE"))
 
     def _zero_run(self, clean: CleanRun, plan: SplicePlan, input_ids: torch.Tensor) -> ZeroRun:
         """A zero-ablation, each distinct context once: contexts whose state at the plan's first
@@ -631,9 +654,10 @@ class SpliceEvaluator:
                 total -= logp[which[a:b] - (lo + sl), tgt[a:b]].double().sum()
         return total
 
-    def _measure(self, input_ids, keep, clean_final, spliced, zero_runs: dict[str, ZeroRun], zero_of) -> None:
+    def _measure(self, input_ids, keep, clean_final, spliced, zero_runs: dict[str, ZeroRun], zero_of,
+                 chunk_done: Callable[[], None] = lambda: None) -> None:
         """KL and CE of every spliced run against the clean one, and the zero-ablations' CE, over
-        the metric positions.
+        the metric positions; chunk_done() after each chunk of them.
 
         Vocabulary-sized work dominates here (SmolLM2: 49,152 logits per position, three runs at
         least), so: the LM head runs on `chunk` positions at a time (large enough that reading its
@@ -698,6 +722,7 @@ class SpliceEvaluator:
                     kl_ctx[i].index_add_(0, ctx_of[pos], kl)
                 del z_all
             ce_c += row_ce_clean[:n_pos][ce_mask].double().sum()
+            chunk_done()
         for i, h in enumerate(spliced):
             if h is clean_final:
                 ce_s[i] = ce_c

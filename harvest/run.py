@@ -339,8 +339,13 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
     writer = _BackgroundWriter(store, commits=ranks.is_main)
     my_ctx = sum(min(shard_ctx, target_ctx - s * shard_ctx) for s in mine)
     desc = "harvest" if not ranks.distributed else f"harvest (rank 0 of {ranks.world_size})"
+    if cfg.progress and ranks.is_main:
+        tqdm.write(f"harvesting {my_ctx * ctx:,} tokens of layers {_layer_list(layers)} in batches of {cfg.batch_size} "
+                   f"contexts of {ctx}; shards of {shard_ctx * ctx:,} tokens are committed as they fill", file=sys.stderr)
+    # The bar counts tokens through the model, batch by batch; its postfix the tokens committed.
     bar = tqdm(total=my_ctx * ctx, unit="tok", unit_scale=True, desc=desc,
                disable=not cfg.progress or not ranks.is_main, dynamic_ncols=True)
+    bar.set_postfix_str(f"committed={store.progress['tokens']:,}", refresh=False)
     buf_acts = torch.empty(len(layers), shard_ctx * ctx, d_model, dtype=storage_dtype)
     int8 = store.layout.storage == "int8"
     end_ctx = target_ctx  # where the corpus ends, if before the capacity
@@ -353,9 +358,9 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
                 else:
                     quant = (torch.empty(buf_acts.shape, dtype=torch.int8),
                              torch.empty(buf_acts.shape[:2], dtype=torch.float32)) if int8 else None
-                    got = _forward_shard(cfg, writer, capture, contexts, shard, want, buf_acts, quant, special, device)
+                    got = _forward_shard(cfg, writer, capture, contexts, shard, want, buf_acts, quant, special, device,
+                                         bar)
                     buf_acts = torch.empty_like(buf_acts)
-                    bar.update(got * ctx)
                 if got < want:
                     end_ctx = shard * shard_ctx + got
                     if ranks.is_main:
@@ -370,6 +375,7 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
         except BaseException:
             pass
         raise
+    bar.set_postfix_str(f"committed={store.progress['tokens']:,}", refresh=False)
     bar.close()
     ranks.barrier()  # every rank has recorded its shards
     if ranks.is_main:
@@ -382,9 +388,10 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
 
 def _forward_shard(cfg, writer: _BackgroundWriter, capture: HiddenStateCapture, contexts, shard: int, want: int,
                    buf_acts: torch.Tensor, quant: tuple[torch.Tensor, torch.Tensor] | None, special: SpecialTokens,
-                   device: torch.device) -> int:
+                   device: torch.device, bar: tqdm) -> int:
     """Run the forward over the next `want` contexts (shard `shard`) in the harvest's batches and
-    hand the shard to the writer; the number of contexts the corpus still had (0..want).
+    hand the shard to the writer; the number of contexts the corpus still had (0..want). The bar
+    moves by each batch's tokens, its postfix saying how many are committed.
 
     int8 stores (`quant`: buffers for q and the scales): each batch is quantized as it comes, and
     its statistics are those of the values readers will get back (so `info --verify` agrees)."""
@@ -407,6 +414,8 @@ def _forward_shard(cfg, writer: _BackgroundWriter, capture: HiddenStateCapture, 
             _quantize_batch(dest, quant[0][:, at : at + ids.size], quant[1][:, at : at + ids.size], is_special)
         stats.add(dest, ~is_special)
         ids_done.extend(ids)
+        bar.set_postfix_str(f"committed={writer.store.progress['tokens']:,}", refresh=False)
+        bar.update(ids.size)
         if len(batch) < cfg.batch_size and len(ids_done) < want:
             break  # the corpus ran out mid-batch
     if ids_done:
@@ -417,6 +426,17 @@ def _forward_shard(cfg, writer: _BackgroundWriter, capture: HiddenStateCapture, 
         writer.submit(_Shard(shard, buf_acts[:, :n], token_ids, special.mask(token_ids), tokens_after, state, stats,
                              quantized))
     return len(ids_done)
+
+
+def _layer_list(layers: list[int]) -> str:
+    """[4, 5, 6, 7, 12] -> '4-7, 12'."""
+    runs: list[list[int]] = []
+    for x in layers:
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _quantize_batch(acts: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor, is_special: torch.Tensor) -> None:

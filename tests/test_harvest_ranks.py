@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import psutil
 import torch
 import zarr
 
+from kill_points import SCRIPT as KILL_POINTS, start_paused
 from routesae import Cache
 from routesae.store.zarr_store import SHARD_PROGRESS, StatsAccumulator, StoreLayout, StoreWriter
 
@@ -39,6 +39,15 @@ def _start(model_dir: Path, out: Path, ranks: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "-m", "routesae", *_args(model_dir, out)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _start_paused(model_dir: Path, out: Path, tmp_path: Path) -> subprocess.Popen:
+    """Two ranks under kill_points; returns once each has recorded two shards of its own and waits
+    (its writer before committing, its forward on the writer's full queue)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(KILL_POINTS), *_args(model_dir, out)]
+    return start_paused(cmd, "harvest-record:2", tmp_path / "markers", {**os.environ, "OMP_NUM_THREADS": "1"},
+                        processes=2, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _kill_all(proc: subprocess.Popen) -> None:
@@ -95,13 +104,10 @@ def test_two_ranks_write_the_single_process_store_byte_for_byte(tiny_llama_dir, 
     # killed (every rank) part-way, then started again with 2 ranks and with 1: the same store
     for resume_ranks in (2, 1):
         killed = tmp_path / f"killed-{resume_ranks}.zarr"
-        proc = _start(tiny_llama_dir, killed, 2)
-        deadline = time.time() + 300
-        while _recorded(killed) < 4 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
+        proc = _start_paused(tiny_llama_dir, killed, tmp_path)
         _kill_all(proc)
         partial = Cache.open(killed)
-        assert not partial.complete and _recorded(killed) < TOKENS // 4096
+        assert not partial.complete and _recorded(killed) == 4
         _finish(_start(tiny_llama_dir, killed, resume_ranks))
         _assert_same_store(single, killed)
 

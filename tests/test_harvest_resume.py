@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from kill_points import SCRIPT as KILL_POINTS, start_paused
 from routesae import Cache, RouteSAEError
 
 SCRIPT = """
 import sys
+sys.path.insert(0, sys.argv[3])
+import kill_points
+kill_points.arm_from_env()
 from routesae.harvest.run import HarvestConfig, run_harvest
 run_harvest(HarvestConfig(out=sys.argv[2], model=sys.argv[1], dataset="builtin", tokens=49152, layers="all",
                           context_len=32, batch_size=4, shard_tokens=128, min_chunk_bytes=1024,
@@ -22,16 +26,16 @@ run_harvest(HarvestConfig(out=sys.argv[2], model=sys.argv[1], dataset="builtin",
 """
 
 
+def _command(model_dir: Path, out: Path) -> list[str]:
+    return [sys.executable, "-c", SCRIPT, str(model_dir), str(out), str(KILL_POINTS.parent)]
+
+
 def _run(model_dir: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(model_dir), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(_command(model_dir, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _committed(out: Path) -> int:
-    try:
-        return json.loads((out / "zarr.json").read_text())["attributes"]["routesae"]["progress"]["tokens"]
-    except (OSError, ValueError, KeyError):
-        return 0
+    return json.loads((out / "zarr.json").read_text())["attributes"]["routesae"]["progress"]["tokens"]
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -42,12 +46,12 @@ def test_sigkill_then_resume_gives_identical_store(tiny_llama_dir, tmp_path):
     reference, interrupted = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
     assert _run(tiny_llama_dir, reference).wait(timeout=300) == 0
 
-    proc = _run(tiny_llama_dir, interrupted)
-    deadline = time.time() + 120
-    while _committed(interrupted) == 0 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    # killed once its writer has recorded a third shard, before committing it: two are committed
+    proc = start_paused(_command(tiny_llama_dir, interrupted), "harvest-record:3", tmp_path / "markers",
+                        dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert _committed(interrupted) == 256
 
     # A reader mid-harvest sees only committed tokens, and the store says it is unfinished.
     partial = Cache.open(interrupted)

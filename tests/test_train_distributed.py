@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from kill_points import start_at_checkpoint
+from kill_points import SCRIPT as KILL_POINTS, start_paused
 from synthetic_store import make_store
 
 # Every architecture; RouteSAE is checked on its own below. Batches of 63 tokens: the two slices
@@ -39,6 +39,12 @@ def single(store, out, *extra: str) -> list[str]:
 def two_ranks(store, out, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "routesae", *fit_args(store, out, *extra)]
+
+
+def two_ranks_paused(store, out, *extra: str) -> list[str]:
+    """two_ranks under kill_points (each rank arms the point; see kill_points)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            str(KILL_POINTS), *fit_args(store, out, *extra)]
 
 
 def env() -> dict[str, str]:
@@ -65,7 +71,7 @@ def rank_processes(agent: int) -> dict[int, int]:
     return ranks
 
 
-def wait_gone(pids: list[int], timeout: float = 60) -> None:
+def wait_gone(pids: list[int], timeout: float = 300) -> None:
     """Until none of `pids` runs (not our children: their exit is seen in /proc)."""
     deadline = time.time() + timeout
     for pid in pids:
@@ -137,24 +143,21 @@ def test_two_ranks_killed_then_rerun_give_the_uninterrupted_weights(store, tmp_p
 
     out = tmp_path / "killed"
     ckpt = out / "checkpoint.pt"
-    kills = 0
-    # Kill right at a checkpoint, then a little after one: first torchrun and both ranks at once (a
-    # crash of the machine), then rank 0 alone, the one writing (torchrun then stops rank 1).
-    for delay, whole_run in ((0.0, True), (0.05, False)):
-        proc = start_at_checkpoint(two_ranks(store, out, *extra), ckpt, delay, env(),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if proc.poll() is None:
-            ranks = rank_processes(proc.pid)
-            assert sorted(ranks) == [0, 1], ranks
-            for pid in [proc.pid, *ranks.values()] if whole_run else [ranks[0]]:
-                os.kill(pid, signal.SIGKILL)
-            kills += 1
-            proc.wait()
-            wait_gone(list(ranks.values()))  # torchrun's death does not end its ranks: only then rerun
+    # Kill right after a checkpoint, then three steps after one: first torchrun and both ranks at
+    # once (a crash of the machine), then rank 0 alone, the one writing (torchrun then stops rank 1).
+    # Rank 0 waits at the kill point (rank 1 for rank 0, in the next step's collective).
+    for point, whole_run in (("checkpoint:1", True), ("after-checkpoint:1+3", False)):
+        proc = start_paused(two_ranks_paused(store, out, *extra), point, tmp_path / "markers", env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ranks = rank_processes(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        for pid in [proc.pid, *ranks.values()] if whole_run else [ranks[0]]:
+            os.kill(pid, signal.SIGKILL)
         proc.wait()
-    assert kills >= 1, "the fit ended before it could be killed: make it longer"
+        wait_gone(list(ranks.values()))  # torchrun's death does not end its ranks: only then rerun
     assert ckpt.exists() and not (out / "topk-k4" / "config.json").exists()
     step = torch.load(ckpt, weights_only=True)["step"]
+    assert step == 14  # the first run's checkpoint at 7, the second's at 14 (killed at 17)
     said = [line for line in run_ok(two_ranks(store, out, *extra)).stderr.splitlines() if line.startswith("resuming")]
     assert len(said) == 1 and said[0].startswith(f"resuming {out} at step {step} ("), said
     assert not ckpt.exists()

@@ -8,8 +8,8 @@ from routesae.errors import RouteSAEError
 from routesae.cli_args import parse_count
 from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    """'32,64,128' or '7-22' or '7-10,12' -> [ints]."""
+def parse_int_list(text: str, what: str, takes: str = "integers such as 32,64 or a range such as 7-22") -> list[int]:
+    """'32,64,128' or '7-22' or '7-10,12' -> [ints]; `takes` says in the error what the option takes."""
     out: list[int] = []
     try:
         for part in text.split(","):
@@ -20,10 +20,14 @@ def parse_int_list(text: str, what: str) -> list[int]:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise RouteSAEError(f"{what} must be integers such as 32,64 or a range such as 7-22; got {text!r}") from None
+        raise RouteSAEError(f"{what} must be {takes}; got {text!r}") from None
     if not out:
         raise RouteSAEError(f"{what} is empty")
     return out
+
+
+K_TAKES = "a whole number or a comma-separated list such as 32,64"
+"""What --k takes, as its error says (a range parses too, but is no way to choose sparsities)."""
 
 
 @click.command("fit")
@@ -64,7 +68,10 @@ def parse_int_list(text: str, what: str) -> list[int]:
               help="Fraction of the budget over which the sparsity coefficient ramps up from 0.")
 @click.option("--dead-tokens", default=None, help="Tokens without firing before a latent counts as dead [default: 10M, or budget/4 if less].")
 @click.option("--log-every", default=20, show_default=True, type=int, help="Steps between lines of metrics.jsonl.")
-@click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Steps between checkpoints.")
+@click.option("--checkpoint-every", default=500, show_default=True, type=int,
+              help="Steps between checkpoints (or --checkpoint-minutes, whichever comes first).")
+@click.option("--checkpoint-minutes", default=10.0, show_default=True, type=float,
+              help="Minutes of training between checkpoints (or --checkpoint-every steps, whichever comes first).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a fit of another store or other settings in --out "
               "(the same fit resumes or is kept, as without it).")
@@ -81,7 +88,7 @@ def fit(**kw) -> None:
         cache=kw["cache"],
         out=kw["out"],
         archs=[a.strip() for a in kw["arch"].split(",") if a.strip()],
-        ks=parse_int_list(kw["k"], "--k") if kw["k"] is not None else [round(kw["target_l0"] or 64)],
+        ks=parse_int_list(kw["k"], "--k", K_TAKES) if kw["k"] is not None else [round(kw["target_l0"] or 64)],
         latents=parse_count(kw["latents"], "--latents") if kw["latents"] is not None else None,
         expansion=kw["expansion"],
         layer=_one_or_list(parse_int_list(kw["layer"], "--layer")) if kw["layer"] is not None else None,
@@ -104,11 +111,13 @@ def fit(**kw) -> None:
         target_l0=kw["target_l0"],
         sparsity_coef=kw["sparsity_coef"],
         sparsity_warmup=kw["sparsity_warmup"],
-        matryoshka_prefixes=(parse_int_list(kw["matryoshka_prefixes"], "--matryoshka-prefixes")
+        matryoshka_prefixes=(parse_int_list(kw["matryoshka_prefixes"], "--matryoshka-prefixes",
+                                             "whole numbers such as 288,576,1152")
                              if kw["matryoshka_prefixes"] else None),
         dead_tokens=parse_count(kw["dead_tokens"], "--dead-tokens") if kw["dead_tokens"] is not None else None,
         log_every=kw["log_every"],
         checkpoint_every=kw["checkpoint_every"],
+        checkpoint_minutes=kw["checkpoint_minutes"],
         progress=kw["progress"],
         overwrite=kw["overwrite"],
     )

@@ -123,13 +123,17 @@ class FitConfig:
     """Steps between lines of metrics.jsonl."""
     checkpoint_every: int = 500
     """Steps between checkpoints (one is also written at the end)."""
+    checkpoint_minutes: float = 10.0
+    """Minutes of training between checkpoints: one is written whenever this or checkpoint_every
+    is reached first, so a fit of fewer steps than checkpoint_every still keeps its work."""
     progress: bool = True
     """Show a progress bar."""
     overwrite: bool = False
     """Replace a fit of another store or other settings that OUT holds (the fit's own files only)."""
 
     # Fields that do not change the trained weights, so a resume may change them.
-    RESUMABLE_CHANGES = ("cache", "device", "loader", "log_every", "checkpoint_every", "progress", "overwrite")
+    RESUMABLE_CHANGES = ("cache", "device", "loader", "log_every", "checkpoint_every", "checkpoint_minutes", "progress",
+                         "overwrite")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -25,7 +25,7 @@ from routesae.sae_record import harvest_bos, sae_record, safetensors_metadata
 from routesae.model.loading import resolve_device
 from routesae.store.zarr_store import Cache
 from routesae.store.verify import raise_if_damaged
-from routesae.atomic_files import write_json, write_text
+from routesae.atomic_files import is_temp_name, write_json, write_text
 from routesae.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_safetensors
 from routesae.train.coders.matryoshka import default_prefixes
 from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig, SAEConfig
@@ -38,6 +38,8 @@ from routesae.train.schedule import lr_factor
 from routesae.train.sparsity import SparsityControl
 
 MANIFEST_NAME = "fit.json"
+clock = time.monotonic
+"""What the checkpoint interval in minutes is measured with (tests put a fake clock here)."""
 SAE_FILES = ("sae.safetensors", "config.json", "metrics.jsonl")
 """What a fit writes per SAE."""
 DEFAULT_DEAD_TOKENS = 10_000_000
@@ -170,6 +172,8 @@ def plan_fit(cfg: FitConfig, cache: Cache | None = None) -> FitPlan:
         raise RouteSAEError("--buffer-tokens must be positive")
     if cfg.log_every < 1 or cfg.checkpoint_every < 1:
         raise RouteSAEError("--log-every and --checkpoint-every must be at least 1")
+    if not cfg.checkpoint_minutes > 0:
+        raise RouteSAEError(f"--checkpoint-minutes must be positive, got {cfg.checkpoint_minutes:g}")
     coders = {a: ARCHITECTURES[a].coder_class() for a in cfg.archs}
     unsteered = [a for a, c in coders.items() if not c.fixed_l0 and not c.targets_l0_itself]
     if unsteered and cfg.sparsity_coef is not None and len(cfg.ks) > 1:
@@ -259,6 +263,12 @@ def _ranges(layers: list[int]) -> str:
     if run:
         parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ", ".join(parts) or "none"
+
+
+def planned_steps(budget: int, epoch_tokens: int, batch_size: int) -> int:
+    """Optimizer steps a budget takes: each epoch ends with its own (shorter) last batch."""
+    full, rest = divmod(budget, epoch_tokens)
+    return full * -(-epoch_tokens // batch_size) + -(-rest // batch_size)
 
 
 def size_budget(plan: FitPlan, source: BatchSource) -> None:
@@ -365,6 +375,17 @@ def _remove_fit(out: Path, saved: dict[str, Any]) -> None:
             sub.rmdir()
     (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     (out / MANIFEST_NAME).unlink()
+
+
+def _remove_killed_writes(out: Path, plan: FitPlan) -> None:
+    """Remove the temporary files of the fit's own files that a kill mid-write left (a checkpoint's
+    is as large as the SAEs and their optimizer state); nothing else in `out` is touched."""
+    own = {CHECKPOINT_NAME, MANIFEST_NAME, *SAE_FILES}
+    for folder in {out, *plan.out_dirs.values()}:
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if is_temp_name(p.name) and p.name[1:-len(".tmp")].rsplit(".", 2)[0] in own and p.is_file():
+                    p.unlink()
 
 
 def _remove_unstarted(out: Path) -> None:
@@ -508,6 +529,8 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.position = Position(0, 0)
+        self.checkpoint_step: int | None = None
+        """The step of the checkpoint OUT holds (resumed from or written by this run), None before one."""
 
     # --- state ---------------------------------------------------------------------------------
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -531,6 +554,7 @@ class Trainer:
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.step = int(ckpt["step"])
+        self.checkpoint_step = self.step
         self.tokens = int(ckpt["tokens"])
         self.position = Position(*ckpt["position"])
         for run in self.runs:
@@ -618,6 +642,33 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> FitResult:
+        """The loop, then the outputs. Interrupted (Ctrl-C), it raises KeyboardInterrupt with what is
+        kept: the step of the last checkpoint, or that there is none yet."""
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(self.interrupted_message()) from None
+
+    @property
+    def total_steps(self) -> int:
+        return planned_steps(self.plan.budget, self.plan.epoch_tokens, self.plan.cfg.batch_size)
+
+    def interrupted_message(self) -> str:
+        """What an interrupt at this point keeps, in words (cli.py prints it after 'interrupted; ')."""
+        cfg = self.plan.cfg
+        where = f"fit stopped after step {self.step:,} of {self.total_steps:,}"
+        if not self.writes:  # another rank of a torchrun: rank 0 holds the checkpoint
+            return f"{where}; rank 0 says what is kept"
+        if self.checkpoint_step is not None:
+            return f"{where}; the checkpoint at step {self.checkpoint_step:,} is kept, rerun the same command to resume"
+        return (f"{where}, before the first checkpoint (every {cfg.checkpoint_every:,} steps or "
+                f"{cfg.checkpoint_minutes:g} minutes); nothing is kept yet")
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(Path(self.plan.cfg.out) / CHECKPOINT_NAME, self.checkpoint_payload())
+        self.checkpoint_step = self.step
+
+    def _run(self) -> FitResult:
         plan, cfg = self.plan, self.plan.cfg
         bar = tqdm(
             total=plan.budget, initial=self.tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
@@ -627,6 +678,7 @@ class Trainer:
         first_step_done = None
         tokens_at_first = self.tokens
         last_log_time, last_log_tokens = start, self.tokens
+        last_checkpoint = clock()
         batches = self.source.batches(self.position)
         try:
             while self.tokens < plan.budget:
@@ -650,8 +702,11 @@ class Trainer:
                     last_log_time, last_log_tokens = now, self.tokens
                     bar.set_postfix_str(_postfix(self.runs, rows), refresh=False)
                 bar.update(acts.shape[0])
-                if self.step % cfg.checkpoint_every == 0 and not finished and self.writes:
-                    save_checkpoint(Path(cfg.out) / CHECKPOINT_NAME, self.checkpoint_payload())
+                # by steps, or by time (a fit of fewer steps than --checkpoint-every keeps its work too)
+                due = self.step % cfg.checkpoint_every == 0 or clock() - last_checkpoint >= 60 * cfg.checkpoint_minutes
+                if due and not finished and self.writes:
+                    self.save_checkpoint()
+                    last_checkpoint = clock()
         finally:
             batches.close()
             bar.close()
@@ -697,8 +752,18 @@ class Trainer:
 
 def _postfix(runs: list[_Run], rows: list[dict[str, Any]]) -> str:
     if len(runs) == 1:
-        return f"loss={rows[0]['loss']:.4f} nmse={rows[0]['nmse']:.4f} dead={rows[0]['dead_frac']:.1%}"
-    return " | ".join(f"{run.name} nmse={row['nmse']:.3f} dead={row['dead_frac']:.0%}" for run, row in zip(runs, rows))
+        return (f"loss={rows[0]['loss']:.4f} nmse={rows[0]['nmse']:.4f}{_l0(runs[0], rows[0])} "
+                f"dead={rows[0]['dead_frac']:.1%}")
+    return " | ".join(f"{run.name} nmse={row['nmse']:.3f}{_l0(run, row)} dead={row['dead_frac']:.0%}"
+                      for run, row in zip(runs, rows))
+
+
+def _l0(run: _Run, row: dict[str, Any]) -> str:
+    """' L0=31.8/32' for a coder whose L0 is steered or penalized toward k (where it can drift from
+    it, so the bar shows how near it is); '' where k latents fire by construction."""
+    if "l0" not in row or run.sae.coder.fixed_l0:
+        return ""
+    return f" L0={row['l0']:.1f}/{run.sae.config.k}"
 
 
 def fit(cfg: FitConfig, source: BatchSource | None = None) -> FitResult:
@@ -763,6 +828,7 @@ def _fit(plan: FitPlan, source: BatchSource | None, group: Group | None) -> FitR
     created = not out.exists()
     if writes:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_killed_writes(out, plan)
         write_json(out / MANIFEST_NAME, _manifest(plan))
         for run in trainer.runs:
             run.out.mkdir(parents=True, exist_ok=True)
@@ -774,11 +840,16 @@ def _fit(plan: FitPlan, source: BatchSource | None, group: Group | None) -> FitR
     if writes:
         for run in trainer.runs:
             _truncate_metrics(run.out / "metrics.jsonl", run.metrics_lines)
+        if cfg.progress:
+            tqdm.write(f"training {len(trainer.runs)} SAE(s) on {plan.budget:,} tokens: {trainer.total_steps:,} steps of "
+                       f"{cfg.batch_size:,}, a checkpoint every {cfg.checkpoint_every:,} steps or "
+                       f"{cfg.checkpoint_minutes:g} minutes", file=sys.stderr)
     try:
         return trainer.run()
-    except Exception:
-        # A fit that fails before its first checkpoint (a damaged store, a full /dev/shm) leaves
-        # nothing behind; an interrupted one (KeyboardInterrupt) keeps its files for a rerun.
+    except BaseException:
+        # A fit that fails or is interrupted before its first checkpoint (a damaged store, a full
+        # /dev/shm, Ctrl-C) leaves nothing behind, as its message says; after one, its files stay
+        # for a rerun to resume from.
         if writes and not (out / CHECKPOINT_NAME).exists() and not _finished_saes(out):
             _remove_unstarted(out)
             if created and not any(out.iterdir()):
