@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from routesae.errors import RouteSAEError
-from routesae.evaluate.run import BASELINES, EvalConfig, run_eval
+from routesae.evaluate.choices import BASELINES
 from routesae.cli_args import parse_count, sae_options, sae_paths
 
 
@@ -52,6 +52,8 @@ def eval_command(saes, more_saes, cache, splice, all_tokens, tokens, baselines, 
 
     Example: routesae eval --sae runs/topk-k64 runs/route-k64 --cache store.zarr --splice --json report.json"""
     paths = sae_paths(saes, more_saes)
+    from routesae.evaluate.run import EvalConfig, run_eval
+
     cfg = EvalConfig(
         saes=paths, cache=cache, splice=splice, all_tokens=all_tokens,
         tokens=parse_count(tokens, "--tokens") if tokens is not None else None, baselines=_baselines(baselines),

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from routesae.cpu_memory import keep_freed_memory
 from routesae.errors import RouteSAEError
 from routesae.evaluate.cache_eval import evaluate_cache
+from routesae.evaluate.choices import BASELINES
 from routesae.evaluate.report import Report, Row, layer_mean_row
 from routesae.evaluate.splice import PREFIXES, SpliceEvaluator
 from routesae.evaluate.targets import ROUTING_NOTES, JointCodes, LayerOfJointTarget, Target
@@ -22,7 +23,6 @@ from routesae.sae_folders import LoadedSAE, check_compatible, held_out_range, lo
 from routesae.store.zarr_store import Cache
 from routesae.store.verify import raise_if_damaged
 
-BASELINES = ("uniform", "random-layer")
 
 
 @dataclass

