@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from routesae.interop.export import FORMATS as EXPORT_FORMATS
-from routesae.interop.importer import FORMATS as IMPORT_FORMATS
+from routesae.interop.choices import EXPORT_FORMATS, IMPORT_FORMATS
 
 
 @click.command("import")

@@ -33,6 +33,7 @@ from typing import Any
 
 from routesae import __version__
 from routesae.errors import RouteSAEError
+from routesae.interop.choices import EXPORT_FORMATS as FORMATS
 from routesae.model.hook_names import HookNames, hook_names
 from routesae.interop.portable import PortableSAE, from_routesae_tensors
 from routesae.sae_record import hub_id, sae_record
@@ -41,7 +42,6 @@ from routesae.train.checkpoint import write_safetensors
 from routesae.train.load import load_sae
 from routesae.train.normalize import EPS
 
-FORMATS = ("saelens", "sparsify")
 SAELENS_CONFIG_VERSION = "6.0.0"
 """The cfg.json layout written is SAELens 6's (nested metadata); the version tells its loader so
 (without one it reads the file as a pre-6 flat config)."""

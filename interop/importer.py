@@ -21,6 +21,7 @@ from typing import Any, Callable
 from routesae import __version__
 from routesae.errors import RouteSAEError
 from routesae.interop import gemmascope, goodfire, saelens, sparsify
+from routesae.interop.choices import IMPORT_FORMATS as FORMATS
 from routesae.model.hook_names import check_layer, hook_names
 from routesae.interop.portable import ARCH_OF_KIND
 from routesae.sae_record import hub_id, sae_record, safetensors_metadata
@@ -34,7 +35,6 @@ from routesae.train.saes import build_sae
 READERS: dict[str, Callable[..., Source]] = {
     "goodfire": goodfire.read, "saelens": saelens.read, "sparsify": sparsify.read, "gemmascope": gemmascope.read,
 }
-FORMATS = tuple(READERS)
 
 
 @dataclass

@@ -5,19 +5,24 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from routesae.atomic_files import write_json, write_text
 from routesae.cli_args import parse_count, sae_options, sae_paths
-from routesae.interpret.contexts import (PAPER_THRESHOLD, RULES, ContextsConfig, ContextsResult, rule_label,
-                                         run_contexts)
+from routesae.interpret.choices import CONTEXTS_DEFAULTS as DEFAULTS
+from routesae.interpret.choices import PAPER_THRESHOLD, RULES
+
+if TYPE_CHECKING:  # the stage module loads torch: only when the command runs, never for --help
+    from routesae.interpret.contexts import ContextsResult
 
 
 def counts_table(results: list[ContextsResult], settings: dict[str, Any]) -> str:
     """The interpretable-feature counts of the SAEs side by side, as markdown, under what they count:
     the paper's rule only at its threshold, else the threshold used and the paper's beside it."""
+    from routesae.interpret.contexts import rule_label
+
     label = rule_label(settings)
     above = "?" if label.threshold is None else f"{label.threshold:g}"
     head = (f"Interpretable features by {label.name} ({label.criteria}):" if label.paper
@@ -46,18 +51,18 @@ def threshold_note(results: list[ContextsResult], threshold: float) -> str:
 @click.option("--tokens", default=None, help="At most this many tokens (whole contexts): 100k, 1M, 20000.")
 @click.option("--rule", type=click.Choice(list(RULES)), default="paper", show_default=True,
               help="Interpretable-feature rule: paper (at least 4 contexts) or paper-code (at least 5, as its code).")
-@click.option("--top", default=ContextsConfig.top, show_default=True, type=int, help="Top activations per latent.")
-@click.option("--left", default=ContextsConfig.left, show_default=True, type=int, help="Window tokens before the token.")
-@click.option("--right", default=ContextsConfig.right, show_default=True, type=int, help="Window tokens after it.")
-@click.option("--quantiles", default=ContextsConfig.quantiles, show_default=True, type=int,
+@click.option("--top", default=DEFAULTS["top"], show_default=True, type=int, help="Top activations per latent.")
+@click.option("--left", default=DEFAULTS["left"], show_default=True, type=int, help="Window tokens before the token.")
+@click.option("--right", default=DEFAULTS["right"], show_default=True, type=int, help="Window tokens after it.")
+@click.option("--quantiles", default=DEFAULTS["quantiles"], show_default=True, type=int,
               help="Activation quantiles to sample examples from.")
-@click.option("--per-quantile", default=ContextsConfig.per_quantile, show_default=True, type=int,
+@click.option("--per-quantile", default=DEFAULTS["per_quantile"], show_default=True, type=int,
               help="Examples per quantile.")
-@click.option("--samples", default=ContextsConfig.samples, show_default=True, type=int,
+@click.option("--samples", default=DEFAULTS["samples"], show_default=True, type=int,
               help="Activating examples per latent held out for scoring.")
-@click.option("--negatives", default=ContextsConfig.negatives, show_default=True, type=int,
+@click.option("--negatives", default=DEFAULTS["negatives"], show_default=True, type=int,
               help="Windows per latent where it is zero.")
-@click.option("--threshold", default=ContextsConfig.threshold, show_default=True, type=float,
+@click.option("--threshold", default=PAPER_THRESHOLD, show_default=True, type=float,
               help="Activation above which a latent counts as active (the paper's is 15; a count at another is "
                    "labelled with its threshold, not as the paper's rule).")
 @click.option("--min-contexts", default=None, type=int, help="Paper rule: contexts needed (default: the rule's).")
@@ -73,6 +78,8 @@ def contexts(saes, more_saes, cache, out, all_tokens, tokens, rule, top, left, r
     per SAE: the RouteSAE paper's rule at its threshold (15), labelled with the threshold at another.
 
     Example: routesae contexts --sae runs/topk-k64 runs/routesae-k64 --cache store.zarr --out ctx"""
+    from routesae.interpret.contexts import ContextsConfig, run_contexts
+
     paths = sae_paths(saes, more_saes)
     cfg = ContextsConfig(
         saes=paths, cache=cache, out=out, rule=rule, left=left, right=right, top=top, quantiles=quantiles,

@@ -22,15 +22,12 @@ from routesae.store.zarr_store import Cache
 from routesae.interpret.codes import has_layer_per_activation, sae_input, token_codes
 from routesae.interpret.tables import Batch, NegativeTable, PaperTable, SampleTable, TopTable, sorted_code
 from routesae.interpret.windows import segments, sentence_bounds, sentence_end_tokens, window_bounds
+from routesae.interpret.choices import PAPER_THRESHOLD, RULES
 
 FORMAT = "routesae-contexts"
 VERSION = 1
 HIST_EDGES = [float(v) for v in np.logspace(-3, 3, 61)]
 """Bins of the activation histograms: 10 per decade from 0.001 to 1000 (the SAEs' normalized space)."""
-RULES = {"paper": 4, "paper-code": 5}
-"""Interpretable-feature rules: the RouteSAE paper's (at least 4 contexts) and its code's (at least 5)."""
-PAPER_THRESHOLD = 15.0
-"""The paper's activation threshold, on its models' scale (inputs normalized per token, d_model 2048-3072)."""
 PAPER_MAX_DISTINCT, PAPER_PER_TOKEN = 32, 2
 """The paper's limit on distinct activating tokens, and its contexts kept per token."""
 OWN_FILES = ("contexts.json", "latents.jsonl", "tokens.json", "latents.jsonl.partial", "contexts.json.partial")

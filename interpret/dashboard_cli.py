@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from routesae.interpret.dashboard import DashboardConfig, run_dashboard
-
 
 @click.command("dashboard")
 @click.option("--contexts", "contexts_dir", required=True, help="A contexts folder (one SAE's) from routesae contexts.")
@@ -24,6 +22,8 @@ def dashboard(contexts_dir, out, interp, latents, no_unembed, model, sae, quiet)
     direction's top and bottom tokens, and the judge's verdict. Static HTML that opens offline.
 
     Example: routesae dashboard --contexts ctx/routesae-k64 --interp interp.json --out dash"""
+    from routesae.interpret.dashboard import DashboardConfig, run_dashboard
+
     cfg = DashboardConfig(contexts=contexts_dir, out=out, interp=interp, latents=latents, unembed=not no_unembed,
                           model=model, sae=sae, progress=not quiet)
     r = run_dashboard(cfg)

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from routesae.atomic_files import save_figure, write_json, write_text
 from routesae.errors import RouteSAEError
 from routesae.interpret.builtin_prompts import SETS
+from routesae.interpret.choices import REDUCTIONS
 from routesae.interpret.codes import sae_input, token_codes
 
-REDUCTIONS = ("mean", "max", "last")
 ALPHA = 0.05
 """Significance level of the McNemar counts (uncorrected, and Bonferroni over the latents tested)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from routesae.interpret.diff import REDUCTIONS, DiffConfig, run_diff, summary
+from routesae.interpret.choices import REDUCTIONS
 
 
 @click.command("diff")
@@ -25,6 +25,8 @@ def diff(sae, set_a, set_b, reduce, top, out, model, device, quiet) -> None:
     full tables are in diff.md, the data in diff.json, the figure in diff.png.
 
     Example: routesae diff --sae runs/topk-k32 --a builtin:novice --b builtin:expert --out diff"""
+    from routesae.interpret.diff import DiffConfig, run_diff, summary
+
     result, folder = run_diff(DiffConfig(sae=sae, a=set_a, b=set_b, out=out, reduce=reduce, top=top, model=model,
                                          device=device, progress=not quiet))
     click.echo(summary(result, folder))

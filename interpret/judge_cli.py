@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 from routesae.errors import RouteSAEError
-from routesae.interpret.run_interpret import PROTOCOLS, InterpretConfig, run_interpret, summary_table
+from routesae.interpret.choices import PROTOCOLS
 
 
 def _latents(text: str | None) -> list[int] | None:
@@ -58,6 +58,8 @@ def interpret(contexts, judge_url, judge_model, features, latent_list, seed, out
 
     Example: routesae interpret --contexts ctx/routesae-k64 --judge-url http://127.0.0.1:8000/v1
     --judge-model NAME --features 100 --out interp.json"""
+    from routesae.interpret.run_interpret import InterpretConfig, run_interpret, summary_table
+
     cfg = InterpretConfig(
         contexts=contexts, out=out, judge_model=judge_model, judge_url=judge_url, features=features, seed=seed,
         protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()), latents=_latents(latent_list),

@@ -14,13 +14,13 @@ import numpy as np
 from routesae.atomic_files import write_json
 from routesae.errors import RouteSAEError
 from routesae.interpret import protocols as P
+from routesae.interpret.choices import PROTOCOLS
 from routesae.interpret.contexts import FORMAT as CONTEXTS_FORMAT
 from routesae.interpret.contexts import VERSION as CONTEXTS_VERSION
 from routesae.interpret.judge import Backend, Judge, JudgeConfig
 
 FORMAT = "routesae-interpretations"
 VERSION = 1
-PROTOCOLS = ("paper", "detection", "fuzzing")
 HELD_OUT = ("detection", "fuzzing")
 
 

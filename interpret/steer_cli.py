@@ -17,14 +17,23 @@ import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from routesae.errors import RouteSAEError
-from routesae.interpret.steering import (MODES, POSITIONS, WHERES, Comparison, Edit, GenerationSettings,
-                                         check_edits, check_steerable, compare)
+from routesae.interpret.choices import MODES, POSITIONS, WHERES
 from routesae.model.compute_dtype import CHOICES
+
+if TYPE_CHECKING:  # steering.py loads torch: only when the command runs, never for --help
+    from routesae.interpret.steering import Comparison, Edit, GenerationSettings
+
+
+def _default_settings() -> GenerationSettings:
+    """GenerationSettings' defaults, imported only when a config is made (steering.py loads torch)."""
+    from routesae.interpret.steering import GenerationSettings
+
+    return GenerationSettings()
 
 
 @dataclass
@@ -37,7 +46,7 @@ class SteerConfig:
     """The edits, applied together."""
     prompts: list[str]
     """The prompts, each continued twice."""
-    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    settings: GenerationSettings = field(default_factory=_default_settings)
     """Decoding, the same for both runs."""
     model: str | None = None
     """Load the model from here instead of the SAE's recorded model id."""
@@ -79,6 +88,8 @@ def _per_edit(values: tuple[str, ...], n: int, name: str, default: str | None) -
 def parse_edits(latents: tuple[str, ...], modes: tuple[str, ...], values: tuple[str, ...], wheres: tuple[str, ...],
                 positions: tuple[str, ...]) -> list[Edit]:
     """The command's repeated options -> edits; one-line errors for what is not a number or a known word."""
+    from routesae.interpret.steering import Edit
+
     if not latents:
         raise RouteSAEError("no --latent given")
     n = len(latents)
@@ -138,6 +149,7 @@ def _describe_sae(sae: Any, name: str) -> str:
 def run_steer(cfg: SteerConfig) -> dict[str, Any]:
     """Load the SAE and its model, continue every prompt plain and steered; -> the JSON-ready result
     (sae, model, edits, settings, clean_pass, results: one per prompt, seconds)."""
+    from routesae.interpret.steering import check_edits, check_steerable, compare
     from routesae.model.loading import load_store_model
     from routesae.train.load import load_sae
 
@@ -217,6 +229,8 @@ def side_by_side(left: str, right: str, width: int, titles: tuple[str, str] = ("
 
 
 def format_text(result: dict[str, Any], width: int) -> str:
+    from routesae.interpret.steering import Edit
+
     s = result["settings"]
     decoding = (f"sampled (temperature {s['temperature']:g}, top-p {s['top_p']:g})" if s["sample"] else "greedy")
     sae = result["sae"]
@@ -283,6 +297,8 @@ def steer(sae, latents, modes, values, wheres, positions, prompts, prompts_file,
 
     Example: routesae steer --sae runs/topk-k32 --latent 1234 --mode set --value 20 --prompt "The weather"
     """
+    from routesae.interpret.steering import GenerationSettings
+
     edits = parse_edits(latents, modes, values, wheres, positions)
     cfg = SteerConfig(
         sae=sae, edits=edits, prompts=read_prompts(prompts, prompts_file),

@@ -43,12 +43,9 @@ import torch
 from torch import Tensor
 
 from routesae.errors import RouteSAEError
+from routesae.interpret.choices import MODES, POSITIONS, WHERES
 from routesae.model.residual import CleanPass, EditFn, ForwardCall, ResidualEditor
 from routesae.train.normalize import apply_normalization
-
-MODES = ("set", "add", "mul", "zero")
-WHERES = ("all", "active")
-POSITIONS = ("all", "prompt", "generated")
 
 
 @dataclass(frozen=True)
