@@ -12,7 +12,7 @@ PAPER_THRESHOLD = 15.0
 """The paper's activation threshold, on its models' scale (inputs normalized per token, d_model 2048-3072)."""
 CONTEXTS_DEFAULTS = {"top": 20, "left": 24, "right": 8, "quantiles": 10, "per_quantile": 2, "samples": 20,
                      "negatives": 20}
-"""The defaults `routesae contexts --help` shows, the same as ContextsConfig's (a test holds them equal)."""
+"""The defaults `routesae contexts --help` shows, and ContextsConfig's own."""
 
 PROTOCOLS = ("paper", "detection", "fuzzing")
 """The judge's protocols, in the order they run: the RouteSAE paper's, delphi's detection and fuzzing."""

@@ -22,7 +22,7 @@ from routesae.store.zarr_store import Cache
 from routesae.interpret.codes import has_layer_per_activation, sae_input, token_codes
 from routesae.interpret.tables import Batch, NegativeTable, PaperTable, SampleTable, TopTable, sorted_code
 from routesae.interpret.windows import segments, sentence_bounds, sentence_end_tokens, window_bounds
-from routesae.interpret.choices import PAPER_THRESHOLD, RULES
+from routesae.interpret.choices import CONTEXTS_DEFAULTS, PAPER_THRESHOLD, RULES
 
 FORMAT = "routesae-contexts"
 VERSION = 1
@@ -45,19 +45,19 @@ class ContextsConfig:
     """Output folder (one SAE), or parent of one folder per SAE."""
     rule: str = "paper"
     """Interpretable-feature rule: 'paper' (at least 4 contexts) or 'paper-code' (at least 5)."""
-    left: int = 24
+    left: int = CONTEXTS_DEFAULTS["left"]
     """Tokens of a window before the activating token."""
-    right: int = 8
+    right: int = CONTEXTS_DEFAULTS["right"]
     """Tokens of a window after it."""
-    top: int = 20
+    top: int = CONTEXTS_DEFAULTS["top"]
     """Top activations kept per latent."""
-    quantiles: int = 10
+    quantiles: int = CONTEXTS_DEFAULTS["quantiles"]
     """Equal-count activation quantiles to sample examples from."""
-    per_quantile: int = 2
+    per_quantile: int = CONTEXTS_DEFAULTS["per_quantile"]
     """Examples per quantile."""
-    samples: int = 20
+    samples: int = CONTEXTS_DEFAULTS["samples"]
     """Further activating examples per latent, held out for scoring."""
-    negatives: int = 20
+    negatives: int = CONTEXTS_DEFAULTS["negatives"]
     """Windows per latent where it is zero throughout."""
     all_tokens: bool = False
     """Read the whole store, not the SAEs' held-out tail."""
