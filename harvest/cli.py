@@ -10,6 +10,7 @@ import click
 from routesae.cli_args import parse_count
 from routesae.errors import RouteSAEError
 from routesae.harvest.choices import DEFAULT_DATASET, DEFAULT_MODEL
+from routesae.model.compute_dtype import CHOICES as COMPUTE_CHOICES
 
 if TYPE_CHECKING:
     from routesae.store.verify import Damage
@@ -27,7 +28,11 @@ if TYPE_CHECKING:
               help="hidden_states indices (0 = embeddings): 'middle' (L/4..3L/4), 'all', '4-12', '4,8,12'.")
 @click.option("--context-len", default=512, show_default=True, type=int, help="Tokens per context, BOS included.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Contexts per forward pass.")
-@click.option("--dtype", default="bfloat16", show_default=True, help="Model and storage dtype: bfloat16, float16, float32.")
+@click.option("--dtype", default="bfloat16", show_default=True, help="Storage dtype of the activations: bfloat16, float16, float32.")
+@click.option("--compute-dtype", default="auto", show_default=True, type=click.Choice(COMPUTE_CHOICES),
+              help="The forward's dtype: auto runs --dtype where the device multiplies it natively, else float32 "
+              "(rounded to --dtype when stored; a CPU without AVX512-BF16 runs bf16 ~10x slower). A resumed store "
+              "keeps the one it began with.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the document shuffle.")
 @click.option("--shuffle-buffer", default=0, show_default=True, type=int,
@@ -53,7 +58,7 @@ def harvest(**kw) -> None:
     cfg = HarvestConfig(
         out=kw["out"], model=kw["model"], dataset=kw["dataset"], split=kw["split"], text_field=kw["text_field"],
         tokens=parse_count(kw["tokens"], "--tokens"), layers=kw["layers"], context_len=kw["context_len"],
-        batch_size=kw["batch_size"], dtype=kw["dtype"], device=kw["device"], seed=kw["seed"],
+        batch_size=kw["batch_size"], dtype=kw["dtype"], compute_dtype=kw["compute_dtype"], device=kw["device"], seed=kw["seed"],
         shuffle_buffer=kw["shuffle_buffer"], overwrite=kw["overwrite"], shard_tokens=kw["shard_tokens"],
         compression=kw["compression"], storage=kw["storage"], progress=not kw["quiet"],
     )

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from routesae import __version__
 from routesae.cpu_memory import keep_freed_memory
 from routesae.errors import RouteSAEError
+from routesae.model.compute_dtype import ComputeDtype, canonical, pick_compute_dtype
 from routesae.model.hooks import HiddenStateCapture, parse_layers
 from routesae.harvest.choices import DEFAULT_MODEL
 from routesae.harvest.corpus import DEFAULT_DATASET, document_source, shuffled
@@ -32,6 +33,7 @@ from routesae.model.loading import (
     config_n_layers,
     load_config,
     load_model,
+    resolve_device,
     resolve_dtype,
 )
 from routesae.harvest.packing import PackState, pack_contexts
@@ -75,7 +77,11 @@ class HarvestConfig:
     batch_size: int = 8
     """Contexts per forward pass."""
     dtype: str = "bfloat16"
-    """Model dtype; activations are stored in the same dtype, so nothing is lost."""
+    """Storage dtype of the activations (and the model's dtype where the device runs it natively)."""
+    compute_dtype: str = "auto"
+    """The forward's dtype: 'auto' (`dtype` where the device multiplies it natively, else float32,
+    rounded to `dtype` when stored: model/compute_dtype.py), or a dtype name. A resumed store keeps
+    the one it recorded, so all its shards come from the same forward."""
     device: str = "auto"
     """'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ..."""
     seed: int = 0
@@ -97,7 +103,7 @@ class HarvestConfig:
 
 
 # Settings that must match for a harvest to continue an existing store.
-_RESUME_KEYS = ("model.id", "model.revision", "model.dtype", "dataset", "context_len", "seed", "batch_size", "layers",
+_RESUME_KEYS = ("model.id", "model.revision", "model.dtype", "model.compute_dtype", "dataset", "context_len", "seed", "batch_size", "layers",
                 "capacity_tokens", "layout.storage")
 
 
@@ -211,9 +217,11 @@ def _existing_store(cfg: HarvestConfig, out: StorePath) -> dict[str, Any]:
     return attrs
 
 
-def _provenance(cfg: HarvestConfig, info: dict[str, Any]) -> dict[str, Any]:
+def _provenance(cfg: HarvestConfig, info: dict[str, Any], storage: str) -> dict[str, Any]:
     return {
-        "model": info,
+        # model.dtype: what the store holds; model.compute_dtype: what the forward ran in (repair
+        # and eval's clean runs rerun it in that dtype)
+        "model": {**info, "dtype": storage, "compute_dtype": info["dtype"]},
         "dataset": {"id": cfg.dataset, "split": cfg.split, "text_field": cfg.text_field, "shuffle_buffer": cfg.shuffle_buffer},
         "context_len": cfg.context_len,
         "seed": cfg.seed,
@@ -222,6 +230,20 @@ def _provenance(cfg: HarvestConfig, info: dict[str, Any]) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "package_version": __version__,
     }
+
+
+def _compute_dtype(cfg: HarvestConfig, existing: dict[str, Any] | None, storage: str, ranks: Ranks,
+                   loaded: LoadedModel | None) -> ComputeDtype:
+    """The forward's dtype: a given model's own; a resumed store's recorded one (under 'auto');
+    else model/compute_dtype.py's choice for the device."""
+    if loaded is not None:
+        return ComputeDtype(loaded.info["dtype"], "the model given", False)
+    if existing is not None and not cfg.overwrite and cfg.compute_dtype == "auto":
+        model = existing.get("model", {})
+        recorded = model.get("compute_dtype") or model.get("dtype")
+        if recorded:
+            return ComputeDtype(canonical(recorded), "as the store was begun", False)
+    return pick_compute_dtype(cfg.compute_dtype, storage, resolve_device(ranks.device(cfg.device)), source="storage")
 
 
 def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, ranks: Ranks | None = None) -> Cache:
@@ -238,7 +260,8 @@ def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, ranks: Ra
         raise RouteSAEError(f"--tokens {cfg.tokens} is less than one context of {cfg.context_len} tokens")
     if cfg.batch_size < 1:
         raise RouteSAEError("--batch-size must be at least 1")
-    resolve_dtype(cfg.dtype)
+    storage, _ = resolve_dtype(cfg.dtype)
+    compute = _compute_dtype(cfg, existing, storage, ranks, loaded)
     # Everything that can be checked without the weights is, before they load (many seconds):
     # the first document (a missing --text-field), then the layers and length against the config.
     if next(iter(documents()), None) is None:
@@ -256,21 +279,23 @@ def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, ranks: Ra
 
     if loaded is None:
         if cfg.progress and ranks.is_main:
-            tqdm.write(f"loading {cfg.model} ({cfg.dtype}) ...", file=sys.stderr)
-        loaded = load_model(cfg.model, cfg.dtype, ranks.device(cfg.device), config=config)
+            how = f"({storage})" if compute.name == storage else f"in {compute.name} ({compute.reason})"
+            tqdm.write(f"loading {cfg.model} {how} ...", file=sys.stderr)
+        loaded = load_model(cfg.model, compute.name, ranks.device(cfg.device), config=config)
     info = loaded.info
     if info["n_layers"] != n_layers:
         raise RouteSAEError(f"{cfg.model}: its config says {n_layers} layers, the loaded model has {info['n_layers']}")
-    storage = info["dtype"]
     if cfg.storage not in STORAGES:
         raise RouteSAEError(f"--storage {cfg.storage!r}: use {' or '.join(STORAGES)}")
     itemsize = 1 if cfg.storage == "int8" else np.dtype(ZARR_DTYPES[storage]).itemsize
-    provenance = _provenance(cfg, info)
+    provenance = _provenance(cfg, info, storage)
     wanted = {**provenance, "layers": layers, "capacity_tokens": capacity, "layout": {"storage": cfg.storage}}
 
     resume = existing is not None and not cfg.overwrite
     if resume:
-        existing = {**existing, "layout": {"storage": "model", **existing.get("layout", {})}}  # older stores
+        # older stores: no layout record (model storage), no compute dtype (the forward ran in the storage dtype)
+        existing = {**existing, "layout": {"storage": "model", **existing.get("layout", {})},
+                    "model": {"compute_dtype": existing.get("model", {}).get("dtype"), **existing.get("model", {})}}
         diff = [k for k in _RESUME_KEYS if _get(existing, k) != _get(wanted, k)]
         if diff:
             raise RouteSAEError(

@@ -46,6 +46,9 @@ class DiffConfig:
     """Load the LLM from here instead of the SAE's recorded model id (same revision)."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
+    dtype: str = "auto"
+    """The model's compute dtype: 'auto' (the recorded one where the device multiplies it natively,
+    else float32: model/compute_dtype.py) or a dtype name."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -319,7 +322,7 @@ def run_diff(cfg: DiffConfig) -> tuple[dict[str, Any], Path]:
     sae = loaded.sae
     if not sae.config.model.get("id") and not cfg.model:
         raise RouteSAEError(f"{cfg.sae} records no model to run the prompts with; pass --model")
-    llm = load_store_model(loaded.path, sae.config.model, cfg.model, cfg.device, "run the prompts of")
+    llm = load_store_model(loaded.path, sae.config.model, cfg.model, cfg.device, "run the prompts of", dtype=cfg.dtype)
     sae.to(next(llm.model.parameters()).device)
     za = prompt_activations(llm.model, llm.tokenizer, sae, prompts_a, cfg.reduce, cfg.progress, "A")
     zb = prompt_activations(llm.model, llm.tokenizer, sae, prompts_b, cfg.reduce, cfg.progress, "B")

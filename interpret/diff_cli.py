@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from routesae.interpret.choices import REDUCTIONS
+from routesae.model.compute_dtype import CHOICES as COMPUTE_CHOICES
 
 
 @click.command("diff")
@@ -18,8 +19,11 @@ from routesae.interpret.choices import REDUCTIONS
 @click.option("--out", required=True, help="Folder for diff.md, diff.json and diff.png.")
 @click.option("--model", default=None, help="Load the LLM from here instead of the SAE's recorded model id.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(COMPUTE_CHOICES), default="auto", show_default=True,
+              help="The model's compute dtype: auto runs the recorded one where the device multiplies it natively, "
+              "else float32.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def diff(sae, set_a, set_b, reduce, top, out, model, device, quiet) -> None:
+def diff(sae, set_a, set_b, reduce, top, out, model, device, dtype, quiet) -> None:
     """Which latents tell two prompt sets apart: active latents per prompt, exclusive and perfectly
     separating latents, a ranking by frequency difference, paired McNemar tests. Prints a summary; the
     full tables are in diff.md, the data in diff.json, the figure in diff.png.
@@ -28,5 +32,5 @@ def diff(sae, set_a, set_b, reduce, top, out, model, device, quiet) -> None:
     from routesae.interpret.diff import DiffConfig, run_diff, summary
 
     result, folder = run_diff(DiffConfig(sae=sae, a=set_a, b=set_b, out=out, reduce=reduce, top=top, model=model,
-                                         device=device, progress=not quiet))
+                                         device=device, dtype=dtype, progress=not quiet))
     click.echo(summary(result, folder))

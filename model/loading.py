@@ -234,13 +234,14 @@ def load_store_model(store: Path, recorded: dict[str, Any], spec: str | None, de
     `spec` if given (a moved copy) else its recorded id; refuses a model of another revision or
     shape. `purpose` completes "refusing to ... a different model".
 
-    dtype: 'recorded' (the default): the store's dtype exactly, as `repair` and eval's store-started
+    dtype: 'recorded' (the default): the harvest's compute dtype exactly, as `repair` and eval's store-started
     clean runs need (their forward must equal the harvest's bit for bit); 'auto': the recorded dtype
     where the device multiplies it natively, else float32 (model/compute_dtype.py: a CPU without
     native bf16 runs it about 27 times slower); or a dtype name, used as given. info["dtype"] is
     the dtype the model runs in."""
     spec = store_model_spec(store, recorded, spec)
-    wanted = recorded.get("dtype", "bfloat16")
+    # the forward's dtype as the harvest ran it (older stores: the dtype they hold)
+    wanted = recorded.get("compute_dtype") or recorded.get("dtype", "bfloat16")
     if dtype != "recorded":
         from routesae.model.compute_dtype import pick_compute_dtype
 

@@ -102,4 +102,4 @@ def load_store_unembedding(store: Path, recorded: dict[str, Any], spec: str | No
             raise RouteSAEError(f"the model {spec!r} has no output embedding to {purpose}")
         return head.weight.detach()
     check_shape(spec, {"d_model": weight.shape[1]}, recorded)
-    return weight.to(resolve_dtype(recorded.get("dtype", "bfloat16"))[1])
+    return weight.to(resolve_dtype(recorded.get("compute_dtype") or recorded.get("dtype", "bfloat16"))[1])

@@ -23,7 +23,8 @@ CTX = 32
 
 def _harvest(model_dir, out, layers="all", tokens=2048):
     return run_harvest(HarvestConfig(out=str(out), model=str(model_dir), dataset="builtin", tokens=tokens, layers=layers,
-                                     context_len=CTX, batch_size=8, progress=False, min_chunk_bytes=1024))
+                                     context_len=CTX, batch_size=8, progress=False, min_chunk_bytes=1024,
+                                     compute_dtype="bfloat16"))  # stored as computed: eval may start from it
 
 
 def _fit(store, out, archs, routing="hard", eval_tokens=0.25, layer=3, ks=(8,)):
@@ -199,8 +200,11 @@ def test_eval_batches_default_to_the_harvests(tmp_path):
     from routesae.store.zarr_store import Cache
 
     model_dir = save_tiny("llama", tmp_path / "model")
+    # a bf16 forward, stored as it is (the default on a CPU without bf16 computes in float32 and
+    # rounds, which no rerun of the forward can start from)
     run_harvest(HarvestConfig(out=str(tmp_path / "s.zarr"), model=str(model_dir), dataset="builtin", tokens=2048,
-                              layers="all", context_len=CTX, batch_size=4, progress=False, min_chunk_bytes=1024))
+                              layers="all", context_len=CTX, batch_size=4, progress=False, min_chunk_bytes=1024,
+                              compute_dtype="bfloat16"))
     assert Cache.open(tmp_path / "s.zarr").harvest_batch_size == 4
     _fit(tmp_path / "s.zarr", tmp_path / "runs", ["topk"])
     report = run_eval(EvalConfig(saes=[str(tmp_path / "runs")], cache=str(tmp_path / "s.zarr"), splice=True,

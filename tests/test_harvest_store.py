@@ -27,7 +27,7 @@ def _harvest(model_dir, out, **kw):
 @pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("gpt2", "float32"), ("llama", "bfloat16")])
 def test_stored_acts_equal_output_hidden_states(kind, dtype, tiny_llama_dir, tiny_gpt2_dir, tmp_path):
     folder = tiny_llama_dir if kind == "llama" else tiny_gpt2_dir
-    cache = _harvest(folder, tmp_path / "s.zarr", dtype=dtype)
+    cache = _harvest(folder, tmp_path / "s.zarr", dtype=dtype, compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     assert cache.layers == list(range(model.config.num_hidden_layers + 1))
     assert cache.n_tokens == 1024 and cache.complete

@@ -34,7 +34,7 @@ def _independent(model_dir, sae, prompts, reduce):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     layers = list(sae.config.layers)
     out = []
     for text in prompts:
@@ -51,7 +51,8 @@ def _independent(model_dir, sae, prompts, reduce):
 def test_counts_exclusive_and_separating_latents_equal_an_independent_computation(world, tmp_path, name, reduce):
     root, model_dir = world
     result = CliRunner().invoke(main, ["diff", "--sae", str(root / "runs" / name), "--a", str(root / "a.txt"),
-                                       "--b", str(root / "b.jsonl"), "--reduce", reduce, "--out", str(tmp_path), "--quiet"])
+                                       "--b", str(root / "b.jsonl"), "--reduce", reduce, "--out", str(tmp_path), "--quiet",
+                                       "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     got = json.loads((tmp_path / "diff.json").read_text())
     sae = load_sae(root / "runs" / name)

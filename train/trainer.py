@@ -26,6 +26,7 @@ from routesae.model.loading import resolve_device
 from routesae.store.zarr_store import Cache
 from routesae.store.verify import raise_if_damaged
 from routesae.atomic_files import is_temp_name, write_json, write_text
+from routesae.model.compute_dtype import native_on
 from routesae.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_safetensors
 from routesae.train.coders.matryoshka import default_prefixes
 from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig, SAEConfig
@@ -76,20 +77,11 @@ class FitResult(NamedTuple):
 # --- planning: every check before anything is written -------------------------------------------
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether the hardware multiplies bf16 natively (CPU: AVX512-BF16 or AMX; CUDA: Ampere on)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(cpu, name, lambda: False)() for name in checks)
-    return False
-
-
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+        # bf16 where the hardware multiplies it natively (model/compute_dtype.py: CPU AVX512-BF16
+        # or AMX, CUDA Ampere on), else float32; other devices keep float32 here
+        return torch.bfloat16 if device.type in ("cpu", "cuda") and native_on("bfloat16", device) else torch.float32
     dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
     if name not in dtypes:
         raise RouteSAEError(f"unknown --dtype {name!r}; use auto, bfloat16 or float32")
