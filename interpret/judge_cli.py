@@ -6,6 +6,9 @@ import click
 from routesae.errors import RouteSAEError
 from routesae.interpret.choices import PROTOCOLS
 
+JUDGE_MODES = ("auto", "json_schema", "logprobs", "logit_bias", "constrained", "free")
+"""--judge-mode's values: judge.JUDGE_MODES, spelled here so that --help loads no stage module (a test keeps them equal)."""
+
 
 def _latents(text: str | None) -> list[int] | None:
     if text is None:
@@ -24,6 +27,15 @@ def _latents(text: str | None) -> list[int] | None:
 @click.option("--judge-model", required=True,
               help="Model name as the server knows it, or local:PATH to run a transformers chat model in-process "
                    "(a folder, a .gguf file or smollm2; no --judge-url).")
+@click.option("--judge-mode", default="auto", show_default=True, type=click.Choice(JUDGE_MODES),
+              help="How the judge's answers are made to parse. auto: one probe request finds what the server "
+                   "honours: json_schema (a JSON schema through response_format; OpenAI, vLLM, SGLang, llama.cpp), "
+                   "logprobs (also detection and fuzzing scored from P(1)/(P(1)+P(0)), with AUROC), logit_bias (one "
+                   "answer token forced; transformers serve), else free text. local:PATH runs constrained "
+                   "(the answers' logits compared).")
+@click.option("--judge-tokenizer", default=None,
+              help="The judge's tokenizer (a folder or hub name) for logit_bias, when the model name is not the "
+                   "served model's folder.")
 @click.option("--features", default=100, show_default=True, type=int,
               help="Latents to draw at random among those with enough examples; clamped, with a warning, to those.")
 @click.option("--latents", "latent_list", default=None, help="Judge these latents instead (comma-separated indices).")
@@ -41,7 +53,9 @@ def _latents(text: str | None) -> list[int] | None:
 @click.option("--max-tokens", default=300, show_default=True, type=int, help="Longest judge reply, in tokens.")
 @click.option("--timeout", default=600.0, show_default=True, type=float,
               help="Seconds the judge may stay silent on a request: before its reply starts, or between two tokens.")
-@click.option("--batch", default=5, show_default=True, type=int, help="Held-out windows per detection/fuzzing request.")
+@click.option("--batch", default=5, show_default=True, type=int,
+              help="Held-out windows per detection/fuzzing request (free and json_schema modes; the others ask one "
+                   "window a request).")
 @click.option("--min-examples", default=4, show_default=True, type=int,
               help="Draw only latents with at least this many top examples (and held-out windows for detection/fuzzing).")
 @click.option("--all-negatives", is_flag=True,
@@ -49,9 +63,9 @@ def _latents(text: str | None) -> list[int] | None:
 @click.option("--overwrite", is_flag=True,
               help="Replace an --out that holds another SAE's interpretation or another file (refused by default).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def interpret(contexts, judge_url, judge_model, features, latent_list, seed, out, protocols, concurrency, cache_dir,
-              max_retries, temperature, max_tokens, timeout, batch, min_examples, all_negatives, overwrite,
-              quiet) -> None:
+def interpret(contexts, judge_url, judge_model, judge_mode, judge_tokenizer, features, latent_list, seed, out,
+              protocols, concurrency, cache_dir, max_retries, temperature, max_tokens, timeout, batch, min_examples,
+              all_negatives, overwrite, quiet) -> None:
     """Ask an LLM judge about a seeded sample of latents: the RouteSAE paper's protocol (category,
     1-5 consistency score, explanation) and delphi's detection and fuzzing of held-out windows
     (balanced accuracy). Every reply is cached: a rerun is free and a killed run resumes.
@@ -65,9 +79,10 @@ def interpret(contexts, judge_url, judge_model, features, latent_list, seed, out
         protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()), latents=_latents(latent_list),
         min_examples=min_examples, batch=batch, balance=not all_negatives, concurrency=concurrency, cache_dir=cache_dir,
         max_retries=max_retries, temperature=temperature, max_tokens=max_tokens, timeout=timeout, overwrite=overwrite,
-        progress=not quiet,
+        judge_mode=judge_mode, judge_tokenizer=judge_tokenizer, progress=not quiet,
     )
     result = run_interpret(cfg, warn=lambda message: click.echo(f"routesae: warning: {message}", err=True))
     click.echo(summary_table(result.summary))
-    click.echo(f"wrote {result.out} ({len(result.latents)} latents; {result.requests} judge requests, "
-               f"{result.cached} replies from the cache)")
+    click.echo(f"judge mode: {result.mode.mode} ({result.mode.why})")
+    click.echo(f"wrote {result.out} ({len(result.latents)} latents; judge mode {result.mode.mode}; "
+               f"{result.requests} judge requests, {result.cached} replies from the cache)")

@@ -6,6 +6,7 @@ network here, so every prompt and parser is testable on its own."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, NamedTuple, Sequence
 
@@ -89,19 +90,57 @@ def check_disjoint(rec: dict[str, Any]) -> None:
 
 # -- the RouteSAE paper's protocol ---------------------------------------------------------------
 
-PAPER_SYSTEM = """You study one latent feature of a sparse autoencoder trained on the internal activations of a language model. You are shown contexts where the feature fires. Each line reads
+_PAPER_INTRO = """You study one latent feature of a sparse autoencoder trained on the internal activations of a language model. You are shown contexts where the feature fires. Each line reads
 token | activation | context
-that is: the token the feature fired on, how strongly it fired, and the text around that token, with the token itself marked <<like this>>.
+that is: the token the feature fired on, how strongly it fired, and the text around that token, with the token itself marked <<like this>>."""
+_PAPER_CATEGORY = "Category. low-level: the feature responds to one word or token, or to one particular meaning of a word (word-level, possibly polysemous). high-level: it responds to a pattern or concept that spans the context (a topic, a syntactic role, a longer-range structure), not to a fixed token. undiscernible: you see no pattern."
+_PAPER_SCORE = "Score, from 1 to 5, for how consistently the contexts follow the pattern: 5 every context fits, no exception; 4 nearly all fit; 3 most fit, with clear exceptions; 2 a weak pattern with many exceptions; 1 no pattern."
+_PAPER_EXPLANATION = "Explanation: one short sentence naming the pattern."
+_PAPER_TASK = f"""{_PAPER_INTRO}
 
 Judge three things.
-1. Category. low-level: the feature responds to one word or token, or to one particular meaning of a word (word-level, possibly polysemous). high-level: it responds to a pattern or concept that spans the context (a topic, a syntactic role, a longer-range structure), not to a fixed token. undiscernible: you see no pattern.
-2. Score, from 1 to 5, for how consistently the contexts follow the pattern: 5 every context fits, no exception; 4 nearly all fit; 3 most fit, with clear exceptions; 2 a weak pattern with many exceptions; 1 no pattern.
-3. Explanation: one short sentence naming the pattern.
+1. {_PAPER_CATEGORY}
+2. {_PAPER_SCORE}
+3. {_PAPER_EXPLANATION}"""
+
+PAPER_SYSTEM = f"""{_PAPER_TASK}
 
 Answer with exactly these three lines and nothing else:
 Category: <low-level, high-level or undiscernible>
 Score: <a whole number from 1 to 5>
 Explanation: <your sentence>"""
+
+PAPER_JSON_SYSTEM = f"""{_PAPER_TASK}
+
+Answer with one JSON object with the fields "category" (low-level, high-level or undiscernible), "score" (a whole number from 1 to 5) and "explanation" (your sentence)."""
+"""The paper's question where the server holds its reply to PAPER_SCHEMA (json_schema and logprobs modes)."""
+
+PAPER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"category": {"type": "string", "enum": list(CATEGORIES)},
+                   "score": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
+                   "explanation": {"type": "string"}},
+    "required": ["category", "score", "explanation"], "additionalProperties": False,
+}
+
+# Where the judge can only be made to pick one token among a few (logit_bias, constrained), the
+# paper's three answers are three questions: the category and the score as one digit each, the
+# explanation as free text (any text is an explanation).
+CATEGORY_DIGITS = {"1": "low-level", "2": "high-level", "3": "undiscernible"}
+SCORE_DIGITS = ("1", "2", "3", "4", "5")
+PAPER_CATEGORY_SYSTEM = f"""{_PAPER_INTRO}
+
+Judge the feature's {_PAPER_CATEGORY[0].lower()}{_PAPER_CATEGORY[1:]}
+
+Answer with one digit: 1 for low-level, 2 for high-level, 3 for undiscernible."""
+PAPER_SCORE_SYSTEM = f"""{_PAPER_INTRO}
+
+Judge the feature's {_PAPER_SCORE[0].lower()}{_PAPER_SCORE[1:]}
+
+Answer with one digit from 1 to 5."""
+PAPER_EXPLAIN_SYSTEM = f"""{_PAPER_INTRO}
+
+Name the pattern the contexts follow in one short sentence. Answer with the sentence only."""
 
 
 class PaperAnswer(NamedTuple):
@@ -118,12 +157,14 @@ def paper_examples(rec: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     return list(rec.get("top") or []), "top"
 
 
-def paper_messages(rec: dict[str, Any], vocab: Vocab) -> tuple[Messages, str]:
+def paper_messages(rec: dict[str, Any], vocab: Vocab, system: str = PAPER_SYSTEM) -> tuple[Messages, str]:
+    """The paper's question on one latent (system: PAPER_SYSTEM, or another way of asking it:
+    PAPER_JSON_SYSTEM, PAPER_CATEGORY_SYSTEM, ...), and which contexts it shows."""
     examples, source = paper_examples(rec)
     lines = [f"{_visible(vocab.text(ex['token_ids'][ex['mark']]))} | {ex['activation']:.2f} | "
              f"{render(ex['token_ids'], vocab, {ex['mark']})}" for ex in examples]
     user = "token | activation | context\n" + "\n".join(lines)
-    return [{"role": "system", "content": PAPER_SYSTEM}, {"role": "user", "content": user}], source
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}], source
 
 
 _OPEN = r"\s*\**\s*[:=\-]\s*\**\s*[\"'`\[(]?\s*"  # "Score:", "**Score:**", "Score = (", ...
@@ -154,6 +195,71 @@ def parse_paper(reply: str) -> PaperAnswer | None:
             explanation = _clean(m.group(1)) or next((_clean(x) for x in lines[i + 1:] if _clean(x)), "")
             break
     return PaperAnswer(category, int(score.group(1)), explanation)
+
+
+def _json_object(reply: str) -> dict[str, Any] | None:
+    """The reply as a JSON object, also when a server wrapped it in a ```json fence; None otherwise."""
+    text = (reply or "").strip()
+    if text.startswith("```"):
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def parse_paper_json(reply: str) -> PaperAnswer | None:
+    """A reply to PAPER_SCHEMA; a reply that is not such JSON (a server that did not hold to the
+    schema) is read as free text by parse_paper."""
+    data = _json_object(reply)
+    if data is None:
+        return parse_paper(reply)
+    category, score, explanation = data.get("category"), data.get("score"), data.get("explanation")
+    if category not in CATEGORIES or isinstance(score, bool) or score not in (1, 2, 3, 4, 5):
+        return None
+    return PaperAnswer(category, int(score), _clean(explanation) if isinstance(explanation, str) else "")
+
+
+class Choice(NamedTuple):
+    """A reply to a question answered by one token among `choices`."""
+
+    answer: str | None
+    """The choice the reply holds; None when it holds none of them."""
+    probs: dict[str, float] | None
+    """Each choice's probability as the judge's log-probabilities give it (a choice absent from the
+    candidates it returned counts 0); None when the reply carries none."""
+
+
+def _choice_of(text: str, choices: Sequence[str]) -> str | None:
+    word = text.strip().strip("\"'`*.").lower()
+    return next((c for c in choices if c.lower() == word), None)
+
+
+def parse_choice(reply: str, choices: Sequence[str]) -> Choice:
+    """A one-token answer: plain text (logit_bias), or the JSON that the judge module makes of a reply
+    with log-probabilities, {"content": ..., "top_logprobs": [[token, logprob], ...]} (logprobs and
+    constrained modes), where each choice's probability sums its candidates ("1" and " 1")."""
+    data = _json_object(reply) if (reply or "").lstrip().startswith("{") else None
+    if data is None or not isinstance(data.get("top_logprobs"), list):
+        return Choice(_choice_of(reply or "", choices), None)
+    content = data.get("content") if isinstance(data.get("content"), str) else ""
+    probs = {c: 0.0 for c in choices}
+    for item in data["top_logprobs"]:
+        if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str):
+            c = _choice_of(item[0], choices)
+            if c is not None and item[0].strip():
+                probs[c] += float(np.exp(float(item[1])))
+    return Choice(_choice_of(content, choices), probs if any(v > 0 for v in probs.values()) else None)
+
+
+def paper_from_choices(category: str, score: str, explanation: str) -> PaperAnswer | None:
+    """The paper's answer from its three one-token questions' replies; None when the category or
+    the score holds no choice."""
+    cat, sc = parse_choice(category, tuple(CATEGORY_DIGITS)), parse_choice(score, SCORE_DIGITS)
+    if cat.answer is None or sc.answer is None:
+        return None
+    return PaperAnswer(CATEGORY_DIGITS[cat.answer], int(sc.answer), parse_explanation(explanation) or "")
 
 
 def summarize_paper(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -218,6 +324,31 @@ Answer with one list in square brackets, one entry per window in order, each ent
 
 HELD_OUT = {"detection": DETECTION_SYSTEM, "fuzzing": FUZZING_SYSTEM}
 
+_JSON_ANSWER = 'Answer with one JSON object {"answers": [...]}: one entry per window in order, each entry 1 or 0. Nothing else.'
+HELD_OUT_JSON = {p: s.split("\n\nAnswer with one list")[0] + "\n\n" + _JSON_ANSWER for p, s in HELD_OUT.items()}
+"""The same questions where the server holds its reply to held_out_schema(n) (json_schema mode)."""
+
+DETECTION_ONE_SYSTEM = """A latent feature of a language model has been explained in a few words. You will see one text window. Decide from the explanation alone whether the feature fires anywhere in it.
+
+Answer with one digit: 1 if it does, 0 if it does not."""
+
+FUZZING_ONE_SYSTEM = """A latent feature of a language model has been explained in a few words. You will see one text window in which some tokens are marked <<like this>>. Decide from the explanation whether the marked tokens are ones where the feature fires.
+
+Answer with one digit: 1 if the marks are correct, 0 if they are not."""
+
+HELD_OUT_ONE = {"detection": DETECTION_ONE_SYSTEM, "fuzzing": FUZZING_ONE_SYSTEM}
+"""One window a request, answered by one token (logprobs, logit_bias and constrained modes)."""
+VERDICT_CHOICES = ("1", "0")
+STYLES = ("list", "json", "one")
+"""How held-out windows are asked: batched with a free-text list, batched with a JSON schema, one a request."""
+
+
+def held_out_schema(n: int) -> dict[str, Any]:
+    """The JSON schema of a reply to n windows: {"answers": [n entries, each 0 or 1]}."""
+    return {"type": "object", "properties": {"answers": {"type": "array", "items": {"type": "integer", "enum": [0, 1]},
+                                                        "minItems": n, "maxItems": n}},
+            "required": ["answers"], "additionalProperties": False}
+
 
 class Window(NamedTuple):
     """One held-out window as the judge sees it, and the truth."""
@@ -256,15 +387,25 @@ def held_out_windows(rec: dict[str, Any], vocab: Vocab, protocol: str, rng: np.r
     return [windows[i] for i in rng.permutation(len(windows))]
 
 
-def held_out_batches(windows: list[Window], explanation: str, protocol: str, batch: int) -> list[HeldOutBatch]:
-    """The windows `batch` to a request, each request answered with a list of 0s and 1s."""
+def held_out_batches(windows: list[Window], explanation: str, protocol: str, batch: int,
+                     style: str = "list") -> list[HeldOutBatch]:
+    """The windows `batch` to a request, each request answered with a list of 0s and 1s (style
+    'list'), or with {"answers": [...]} (style 'json'); style 'one': one window a request, answered
+    by one digit."""
     out = []
+    if style == "one":
+        for w in windows:
+            user = f"Explanation: {_visible(explanation)}\n\nWindow: {w.text}\n\nAnswer 1 or 0."
+            out.append(HeldOutBatch([{"role": "system", "content": HELD_OUT_ONE[protocol]},
+                                     {"role": "user", "content": user}], [w.activating]))
+        return out
+    system = (HELD_OUT_JSON if style == "json" else HELD_OUT)[protocol]
     for a in range(0, len(windows), batch):
         chunk = windows[a:a + batch]
         body = "\n".join(f"Window {i}: {w.text}" for i, w in enumerate(chunk, 1))
         user = (f"Explanation: {_visible(explanation)}\n\n{body}\n\n"
                 f"Answer with a list of {len(chunk)} values (0 or 1), one per window.")
-        out.append(HeldOutBatch([{"role": "system", "content": HELD_OUT[protocol]}, {"role": "user", "content": user}],
+        out.append(HeldOutBatch([{"role": "system", "content": system}, {"role": "user", "content": user}],
                                 [w.activating for w in chunk]))
     return out
 
@@ -292,9 +433,44 @@ def parse_verdicts(reply: str, n: int) -> list[int | None]:
     return [_verdict(x) for x in items]
 
 
-def binary_scores(truth: Sequence[int], predicted: Sequence[int | None]) -> dict[str, Any]:
+def parse_verdicts_json(reply: str, n: int) -> list[int | None]:
+    """A reply to held_out_schema(n); one that is not such JSON is read as free text by parse_verdicts."""
+    data = _json_object(reply)
+    if data is None:
+        return parse_verdicts(reply, n)
+    answers = data.get("answers")
+    if not isinstance(answers, list) or len(answers) != n:
+        return [None] * n
+    return [a if a in (0, 1) and not isinstance(a, bool) else None for a in answers]
+
+
+def verdict_of_choice(reply: str) -> tuple[int | None, float | None]:
+    """A one-window reply (style 'one'): the verdict, and P(1) / (P(1) + P(0)) when the reply carries
+    log-probabilities (delphi's score). With probabilities the verdict is P(1) > 0.5 (what decides
+    the thresholded accuracy), else the digit replied."""
+    choice = parse_choice(reply, VERDICT_CHOICES)
+    if choice.probs is not None:
+        p = choice.probs["1"] / (choice.probs["1"] + choice.probs["0"])
+        return int(p > 0.5), p
+    return (None if choice.answer is None else int(choice.answer)), None
+
+
+def auroc(truth: Sequence[int], scores: Sequence[float | None]) -> float | None:
+    """The area under the ROC curve of the scores that exist (sklearn's roc_auc_score); None unless
+    both classes are among them."""
+    pairs = [(t, s) for t, s in zip(truth, scores) if s is not None]
+    if len({t for t, _ in pairs}) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score([t for t, _ in pairs], [s for _, s in pairs]))
+
+
+def binary_scores(truth: Sequence[int], predicted: Sequence[int | None],
+                  probs: Sequence[float | None] | None = None) -> dict[str, Any]:
     """Balanced accuracy (TP/P + TN/N)/2, precision, recall, F1 over the windows that parsed.
-    Undefined figures (no positive or no negative window left, no positive prediction) are None."""
+    Undefined figures (no positive or no negative window left, no positive prediction) are None.
+    With probs (the judge's P(1) per window, None where it gave none): also `auroc`."""
     pairs = [(t, p) for t, p in zip(truth, predicted) if p is not None]
     tp = sum(t == 1 and p == 1 for t, p in pairs)
     fp = sum(t == 0 and p == 1 for t, p in pairs)
@@ -305,16 +481,21 @@ def binary_scores(truth: Sequence[int], predicted: Sequence[int | None]) -> dict
     precision = tp / (tp + fp) if tp + fp else None
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
     balanced = (tp / pos + tn / neg) / 2 if pos and neg else None
-    return {"balanced_accuracy": balanced, "precision": precision, "recall": recall, "f1": f1, "n": len(pairs),
-            "parse_failures": len(predicted) - len(pairs)}
+    out = {"balanced_accuracy": balanced, "precision": precision, "recall": recall, "f1": f1, "n": len(pairs),
+           "parse_failures": len(predicted) - len(pairs)}
+    if probs is not None:
+        out["auroc"] = auroc(truth, probs)
+    return out
 
 
 def summarize_binary(entries: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Means over latents of each figure (latents where it is undefined left out), parse failures summed."""
+    """Means over latents of each figure (latents where it is undefined left out), parse failures
+    summed; `auroc` too where the latents have one (the judge's log-probabilities were read)."""
     scored = [e for e in entries if e is not None]
     out: dict[str, Any] = {}
-    for key in ("balanced_accuracy", "precision", "recall", "f1"):
-        values = [e[key] for e in scored if e[key] is not None]
+    keys = ["balanced_accuracy", "precision", "recall", "f1"] + (["auroc"] if any("auroc" in e for e in scored) else [])
+    for key in keys:
+        values = [e[key] for e in scored if e.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
     out["parse_failures"] = sum(e["parse_failures"] for e in scored)
     out["latents"] = len(scored)

@@ -17,7 +17,7 @@ from routesae.interpret import protocols as P
 from routesae.interpret.choices import PROTOCOLS
 from routesae.interpret.contexts import FORMAT as CONTEXTS_FORMAT
 from routesae.interpret.contexts import VERSION as CONTEXTS_VERSION
-from routesae.interpret.judge import Backend, Judge, JudgeConfig
+from routesae.interpret.judge import Backend, Judge, JudgeConfig, ModeChoice
 
 FORMAT = "routesae-interpretations"
 VERSION = 1
@@ -63,6 +63,10 @@ class InterpretConfig:
     """Longest judge reply in tokens."""
     timeout: float = 600.0
     """Seconds the judge may stay silent on a request (before its reply starts, or between two tokens of it)."""
+    judge_mode: str = "auto"
+    """How the judge's answers are made to parse (judge.JUDGE_MODES); auto detects it."""
+    judge_tokenizer: str | None = None
+    """The judge's tokenizer for logit_bias when the model name is no tokenizer folder."""
     overwrite: bool = False
     """Replace an --out that is not an interpretation of this SAE and store (by default refused)."""
     progress: bool = True
@@ -71,7 +75,8 @@ class InterpretConfig:
     def judge_config(self) -> JudgeConfig:
         return JudgeConfig(model=self.judge_model, url=self.judge_url, cache_dir=Path(self.cache_path),
                            temperature=self.temperature, max_tokens=self.max_tokens, concurrency=self.concurrency,
-                           max_retries=self.max_retries, timeout=self.timeout)
+                           max_retries=self.max_retries, timeout=self.timeout, mode=self.judge_mode,
+                           tokenizer=self.judge_tokenizer)
 
     @property
     def cache_path(self) -> str:
@@ -110,6 +115,8 @@ class InterpretResult(NamedTuple):
     """Replies the judge produced in this run."""
     cached: int
     """Replies read from the cache."""
+    mode: ModeChoice
+    """The judge mode that ran, and why."""
 
 
 def load_contexts(folder: str | Path) -> Contexts:
@@ -226,11 +233,40 @@ def check_out(out: Path, ctx: Contexts, overwrite: bool) -> None:
                             "or pass --overwrite to replace it")
 
 
-def _paper_entry(reply: str, source: str) -> dict[str, Any]:
-    answer = P.parse_paper(reply)
+def _paper_entry(answer: P.PaperAnswer | None, reply: str, source: str) -> dict[str, Any]:
     if answer is None:
         return {"parse_failure": True, "reply": reply, "source": source}
     return {**answer._asdict(), "source": source}
+
+
+PAPER_FORMAT = {"type": "json_schema", "json_schema": {"name": "paper", "strict": True, "schema": P.PAPER_SCHEMA}}
+ANSWER_HOW = {"logprobs": "logprobs", "logit_bias": "logit_bias", "constrained": "constrained"}
+"""How each mode gets a one-token answer (Backend.complete's `answer`)."""
+WITH_PROBABILITIES = ("logprobs", "constrained")
+"""Modes whose one-token replies carry the judge's probabilities: detection and fuzzing get an AUROC."""
+
+
+def _held_out_style(mode: str) -> str:
+    return "list" if mode == "free" else "json" if mode == "json_schema" else "one"
+
+
+def _held_out_extra(mode: str, batch: P.HeldOutBatch) -> dict[str, Any]:
+    if mode == "json_schema":
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "verdicts", "strict": True, "schema": P.held_out_schema(len(batch.truth))}}}
+    if mode in ANSWER_HOW:
+        return {"answer": {"choices": list(P.VERDICT_CHOICES), "how": ANSWER_HOW[mode]}}
+    return {}
+
+
+def _held_out_verdicts(mode: str, reply: str, n: int) -> tuple[list[int | None], list[float | None]]:
+    """A held-out request's verdicts, and the judge's P(1) for each (None where its reply has none)."""
+    style = _held_out_style(mode)
+    if style == "one":
+        verdict, p = P.verdict_of_choice(reply)
+        return [verdict], [p]
+    verdicts = P.parse_verdicts_json(reply, n) if style == "json" else P.parse_verdicts(reply, n)
+    return verdicts, [None] * n
 
 
 def run_interpret(cfg: InterpretConfig, backend: Backend | None = None,
@@ -250,22 +286,47 @@ def run_interpret(cfg: InterpretConfig, backend: Backend | None = None,
     records = {lat: ctx.record(lat) for lat in selection.latents}
     for rec in records.values():
         P.check_disjoint(rec)
+    choice = judge.resolve_mode()
+    mode = choice.mode
     entries: dict[int, dict[str, Any]] = {lat: {} for lat in selection.latents}
 
-    # First round: what needs only the contexts (the paper's judgement, delphi's explanation).
+    # First round: what needs only the contexts (the paper's judgement, delphi's explanation). Where
+    # one token among a few is all the judge can be made to give (logit_bias, constrained), the
+    # paper's judgement is three questions: category, score, explanation.
     asks: list[tuple[int, str, Any]] = []
     conversations: list[P.Messages] = []
+    extras: list[dict[str, Any]] = []
     for lat, rec in records.items():
         if "paper" in cfg.protocols:
-            messages, source = P.paper_messages(rec, ctx.vocab)
-            asks.append((lat, "paper", source))
-            conversations.append(messages)
+            if mode in ("logit_bias", "constrained"):
+                for what, system, choices in (("paper_category", P.PAPER_CATEGORY_SYSTEM, P.CATEGORY_DIGITS),
+                                              ("paper_score", P.PAPER_SCORE_SYSTEM, P.SCORE_DIGITS),
+                                              ("paper_explanation", P.PAPER_EXPLAIN_SYSTEM, None)):
+                    messages, source = P.paper_messages(rec, ctx.vocab, system)
+                    asks.append((lat, what, source))
+                    conversations.append(messages)
+                    extras.append({"answer": {"choices": list(choices), "how": ANSWER_HOW[mode]}} if choices else {})
+            else:
+                structured = mode in ("json_schema", "logprobs")
+                messages, source = P.paper_messages(rec, ctx.vocab, P.PAPER_JSON_SYSTEM if structured else P.PAPER_SYSTEM)
+                asks.append((lat, "paper", source))
+                conversations.append(messages)
+                extras.append({"response_format": PAPER_FORMAT} if structured else {})
         if held_out:
             asks.append((lat, "explanation", None))
             conversations.append(P.explanation_messages(rec, ctx.vocab))
-    for (lat, what, source), reply in zip(asks, judge.ask_many(conversations, "judge: contexts", cfg.progress)):
+            extras.append({})
+    parts: dict[int, dict[str, str]] = {}
+    for (lat, what, source), reply in zip(asks, judge.ask_many(conversations, "judge: contexts", cfg.progress, extras)):
         if what == "paper":
-            entries[lat]["paper"] = _paper_entry(reply, source)
+            parse = P.parse_paper_json if mode in ("json_schema", "logprobs") else P.parse_paper
+            entries[lat]["paper"] = _paper_entry(parse(reply), reply, source)
+        elif what.startswith("paper_"):
+            parts.setdefault(lat, {})[what.removeprefix("paper_")] = reply
+            if len(parts[lat]) == 3:
+                got = parts[lat]
+                answer = P.paper_from_choices(got["category"], got["score"], got["explanation"])
+                entries[lat]["paper"] = _paper_entry(answer, f"category: {got['category']}; score: {got['score']}", source)
         else:
             explanation = P.parse_explanation(reply)
             entries[lat]["explanation"] = explanation
@@ -273,6 +334,7 @@ def run_interpret(cfg: InterpretConfig, backend: Backend | None = None,
                 entries[lat]["explanation_reply"] = reply
 
     # Second round: held-out windows judged against each explanation.
+    style = _held_out_style(mode)
     batches: list[tuple[int, str, P.HeldOutBatch]] = []
     for lat, rec in records.items():
         explanation = entries[lat].get("explanation")
@@ -282,18 +344,22 @@ def run_interpret(cfg: InterpretConfig, backend: Backend | None = None,
                 continue
             rng = np.random.default_rng([cfg.seed, lat, PROTOCOLS.index(p)])
             windows = P.held_out_windows(rec, ctx.vocab, p, rng, cfg.balance)
-            batches += [(lat, p, b) for b in P.held_out_batches(windows, explanation, p, cfg.batch)]
-    replies = judge.ask_many([b.messages for _, _, b in batches], "judge: held-out", cfg.progress) if batches else []
-    verdicts: dict[tuple[int, str], tuple[list[int], list[int | None]]] = {}
+            batches += [(lat, p, b) for b in P.held_out_batches(windows, explanation, p, cfg.batch, style)]
+    replies = judge.ask_many([b.messages for _, _, b in batches], "judge: held-out", cfg.progress,
+                             [_held_out_extra(mode, b) for _, _, b in batches]) if batches else []
+    verdicts: dict[tuple[int, str], tuple[list[int], list[int | None], list[float | None]]] = {}
     for (lat, p, b), reply in zip(batches, replies):
-        truth, predicted = verdicts.setdefault((lat, p), ([], []))
+        truth, predicted, probs = verdicts.setdefault((lat, p), ([], [], []))
+        said, p1 = _held_out_verdicts(mode, reply, len(b.truth))
         truth += b.truth
-        predicted += P.parse_verdicts(reply, len(b.truth))
-    for (lat, p), (truth, predicted) in verdicts.items():
-        entries[lat][p] = P.binary_scores(truth, predicted)
+        predicted += said
+        probs += p1
+    scored = mode in WITH_PROBABILITIES
+    for (lat, p), (truth, predicted, probs) in verdicts.items():
+        entries[lat][p] = P.binary_scores(truth, predicted, probs if scored else None)
     for lat in selection.latents:
         for p in held_out:
-            entries[lat].setdefault(p, P.binary_scores([], []))
+            entries[lat].setdefault(p, P.binary_scores([], [], [] if scored else None))
 
     summary: dict[str, Any] = {}
     if "paper" in cfg.protocols:
@@ -305,18 +371,18 @@ def run_interpret(cfg: InterpretConfig, backend: Backend | None = None,
         "format": FORMAT, "version": VERSION,
         "contexts": {"path": str(ctx.folder.resolve()), "sae": ctx.manifest.get("sae"), "store": ctx.manifest.get("store")},
         "judge": {"url": cfg.judge_model if jc.local else jc.url, "model": judge.model_id.removeprefix("local:")
-                  if jc.local else jc.model, **jc.sampling()},
+                  if jc.local else jc.model, **jc.sampling(), "mode": mode, "mode_reason": choice.why},
         "protocols": [p for p in PROTOCOLS if p in cfg.protocols],
         "seed": cfg.seed, "features": len(selection.latents),
-        "settings": {"min_examples": cfg.min_examples, "windows_per_request": cfg.batch, "balance": cfg.balance,
-                     "mark_fraction": P.MARK_FRACTION, "selected": "latents" if cfg.latents is not None else "sample",
-                     "available": selection.available},
+        "settings": {"min_examples": cfg.min_examples, "windows_per_request": 1 if style == "one" else cfg.batch,
+                     "balance": cfg.balance, "mark_fraction": P.MARK_FRACTION,
+                     "selected": "latents" if cfg.latents is not None else "sample", "available": selection.available},
         "latents": {str(lat): entries[lat] for lat in selection.latents},
         "summary": summary,
     }
     out = write_json(Path(cfg.out), doc, indent=1)
     return InterpretResult(out, selection.latents, summary, selection.available, selection.clamped, judge.requests,
-                           judge.cached)
+                           judge.cached, choice)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -337,10 +403,13 @@ def summary_table(summary: dict[str, Any]) -> str:
     if held:
         if lines:
             lines.append("")
-        lines += ["| protocol | latents | balanced accuracy | precision | recall | F1 | parse failures |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        # AUROC where the judge's probabilities were read (logprobs and constrained modes)
+        roc = any("auroc" in summary[p] for p in held)
+        lines += ["| protocol | latents | balanced accuracy | precision | recall | F1 |" + (" AUROC |" if roc else "")
+                  + " parse failures |", "|---|---:|---:|---:|---:|---:|" + ("---:|" if roc else "") + "---:|"]
         for p in held:
             s = summary[p]
             lines.append(f"| {p} | {s['latents']} | {_fmt(s['balanced_accuracy'])} | {_fmt(s['precision'])} | "
-                         f"{_fmt(s['recall'])} | {_fmt(s['f1'])} | {s['parse_failures']} |")
+                         f"{_fmt(s['recall'])} | {_fmt(s['f1'])} |" + (f" {_fmt(s.get('auroc'))} |" if roc else "")
+                         + f" {s['parse_failures']} |")
     return "\n".join(lines)

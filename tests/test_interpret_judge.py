@@ -92,30 +92,78 @@ def ctx_dir(tmp_path_factory) -> Path:
 # -- judges -------------------------------------------------------------------------------------
 
 def _windows(user: str) -> list[str]:
-    return re.findall(r"^Window \d+: (.*)$", user, re.M)
+    return re.findall(r"^Window(?: \d+)?: (.*)$", user, re.M)
 
 
 def _explained_token(user: str) -> str:
     return re.search(r"^Explanation: the token (\S+)", user, re.M).group(1)
 
 
+DETECTION_SYSTEMS = (P.DETECTION_SYSTEM, P.HELD_OUT_JSON["detection"], P.DETECTION_ONE_SYSTEM)
+ONE_SYSTEMS = (P.DETECTION_ONE_SYSTEM, P.FUZZING_ONE_SYSTEM)
+
+
+def truth_of(messages: list[dict]) -> list[int]:
+    """Whether each window of a held-out question is one where its latent fires, from the text:
+    detection, the trigger is in it; fuzzing, the trigger alone is marked."""
+    system, user = messages[0]["content"], messages[-1]["content"]
+    token = _explained_token(user)
+    if system in DETECTION_SYSTEMS:
+        return [int(token in w) for w in _windows(user)]
+    return [int({m.strip() for m in re.findall(r"<<(.*?)>>", w)} == {token}) for w in _windows(user)]
+
+
 def truthful(messages: list[dict], flip: bool = False) -> str:
-    """Answers as one who knows each latent's trigger: explains it, and judges windows by it."""
+    """Answers as one who knows each latent's trigger: explains it, and judges windows by it, in
+    the form each question asks for."""
     system, user = messages[0]["content"], messages[-1]["content"]
     if system == P.PAPER_SYSTEM:
         return "Category: low-level\nScore: 5\nExplanation: the trigger token"
+    if system == P.PAPER_JSON_SYSTEM:
+        return json.dumps({"category": "low-level", "score": 5, "explanation": "the trigger token"})
+    if system == P.PAPER_CATEGORY_SYSTEM:
+        return "1"
+    if system == P.PAPER_SCORE_SYSTEM:
+        return "5"
+    if system == P.PAPER_EXPLAIN_SYSTEM:
+        return "the trigger token"
     if system == P.EXPLAIN_SYSTEM:
         marked = re.findall(r"<<(.*?)>>", user)
         return f"The marks are all the same.\nExplanation: the token {max(set(marked), key=marked.count).strip()}"
-    token = _explained_token(user)
-    verdicts = []
-    for w in _windows(user):
-        if system == P.DETECTION_SYSTEM:
-            yes = token in w
-        else:
-            yes = {m.strip() for m in re.findall(r"<<(.*?)>>", w)} == {token}
-        verdicts.append(int(yes != flip))
+    if "Explanation: the token" not in user:
+        return "Yes."  # anything else (the judge module's probe)
+    verdicts = [int(t != flip) for t in truth_of(messages)]
+    if system in ONE_SYSTEMS:
+        return str(verdicts[0])
+    if system in P.HELD_OUT_JSON.values():
+        return json.dumps({"answers": verdicts})
     return f"[{', '.join(map(str, verdicts))}]"
+
+
+def chatty(messages: list[dict]) -> str:
+    """A small model's manners: the right answer, but wrapped in chatter that no free-text parser
+    reads (no 'Category:' line, no [..] list); JSON and digits stay inside it."""
+    system = messages[0]["content"]
+    answer = truthful(messages)
+    if system in (P.EXPLAIN_SYSTEM, P.PAPER_EXPLAIN_SYSTEM):
+        return answer
+    if system == P.PAPER_SYSTEM:
+        return "I would call this low-level and give it 5 out of 5: the trigger token."
+    if not answer.startswith("{"):
+        answer = answer.replace("[", "(").replace("]", ")")  # a list, but not one in square brackets
+    return f"Sure! I would answer {answer}, hope this helps."
+
+
+def _instance(schema: dict):
+    """The smallest value a JSON schema allows (a constrained decoder's reply to a policy without JSON)."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: _instance(v) for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        return [_instance(schema["items"]) for _ in range(schema.get("minItems", 0))]
+    return {"string": "", "integer": 0, "number": 0.0, "boolean": False}.get(kind)
 
 
 def inverted(messages: list[dict]) -> str:
@@ -162,6 +210,16 @@ class FakeJudge:
         """Answer this many chat requests, then hold the others until `release` is set."""
         self.answered = 0
         self.release = threading.Event()
+        self.honours: set[str] = set()
+        """What the server does with a request's response_format, logprobs and logit_bias: those named
+        here ("json_schema", "logprobs", "logit_bias") it honours, the others it ignores (as
+        transformers serve does with the first two)."""
+        self.tokenizer = None
+        """The served model's tokenizer: what logit_bias's ids mean (needed when it honours logit_bias)."""
+        self.p_yes: Callable[[list[dict]], float] | None = None
+        """P(1) of a one-digit question, for the log-probabilities it returns (honouring logprobs)."""
+        self.bodies: list[dict] = []
+        """Every chat request that reached the policy, as sent."""
         self.lock = threading.Lock()
         judge = self
 
@@ -224,16 +282,25 @@ class FakeJudge:
                     return self._send(status, {"error": {"message": f"status {status} on purpose"}}, headers)
                 if request.get("model") != "fake-judge":
                     return self._send(404, {"detail": f"no model {request.get('model')}"})
-                reply = judge.policy(request["messages"])
+                with judge.lock:
+                    judge.bodies.append(request)
+                bias = request.get("logit_bias") or {}
+                if "logit_bias" in judge.honours and any(not isinstance(v, float) for v in bias.values()):
+                    # as transformers serve does, whose logit_bias becomes generate's sequence_bias
+                    return self._send(400, {"detail": f"`sequence_bias` has to be a dict with floats as values, "
+                                                      f"but is {bias}."})
+                reply, logprobs = judge.answer(request)
                 with judge.lock:
                     judge.answered += 1
                 if request.get("stream") and judge.streams:
                     with judge.lock:
                         judge.streamed += 1
                     return self._stream(request["model"], reply)
+                choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}
+                if logprobs is not None:
+                    choice["logprobs"] = {"content": logprobs}
                 self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": request["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": reply}}],
+                                 "choices": [choice],
                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -241,6 +308,37 @@ class FakeJudge:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def answer(self, request: dict) -> tuple[str, list[dict] | None]:
+        """The reply to a chat request, and the log-probabilities of its first token when asked and
+        honoured: the policy's words, held to the request's response_format, logit_bias and
+        max_tokens as far as this server honours them (a constrained decoder lets only what fits through)."""
+        messages = request["messages"]
+        reply = self.policy(messages)
+        fmt = request.get("response_format")
+        if "json_schema" in self.honours and fmt:
+            found = re.search(r"\{.*\}", reply, re.S)
+            reply = found.group(0) if found else json.dumps(_instance(fmt["json_schema"]["schema"]))
+        if "logit_bias" in self.honours and request.get("logit_bias"):
+            ids = [int(i) for i, bias in request["logit_bias"].items() if bias > 0]
+            texts = [self.tokenizer.decode([i]) for i in ids]
+            # of the raised tokens, the one the policy says first (its answer); none: the first raised
+            said = [(m.start(), t) for t in texts
+                    for m in [re.search(rf"(?<!\w){re.escape(t.strip())}(?!\w)", reply)] if m]
+            reply = min(said)[1] if said else texts[0]
+        elif request.get("max_tokens") == 1:
+            reply = (pieces(reply) or [""])[0]
+        logprobs = None
+        if "logprobs" in self.honours and request.get("logprobs"):
+            if self.p_yes is not None and messages[0]["content"] in (P.DETECTION_ONE_SYSTEM, P.FUZZING_ONE_SYSTEM):
+                p = self.p_yes(messages)
+                reply = "1" if p > 0.5 else "0"
+                top = [("1", 0.98 * p), ("0", 0.98 * (1 - p)), ("The", 0.01)]
+            else:
+                top = [((pieces(reply) or [""])[0], 0.9)]
+            logprobs = [{"token": top[0][0], "logprob": float(np.log(top[0][1])), "bytes": None,
+                         "top_logprobs": [{"token": t, "logprob": float(np.log(q)), "bytes": None} for t, q in top]}]
+        return reply, logprobs
 
     @property
     def chats(self) -> int:
@@ -307,7 +405,10 @@ def test_output_follows_formats_md(ctx_dir, tmp_path, serve):
     assert doc["format"] == "routesae-interpretations" and doc["version"] == 1
     assert doc["contexts"]["path"] == str(ctx_dir.resolve()) and doc["contexts"]["sae"]["name"] == "fake-k4"
     assert doc["contexts"]["store"]["fingerprint"] == "f00d"
-    assert doc["judge"] == {"url": judge.url, "model": "fake-judge", "temperature": 0.1, "max_tokens": 77}
+    assert doc["judge"] == {"url": judge.url, "model": "fake-judge", "temperature": 0.1, "max_tokens": 77, "mode": "free",
+                            "mode_reason": doc["judge"]["mode_reason"]}
+    # the fake honours nothing, and its model name is no tokenizer folder: logit_bias cannot be tried
+    assert "logit_bias was not tried" in doc["judge"]["mode_reason"] and "--judge-tokenizer" in doc["judge"]["mode_reason"]
     assert doc["protocols"] == ["paper", "detection", "fuzzing"] and doc["seed"] == 0 and doc["features"] == 2
     assert set(doc["summary"]) == {"paper", "detection", "fuzzing"}
     assert set(doc["summary"]["paper"]) >= {"mean_score", "mean_score_low_level", "mean_score_high_level", "counts",
@@ -323,7 +424,8 @@ def test_one_protocol_only(ctx_dir, tmp_path, serve):
     judge = serve()
     _, doc = _interpret(ctx_dir, judge, tmp_path / "interp.json", "--features", 3, "--protocols", "detection")
     assert doc["protocols"] == ["detection"] and set(doc["summary"]) == {"detection"}
-    assert judge.chats == 3 + 3 * 2  # one explanation and two batches of 5 windows (8 windows) per latent
+    # the mode probe, then one explanation and two batches of 5 windows (8 windows) per latent
+    assert judge.chats == 1 + 3 + 3 * 2
     assert all(set(e) == {"explanation", "detection"} for e in doc["latents"].values())
 
 
@@ -547,7 +649,7 @@ def test_reply_cache_folder_appears_with_the_first_reply(ctx_dir, tmp_path, serv
                   "--protocols", "paper", "--out", tmp_path / "interp.json", "--quiet")
     assert result.exit_code == 1 and judge.chats == 1 and list(tmp_path.iterdir()) == []
     _interpret(ctx_dir, judge, tmp_path / "interp.json", "--features", 1, "--protocols", "paper")
-    assert len(list((tmp_path / "interp.json.cache").glob("*.json"))) == 1
+    assert len(list((tmp_path / "interp.json.cache").glob("*.json"))) == 2  # the mode probe's findings, the reply
 
 
 def test_429_waits_as_long_as_retry_after_says(ctx_dir, tmp_path, serve):
@@ -555,7 +657,7 @@ def test_429_waits_as_long_as_retry_after_says(ctx_dir, tmp_path, serve):
     judge.fail = [(429, {"Retry-After": "1"})]
     _, doc = _interpret(ctx_dir, judge, tmp_path / "interp.json", "--features", 1, "--protocols", "paper",
                         "--concurrency", 1)
-    assert judge.chats == 2 and doc["summary"]["paper"]["mean_score"] == 5
+    assert judge.chats == 3 and doc["summary"]["paper"]["mean_score"] == 5  # the probe, asked twice, then the paper
     # measured where the requests arrive: the second came no sooner than the server asked
     assert judge.times[1] - judge.times[0] >= 1.0
 
@@ -565,7 +667,7 @@ def test_5xx_and_429_are_retried(ctx_dir, tmp_path, serve):
     judge.fail = [500, 429]
     _, doc = _interpret(ctx_dir, judge, tmp_path / "interp.json", "--features", 1, "--protocols", "paper",
                         "--concurrency", 1)
-    assert judge.chats == 3 and doc["summary"]["paper"]["mean_score"] == 5
+    assert judge.chats == 4 and doc["summary"]["paper"]["mean_score"] == 5  # the probe, asked three times
 
 
 def test_a_reply_broken_off_mid_stream_is_asked_again(ctx_dir, tmp_path, serve):
@@ -573,7 +675,7 @@ def test_a_reply_broken_off_mid_stream_is_asked_again(ctx_dir, tmp_path, serve):
     judge.break_after = 3  # the role, then two words of the reply, then the connection closes
     _, doc = _interpret(ctx_dir, judge, tmp_path / "interp.json", "--features", 1, "--protocols", "paper",
                         "--concurrency", 1)
-    assert judge.chats == 2 and judge.streamed == 2
+    assert judge.chats == 3 and judge.streamed == 2  # the probe (not streamed), the reply twice
     (entry,) = doc["latents"].values()
     assert entry["paper"]["score"] == 5 and entry["paper"]["explanation"] == "the trigger token"
 
@@ -629,8 +731,10 @@ def test_bad_options(ctx_dir, tmp_path):
 
 # -- the in-process local: judge -----------------------------------------------------------------
 
-def test_local_judge_runs_and_caches(ctx_dir, tmp_path, tiny_llama_dir, monkeypatch):
-    """A tiny random Llama given a chat template: it answers nonsense (parse failures), in-process."""
+@pytest.mark.parametrize("mode", ["free", "auto"])
+def test_local_judge_runs_and_caches(ctx_dir, tmp_path, tiny_llama_dir, monkeypatch, mode):
+    """A tiny random Llama given a chat template, in-process. Free, it answers nonsense (parse
+    failures); constrained (auto), every answer is one of the allowed ones, so every reply parses."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -642,12 +746,23 @@ def test_local_judge_runs_and_caches(ctx_dir, tmp_path, tiny_llama_dir, monkeypa
     tok.save_pretrained(model)
     out = tmp_path / "interp.json"
     args = ("--contexts", ctx_dir, "--judge-model", f"local:{model}", "--features", 1, "--max-tokens", 8,
-            "--out", out, "--quiet")
+            "--judge-mode", mode, "--out", out, "--quiet")
     result = _cli(*args)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["judge"]["url"] == f"local:{model}" and doc["judge"]["max_tokens"] == 8
-    assert doc["summary"]["paper"]["parse_failures"] == 1
+    if mode == "free":
+        assert doc["judge"]["mode"] == "free" and doc["summary"]["paper"]["parse_failures"] == 1
+    else:
+        assert doc["judge"]["mode"] == "constrained" and "judge mode: constrained" in result.output
+        assert doc["summary"]["paper"]["parse_failures"] == 0 and doc["settings"]["windows_per_request"] == 1
+        (entry,) = doc["latents"].values()
+        assert entry["paper"]["category"] in P.CATEGORIES and entry["paper"]["score"] in range(1, 6)
+        for p in ("detection", "fuzzing"):
+            if entry["explanation"] is None:  # a random model may explain with nothing at all
+                continue
+            assert entry[p]["parse_failures"] == 0 and entry[p]["n"] == 2 * SAMPLES and "auroc" in entry[p]
+            assert "auroc" in doc["summary"][p]
     import routesae.model.loading as loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a cached rerun must not load the model"))
@@ -773,7 +888,7 @@ def test_streamed_and_plain_replies_are_cached_alike(ctx_dir, tmp_path, serve):
         judge = serve()
         judge.streams = streams
         _interpret(ctx_dir, judge, tmp_path / f"{streams}.json", "--features", 2)
-        assert judge.streamed == (judge.chats if streams else 0) and judge.chats > 2
+        assert judge.streamed == (judge.chats - 1 if streams else 0) and judge.chats > 2  # the probe is not streamed
         return {p.name: p.read_text() for p in (tmp_path / f"{streams}.json.cache").glob("*.json")}
 
     streamed, plain = cache(True), cache(False)
@@ -802,7 +917,7 @@ def test_local_judge_counts_its_tokens_as_it_generates(ctx_dir, tmp_path, tiny_l
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     tok.save_pretrained(model)
     result = _cli("--contexts", ctx_dir, "--judge-model", f"local:{model}", "--latents", "2,3", "--protocols", "paper",
-                  "--max-tokens", 6, "--out", tmp_path / "interp.json")
+                  "--max-tokens", 6, "--judge-mode", "free", "--out", tmp_path / "interp.json")
     assert result.exit_code == 0, result.output
     assert recording.lines == [f"loading the judge {model} ...",
                                f"judge: contexts: 2 requests to local:{model} (in-process)"]

@@ -107,6 +107,9 @@ def _interpret(*args: object):
 
 
 def test_interpret_over_http_with_transformers_serve(tiny_contexts, judge_server, smollm2_copy, tmp_path):
+    """transformers serve ignores response_format and logprobs but honours logit_bias: auto finds
+    that out, forces one answer token a question, and every reply parses (a 135M judge's scores
+    still mean nothing)."""
     out = tmp_path / "interp.json"
     args = ("--contexts", tiny_contexts, "--judge-url", judge_server, "--judge-model", smollm2_copy, "--features", 2,
             "--seed", 0, "--max-tokens", 32, "--concurrency", 1, "--out", out, "--quiet")
@@ -114,7 +117,10 @@ def test_interpret_over_http_with_transformers_serve(tiny_contexts, judge_server
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["format"] == "routesae-interpretations" and doc["version"] == 1
-    assert doc["judge"] == {"url": judge_server, "model": str(smollm2_copy), "temperature": 0.0, "max_tokens": 32}
+    assert doc["judge"] == {"url": judge_server, "model": str(smollm2_copy), "temperature": 0.0, "max_tokens": 32,
+                            "mode": "logit_bias", "mode_reason": doc["judge"]["mode_reason"]}
+    assert "ignores response_format and logprobs, honours logit_bias" in doc["judge"]["mode_reason"]
+    assert "judge mode: logit_bias" in result.output
     assert doc["protocols"] == ["paper", "detection", "fuzzing"] and doc["features"] == 2 and len(doc["latents"]) == 2
     manifest = json.loads((tiny_contexts / "contexts.json").read_text())
     assert doc["contexts"]["sae"] == manifest["sae"] and doc["contexts"]["store"] == manifest["store"]
@@ -122,20 +128,19 @@ def test_interpret_over_http_with_transformers_serve(tiny_contexts, judge_server
     for lat, entry in doc["latents"].items():
         rec = latents[int(lat)]
         paper = entry["paper"]
-        assert paper.get("parse_failure") or (paper["category"] in ("low-level", "high-level", "undiscernible")
-                                               and 1 <= paper["score"] <= 5)
+        assert not paper.get("parse_failure"), paper
+        assert paper["category"] in ("low-level", "high-level", "undiscernible") and 1 <= paper["score"] <= 5
         assert paper["source"] in ("paper", "top")
-        assert entry["explanation"] is None or isinstance(entry["explanation"], str)
+        assert isinstance(entry["explanation"], str)
         for p in ("detection", "fuzzing"):
-            if entry["explanation"] is None:
-                assert entry[p] is None
-                continue
             s = entry[p]
             positives = len(rec["samples"])
-            assert s["n"] + s["parse_failures"] == positives + min(positives, len(rec["negatives"]))
+            assert s["parse_failures"] == 0 and s["n"] == positives + min(positives, len(rec["negatives"]))
             assert s["balanced_accuracy"] is None or 0 <= s["balanced_accuracy"] <= 1
     paper = doc["summary"]["paper"]
-    assert sum(paper["counts"].values()) + paper["parse_failures"] == 2
+    assert sum(paper["counts"].values()) == 2 and paper["parse_failures"] == 0
+    for p in ("detection", "fuzzing"):
+        assert doc["summary"][p]["parse_failures"] == 0
     assert {"balanced_accuracy", "precision", "recall", "f1", "parse_failures"} <= set(doc["summary"]["detection"])
     assert "wrote" in result.output and "0 replies from the cache" in result.output
     again = _interpret(*args)
@@ -143,14 +148,17 @@ def test_interpret_over_http_with_transformers_serve(tiny_contexts, judge_server
 
 
 def test_local_judge_in_process(tiny_contexts, smollm2_copy, tmp_path):
+    """The local judge constrained to the allowed answers: every reply parses."""
     out = tmp_path / "interp.json"
     result = _interpret("--contexts", tiny_contexts, "--judge-model", f"local:{smollm2_copy}", "--features", 1,
-                        "--protocols", "paper", "--max-tokens", 24, "--out", out, "--quiet")
+                        "--max-tokens", 24, "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert doc["judge"]["url"] == f"local:{smollm2_copy}" and doc["protocols"] == ["paper"]
+    assert doc["judge"]["url"] == f"local:{smollm2_copy}" and doc["judge"]["mode"] == "constrained"
     (entry,) = doc["latents"].values()
-    assert entry["paper"].get("parse_failure") or entry["paper"]["score"] in range(1, 6)
+    assert not entry["paper"].get("parse_failure") and entry["paper"]["score"] in range(1, 6)
+    for p in ("detection", "fuzzing"):
+        assert doc["summary"][p]["parse_failures"] == 0 and "auroc" in doc["summary"][p]
 
 
 def test_export_model_keeps_a_finished_copy_and_refuses_foreign_folders(smollm2_copy, tmp_path):
