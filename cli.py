@@ -75,6 +75,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export-model": ("routesae.model.cli", "export_model", "Save a model (GGUF included) as a transformers folder."),
     "circuit-data": ("routesae.circuits.data_cli", "circuit_data", "Offline clean/patch task datasets for circuit finding."),
     "circuit": ("routesae.circuits.cli", "circuit", "Find circuits over the SAEs' latents with learned masks."),
+    "synth": ("routesae.quality.synth_cli", "synth", "Write a synthetic store from a known sparse dictionary."),
+    "synth-score": ("routesae.quality.synth_cli", "synth_score", "Score SAEs against a synthetic store's true features."),
+    "probe-data": ("routesae.quality.probe_cli", "probe_data", "Run labelled prompt sets through the model into a store."),
+    "probe": ("routesae.quality.probe_cli", "probe", "k-sparse probing of SAEs on a labelled store, with baselines."),
 }
 
 
