@@ -79,6 +79,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "synth-score": ("routesae.quality.synth_cli", "synth_score", "Score SAEs against a synthetic store's true features."),
     "probe-data": ("routesae.quality.probe_cli", "probe_data", "Run labelled prompt sets through the model into a store."),
     "probe": ("routesae.quality.probe_cli", "probe", "k-sparse probing of SAEs on a labelled store, with baselines."),
+    "absorption": ("routesae.quality.absorption_cli", "absorption", "Feature absorption on the first-letter task."),
 }
 
 
