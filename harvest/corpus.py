@@ -18,7 +18,6 @@ from routesae.errors import RouteSAEError
 BUILTIN_NAMES = ("builtin", "pydoc")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 # The paper's corpus; streamed from the hub.
-from routesae.harvest.choices import DEFAULT_DATASET  # noqa: F401  (the stage names it from here)
 
 
 def builtin_documents() -> Iterator[str]:

@@ -24,14 +24,12 @@ from routesae import __version__
 from routesae.cpu_memory import keep_freed_memory
 from routesae.errors import RouteSAEError
 from routesae.model.compute_dtype import ComputeDtype, canonical, pick_compute_dtype
-from routesae.model.hooks import HiddenStateCapture, parse_layers
-from routesae.harvest.choices import DEFAULT_MODEL
-from routesae.harvest.corpus import DEFAULT_DATASET, document_source, shuffled
+from routesae.model.hooks import HiddenStateCapture
+from routesae.harvest.choices import DEFAULT_DATASET, DEFAULT_MODEL
+from routesae.harvest.corpus import document_source, shuffled
 from routesae.model.loading import (
     LoadedModel,
-    config_max_positions,
-    config_n_layers,
-    load_config,
+    check_layers_and_length,
     load_model,
     resolve_device,
     resolve_dtype,
@@ -266,12 +264,7 @@ def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, ranks: Ra
     # the first document (a missing --text-field), then the layers and length against the config.
     if next(iter(documents()), None) is None:
         raise RouteSAEError(f"dataset {cfg.dataset!r} yields no text (no documents)")
-    config = load_config(cfg.model) if loaded is None else None
-    n_layers, max_positions = ((config_n_layers(config), config_max_positions(config)) if config is not None
-                               else (loaded.info["n_layers"], loaded.info["max_positions"]))
-    layers = parse_layers(cfg.layers, n_layers)
-    if max_positions and cfg.context_len > max_positions:
-        raise RouteSAEError(f"--context-len {cfg.context_len} exceeds what {cfg.model} allows ({max_positions})")
+    config, n_layers, layers = check_layers_and_length(cfg.model, loaded, cfg.layers, cfg.context_len, "--context-len")
     capacity = cfg.tokens // cfg.context_len * cfg.context_len
     if capacity != cfg.tokens and ranks.is_main:
         tqdm.write(f"--tokens {cfg.tokens:,} is not a whole number of {cfg.context_len}-token contexts: harvesting "

@@ -237,7 +237,8 @@ def _gguf_block_count(path: Path) -> int | None:
 
         if f.read(4) != b"GGUF" or unpack("I") < 2:
             return None
-        _tensors, n_keys = unpack("Q"), unpack("Q")
+        unpack("Q")  # the tensor count: not needed
+        n_keys = unpack("Q")
         arch = None
         for _ in range(n_keys):
             key, kind = string(), unpack("I")

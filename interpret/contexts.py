@@ -6,7 +6,6 @@ token ids, so the LLM never runs. The output (formats.md) is plain JSON."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple

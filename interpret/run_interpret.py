@@ -5,7 +5,6 @@ the result is one `interp.json` (formats.md, "interpretations"), written atomica
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple

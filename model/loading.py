@@ -15,7 +15,7 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -226,6 +226,30 @@ def load_model(spec: str, dtype: str = "bfloat16", device: str = "auto", config:
         "vocab_size": int(cfg.vocab_size),
     }
     return LoadedModel(model, tokenizer, info)
+
+
+class ModelShape(NamedTuple):
+    """What a run checks before a model's weights load."""
+
+    config: Any  # the model's config; None when a loaded model was given
+    n_layers: int  # its transformer blocks
+    layers: list[int]  # the hidden_states indices asked for, parsed against n_layers
+
+
+def check_layers_and_length(spec: str, loaded: LoadedModel | None, layers: str, length: int,
+                            what: str) -> ModelShape:
+    """Before the weights load (many seconds): `layers` ('middle', 'all', '4-12', ...) parsed
+    against the model's layer count, and a `length` (the option `what`) longer than its
+    positions allow refused. From the config alone, or from `loaded` where one is given."""
+    from routesae.model.hooks import parse_layers
+
+    config = load_config(spec) if loaded is None else None
+    n_layers, max_positions = ((config_n_layers(config), config_max_positions(config)) if config is not None
+                               else (loaded.info["n_layers"], loaded.info["max_positions"]))
+    parsed = parse_layers(layers, n_layers)
+    if max_positions and length > max_positions:
+        raise RouteSAEError(f"{what} {length} exceeds what {spec} allows ({max_positions})")
+    return ModelShape(config, n_layers, parsed)
 
 
 def load_store_model(store: Path, recorded: dict[str, Any], spec: str | None, device: str, purpose: str,

@@ -6,8 +6,6 @@ architecture, built from the config without its quantization entry, holding the 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from routesae.atomic_files import atomic_directory

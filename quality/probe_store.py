@@ -194,9 +194,8 @@ def run_labelled_harvest(cfg: LabelledHarvestConfig, loaded: Any = None) -> Labe
     import zarr
 
     from routesae.model.compute_dtype import pick_compute_dtype
-    from routesae.model.hooks import HiddenStateCapture, parse_layers
-    from routesae.model.loading import (config_max_positions, config_n_layers, load_config, load_model,
-                                        resolve_device, resolve_dtype)
+    from routesae.model.hooks import HiddenStateCapture
+    from routesae.model.loading import check_layers_and_length, load_model, resolve_device, resolve_dtype
     from routesae.model.special_tokens import SpecialTokens
     from routesae.store.zarr_store import ZARR_DTYPES, _bits, value_attributes
 
@@ -217,12 +216,7 @@ def run_labelled_harvest(cfg: LabelledHarvestConfig, loaded: Any = None) -> Labe
             raise RouteSAEError(f"dataset {data.name} given twice")
         sets.append(data)
         splits.append(split(data.labels, data.name, cfg.seed, cfg.max_train, cfg.max_test))
-    config = load_config(cfg.model) if loaded is None else None
-    n_layers, max_positions = ((config_n_layers(config), config_max_positions(config)) if config is not None
-                               else (loaded.info["n_layers"], loaded.info["max_positions"]))
-    layers = parse_layers(cfg.layers, n_layers)
-    if max_positions and cfg.max_len > max_positions:
-        raise RouteSAEError(f"--max-len {cfg.max_len} exceeds what {cfg.model} allows ({max_positions})")
+    config, _, layers = check_layers_and_length(cfg.model, loaded, cfg.layers, cfg.max_len, "--max-len")
     if loaded is None:
         device = resolve_device(cfg.device)
         compute = pick_compute_dtype(cfg.compute_dtype, storage, device, source="storage")
