@@ -39,3 +39,21 @@ def sae_paths(saes: tuple[str, ...], more_saes: tuple[str, ...]) -> list[str]:
     if not paths:
         raise RouteSAEError("no SAE given: pass --sae PATH [PATH...]")
     return paths
+
+
+def rerun_model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--model`, `--device` and `--dtype` of a command that reruns the model its SAEs record: the
+    command gets `model`, `device` and `dtype` (model/compute_dtype.py's rule for 'auto')."""
+    from routesae.model.compute_dtype import CHOICES
+
+    options = (
+        click.option("--model", default=None,
+                     help="Load the model from here instead of the SAEs' recorded model id (same revision)."),
+        click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N."),
+        click.option("--dtype", type=click.Choice(CHOICES), default="auto", show_default=True,
+                     help="The model's compute dtype. auto: the recorded dtype where the device multiplies it "
+                     "natively (CPU: AVX512-BF16/AMX; CUDA: Ampere on), else float32."),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-from routesae.cli_args import sae_paths
-from routesae.model.compute_dtype import CHOICES
+from routesae.cli_args import rerun_model_options, sae_paths
 
 
 @click.command("circuit")
@@ -26,11 +25,7 @@ from routesae.model.compute_dtype import CHOICES
 @click.option("--ig-steps", default=10, show_default=True, help="Integrated-gradients steps from patch to clean.")
 @click.option("--batch-size", default=16, show_default=True, help="Prompt pairs per batch.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the batch order.")
-@click.option("--model", default=None, help="Load the model from here instead of the SAEs' recorded model id.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
-@click.option("--dtype", type=click.Choice(CHOICES), default="auto", show_default=True,
-              help="The model's compute dtype. auto: the SAEs' recorded dtype where the device multiplies it "
-                   "natively (CPU: AVX512-BF16/AMX; CUDA: Ampere on), else float32.")
+@rerun_model_options
 @click.option("--contexts", multiple=True, help="routesae contexts folder(s): one per SAE, or a parent of them.")
 @click.option("--quiet", is_flag=True, help="No phase lines or progress bars.")
 def circuit(more_saes, task, saes, out, lambdas, steps, lr, beta_max, shared_positions, ablation, error, ig_steps,

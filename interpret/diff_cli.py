@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from routesae.interpret.choices import REDUCTIONS
-from routesae.model.compute_dtype import CHOICES as COMPUTE_CHOICES
+from routesae.cli_args import rerun_model_options
 
 
 @click.command("diff")
@@ -17,11 +17,7 @@ from routesae.model.compute_dtype import CHOICES as COMPUTE_CHOICES
               help="A prompt's activation of a latent: the mean, max or last over its tokens.")
 @click.option("--top", default=20, show_default=True, type=int, help="Latents listed per ranking.")
 @click.option("--out", required=True, help="Folder for diff.md, diff.json and diff.png.")
-@click.option("--model", default=None, help="Load the LLM from here instead of the SAE's recorded model id.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(COMPUTE_CHOICES), default="auto", show_default=True,
-              help="The model's compute dtype: auto runs the recorded one where the device multiplies it natively, "
-              "else float32.")
+@rerun_model_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def diff(sae, set_a, set_b, reduce, top, out, model, device, dtype, quiet) -> None:
     """Which latents tell two prompt sets apart: active latents per prompt, exclusive and perfectly

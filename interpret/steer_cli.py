@@ -23,6 +23,7 @@ import click
 
 from routesae.errors import RouteSAEError
 from routesae.interpret.choices import MODES, POSITIONS, WHERES
+from routesae.cli_args import rerun_model_options
 from routesae.model.compute_dtype import CHOICES
 
 if TYPE_CHECKING:  # steering.py loads torch: only when the command runs, never for --help
@@ -283,11 +284,7 @@ def format_text(result: dict[str, Any], width: int) -> str:
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="With --sample.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds both runs alike.")
 @click.option("--no-cache", is_flag=True, help="Generate without the key-value cache (slower; the same greedy output).")
-@click.option("--model", default=None, help="Load the model from here instead of the SAE's recorded model id.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(CHOICES), default="auto",
-              show_default=True, help="The model's compute dtype. auto: the recorded dtype where the device "
-                                      "multiplies it natively (CPU: AVX512-BF16/AMX; CUDA: Ampere on), else float32.")
+@rerun_model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def steer(sae, latents, modes, values, wheres, positions, prompts, prompts_file, max_new_tokens, sample, temperature,
           top_p, seed, no_cache, model, device, dtype, as_json) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from routesae.errors import RouteSAEError
+from routesae.cli_args import rerun_model_options
 from routesae.model.compute_dtype import CHOICES
 
 POOR_SPELLERS = ("smollm2",)
@@ -214,11 +215,7 @@ def summary(result: dict[str, Any], folder: Path) -> str:
 @click.option("--min-letters", default=1, show_default=True, type=int, help="Fewest known letters to score an SAE.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the split, example lines and fits.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Prompts per forward.")
-@click.option("--model", default=None, help="Load the model from here instead of the SAEs' recorded model id.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(CHOICES), default="auto", show_default=True,
-              help="The model's compute dtype: auto runs the recorded one where the device multiplies it natively, "
-              "else float32.")
+@rerun_model_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def absorption(saes, out, max_words, min_probe_f1, min_letters, seed, batch_size, model, device, dtype, quiet) -> None:
     """Feature absorption on the first-letter task, as SAEBench scores it: a linear probe for a word's
