@@ -205,6 +205,10 @@ class _Vocab(NamedTuple):
 def load_vocab(cache: Cache, spec: str | None) -> _Vocab:
     from routesae.model.loading import load_tokenizer
 
+    if spec is None and cache.model.get("source") == "synthetic":
+        # a synthetic store (routesae synth) has no text: its token ids are placeholders, shown as such
+        texts = [f"<t{i}>" for i in range(int(cache.model.get("vocab_size") or 0))]
+        return _Vocab(texts, torch.arange(len(texts)), np.zeros(len(texts), dtype=bool))
     spec = spec or cache.model.get("id")
     if not spec:
         raise RouteSAEError(f"{cache.path} records no model id to load its tokenizer from; pass --model")

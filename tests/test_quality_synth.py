@@ -283,3 +283,19 @@ def test_help_imports_nothing_heavy():
             "print(json.dumps([m for m in ('torch', 'zarr', 'scipy', 'sklearn', 'transformers') if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == []
+
+
+def test_contexts_reads_a_synthetic_store_with_placeholder_tokens(tmp_path):
+    # no tokenizer behind a synthetic store: contexts shows its placeholder ids as <tN>
+    from routesae.cli import main
+
+    store = tmp_path / "s.zarr"
+    make_synthetic_store(SynthConfig(d_model=8, n_features=32, n_layers=1, tokens=4096, context_len=32), store)
+    cache = Cache.open(store)
+    save_sae(tmp_path / "sae", cache, "topk", [cache.layers[0]], random_unit(32, 8, 5).astype(np.float32), k=4, d_model=8)
+    r = CliRunner().invoke(main, ["contexts", "--sae", str(tmp_path / "sae"), "--cache", str(store), "--all-tokens",
+                                  "--out", str(tmp_path / "ctx")])
+    assert r.exit_code == 0, r.output
+    tokens = json.loads((tmp_path / "ctx" / "tokens.json").read_text())
+    assert tokens[:3] == ["<t0>", "<t1>", "<t2>"] and len(tokens) == cache.model["vocab_size"]
+    assert (tmp_path / "ctx" / "latents.jsonl").read_text().count("\n") == 32
