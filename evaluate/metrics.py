@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -53,6 +54,58 @@ class VarianceAccumulator:
         var_x = (self.sxx / self.n - (self.sx / self.n).pow(2)).sum()
         var_r = (self.srr / self.n - (self.sr / self.n).pow(2)).sum()
         return float(var_r / var_x) if var_x > 0 else math.nan
+
+
+def run_sums(values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Sums of consecutive runs of rows: values [sum(counts), ...] -> [len(counts), ...] (an empty
+    run sums to 0). Per-context sums are taken this way rather than by index_add_, whose additions
+    on a GPU come in an arbitrary order: the same run would not give the same sums bit for bit."""
+    return torch.stack([part.sum(0) for part in values.split(counts)])
+
+
+class ContextMoments:
+    """FVU, streamed per context. Each context's shares of its numerator and denominator are the
+    sums over its tokens of ||r - mean(r)||^2 and ||x - mean(x)||^2 (r = x - x_hat), with the means
+    FVU's variances take, the whole run's: summed over all contexts they are n * sum_d Var(r_d) and
+    n * sum_d Var(x_d), and `fvu` is their ratio.
+
+    The means are known only at the end, so each context's token count, vector sums of x and r and
+    sums of their squared norms are kept (float64, on the CPU: 2 * n_contexts * d * 8 bytes), and
+    sum ||v - m||^2 = sum ||v||^2 - 2 m . sum v + n ||m||^2 is formed in `shares`."""
+
+    def __init__(self, n_contexts: int, d: int):
+        self.n = np.zeros(n_contexts)
+        self.sx = np.zeros((n_contexts, d))
+        self.sr = np.zeros((n_contexts, d))
+        self.sxx = np.zeros(n_contexts)
+        self.srr = np.zeros(n_contexts)
+
+    def add(self, first: int, n: np.ndarray, sx: np.ndarray, sr: np.ndarray, sxx: np.ndarray, srr: np.ndarray) -> None:
+        """Sums over contexts first.. (per-context arrays of a batch, float64)."""
+        rows = slice(first, first + len(n))
+        self.n[rows] += n
+        self.sx[rows] += sx
+        self.sr[rows] += sr
+        self.sxx[rows] += sxx
+        self.srr[rows] += srr
+
+    def shares(self) -> tuple[np.ndarray, np.ndarray]:
+        """-> (sse, sst) [n_contexts] float64 (NaN with no token at all)."""
+        total = self.n.sum()
+        if total == 0:
+            return np.full_like(self.n, np.nan), np.full_like(self.n, np.nan)
+
+        def centred(s: np.ndarray, ss: np.ndarray) -> np.ndarray:
+            mean = s.sum(0) / total
+            return ss - 2 * (s @ mean) + self.n * (mean @ mean)
+
+        return centred(self.sr, self.srr), centred(self.sx, self.sxx)
+
+    def fvu(self) -> float:
+        """sum_d Var(r_d) / sum_d Var(x_d) over all the tokens: the ratio of the shares' sums."""
+        sse, sst = self.shares()
+        total = sst.sum()
+        return float(sse.sum() / total) if total > 0 else math.nan
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,9 @@ class Report:
     """What is off with an SAE itself (an L0 far from its target), one line each; also in `notes`."""
     splice_batches: dict[str, int] | None = None
     """Splice batches whose clean prefix was computed live / taken from the store (None: no splice)."""
+    per_context: Any = None  # evaluate.per_context.PerContext: additive sums per held-out context (per_context.npz)
+    quality: list[dict[str, Any]] = field(default_factory=list)
+    """The Quality table (eval --quality): one flat dict per row with figures (quality/results.py's table_row)."""
 
     # --- renderings ----------------------------------------------------------------------------
     def markdown(self) -> str:
@@ -157,6 +160,8 @@ class Report:
                 v = flat[key]
                 cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
             out.write("| " + " | ".join(cells) + " |\n")
+        if self.quality:
+            out.write("\n" + quality_markdown(self.quality))
         if self.notes:
             out.write("\n")
             for note in self.notes:
@@ -180,7 +185,7 @@ class Report:
             "cache": self.cache, "model": self.model, "token_range": list(self.token_range),
             "held_out": self.held_out, "n_tokens": self.n_tokens, "context_len": self.context_len,
             "table": [r.flat() for r in self.rows], "rows": rows, "notes": self.notes, "warnings": self.warnings,
-            "splice_batches": self.splice_batches,
+            "splice_batches": self.splice_batches, "quality": self.quality,
         })
 
     def csv(self) -> str:
@@ -332,6 +337,30 @@ def _sparsity_figure(plt, rows: list[Row]):
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
+
+
+# (key, header) of the Quality table; the probe's k columns say which k was probed where 1 or 16 was not
+QUALITY_COLUMNS = [("probe_auc_k1", "probe AUC k1"), ("probe_auc_k16", "probe AUC k16"), ("dense_auc", "dense AUC"),
+                   ("absorption", "absorption"), ("full_absorption", "full absorption"), ("mcc", "MCC"),
+                   ("recovered", "recovered")]
+
+
+def quality_markdown(rows: list[dict[str, Any]]) -> str:
+    """The Quality table under the main one (figures from routesae probe, absorption, synth-score)."""
+    out = ["Quality", "", "| SAE | " + " | ".join(h for _, h in QUALITY_COLUMNS) + " |",
+           "|---|" + "---:|" * len(QUALITY_COLUMNS)]
+    for r in rows:
+        cells = []
+        for key, _ in QUALITY_COLUMNS:
+            v = r.get(key)
+            text = "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+            want = {"probe_auc_k1": 1, "probe_auc_k16": 16}.get(key)
+            k = r.get(key.replace("_auc", ""))
+            if v is not None and want is not None and k is not None and k != want:
+                text += f" (k={k})"
+            cells.append(text)
+        out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def _jsonable(x: Any) -> Any:

@@ -8,13 +8,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from routesae.cpu_memory import keep_freed_memory
 from routesae.errors import RouteSAEError
-from routesae.evaluate.cache_eval import evaluate_cache
+from routesae.evaluate.cache_eval import CacheRun, evaluate_cache_per_context
 from routesae.evaluate.choices import BASELINES
+from routesae.evaluate.per_context import SPLICE_METRICS, PerContext
 from routesae.evaluate.report import Report, Row, layer_mean_row
 from routesae.evaluate.splice import PREFIXES, SpliceEvaluator
 from routesae.evaluate.targets import ROUTING_NOTES, JointCodes, LayerOfJointTarget, Target
@@ -92,6 +94,10 @@ class SpliceRun(NamedTuple):
     """What showed the store equal: 'probe' (one context run live), 'batch' (a whole one), None."""
     zero_contexts: dict[str, int]
     """Contexts whose zero-ablation ran / was an identical context's (see SpliceEvaluator)."""
+    contexts: np.ndarray
+    """int64 [n_contexts]: the store contexts measured, in order."""
+    per_context: list[dict[str, np.ndarray]]
+    """Per target: per_context.SPLICE_METRICS name -> float64 [n_contexts] (see evaluate.per_context)."""
 
 
 def splice_metrics(
@@ -126,7 +132,7 @@ def splice_metrics(
         bar.update(b - start - bar.n)
     bar.close()
     return SpliceRun(ev.results(), dict(ev.batches), ev.store_matches, ev.store_diff, ev.store_check,
-                     dict(ev.zero_contexts))
+                     dict(ev.zero_contexts), np.asarray(ev.contexts, dtype=np.int64), ev.per_context())
 
 
 NOTES = [
@@ -258,7 +264,7 @@ def run_eval(cfg: EvalConfig) -> Report:
     pairs = build_targets(saes, cfg.baselines, cfg.seed)
     targets = [t for _, t in pairs]
 
-    loaded = None
+    loaded, splice_run, spliceable = None, None, []
     if cfg.splice:
         # Load (and check) the model before the cache pass, so a bad model fails fast.
         _phase(cfg, f"loading {cfg.model or cache.model.get('id')} to splice into ...")
@@ -268,7 +274,8 @@ def run_eval(cfg: EvalConfig) -> Report:
             s.sae.to(llm_device)
 
     _phase(cfg, f"scoring {_names(targets)} on {stop - start:,} store tokens (cache metrics) ...")
-    cache_results = evaluate_cache(cache, targets, start, stop, cfg.batch_tokens, cfg.progress)
+    cache_run = evaluate_cache_per_context(cache, targets, start, stop, cfg.batch_tokens, cfg.progress)
+    cache_results = cache_run.results
     report = Report(str(cache.path), cache.model, (start, stop), not cfg.all_tokens, cache_results[0].n_tokens,
                     cache.context_len, notes=list(NOTES))
     rows = []
@@ -316,8 +323,28 @@ def run_eval(cfg: EvalConfig) -> Report:
                     "(zeroing every non-special position leaves only the special tokens, so contexts with the same "
                     "ones continue the same) and were computed once.")
             report.splice_batches = run.batches
+            splice_run = run
+    report.per_context = _per_context(rows, cache.context_len, cache_run, splice_run, spliceable)
     _add_layer_means(report)
     return report
+
+
+def _per_context(rows: list[Row], context_len: int, cache_run: CacheRun, splice_run: SpliceRun | None,
+                 spliced: list[int]) -> PerContext:
+    """The rows' sums per context (evaluate.per_context): the cache pass's for every row and, when
+    some row was spliced, the splice's (NaN on the others). The layer-mean rows are left out: their
+    figures are means of their per-layer rows', re-formed from those."""
+    metrics = {name: np.stack([c[name] for c in cache_run.per_context]) for name in cache_run.per_context[0]}
+    if splice_run is not None:
+        if not np.array_equal(splice_run.contexts, cache_run.contexts):  # both walk [start, stop) in order
+            raise RuntimeError("the splice measured other contexts than the cache pass")
+        for name in SPLICE_METRICS:
+            m = np.full((len(rows), len(cache_run.contexts)), np.nan)
+            for i, sums in zip(spliced, splice_run.per_context):
+                m[i] = sums[name]
+            metrics[name] = m
+    return PerContext([r.name for r in rows], cache_run.contexts, metrics, context_len,
+                      [r.layer_of or "" for r in rows])
 
 
 def _phase(cfg: EvalConfig, text: str) -> None:

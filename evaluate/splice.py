@@ -28,10 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 
 from routesae.errors import RouteSAEError
 from routesae.evaluate.metrics import kl_from_logits, logit_stats, loss_recovered
+from routesae.evaluate.per_context import SPLICE_METRICS
 from routesae.model.hooks import StopForward, block_hidden
 from routesae.model.loading import decoder_layers, final_norm
 
@@ -334,6 +336,9 @@ class SpliceTotals:
     n_ce: int = 0
     replaced: dict[int, int] = field(default_factory=dict)
     """hidden_states index -> positions replaced there."""
+    context_sums: list[np.ndarray] = field(default_factory=list)
+    """Per batch, float64 [len(SPLICE_METRICS), batch]: the sums above per context, in the order of
+    per_context.SPLICE_METRICS (KL's are also kl_context_sums)."""
 
 
 class SpliceResult(NamedTuple):
@@ -443,6 +448,9 @@ class SpliceEvaluator:
         """False: every zero-ablation runs the whole batch, as any variant does."""
         self.zero_contexts = {"run": 0, "shared": 0}
         """Contexts whose zero-ablation was computed / taken from an identical context's."""
+        self.contexts: list[int] = []
+        """Per context measured, in order: its first position's token index // its length (the
+        store context index, when add_batch is given store indices)."""
         for s in splicers:
             self.sm.check_layers(s.clean_layers(), s.name)
 
@@ -592,6 +600,7 @@ class SpliceEvaluator:
                 t.replaced[layer] = t.replaced.get(layer, 0) + int(m.sum())
         self._measure(input_ids, keep, clean.final, spliced, zero_runs, zero_of,
                       lambda: tick("KL and CE"))
+        self.contexts.extend((token_index[:, 0] // shape[1]).tolist())
 
     def _zero_run(self, clean: CleanRun, plan: SplicePlan, input_ids: torch.Tensor) -> ZeroRun:
         """A zero-ablation, each distinct context once: contexts whose state at the plan's first
@@ -633,16 +642,18 @@ class SpliceEvaluator:
         return ZeroRun(finals, torch.tensor([index[k] for k in keys], device=input_ids.device))
 
     def _zero_ce(self, run: ZeroRun, ce_pos: torch.Tensor, targets: torch.Tensor, bufs) -> torch.Tensor:
-        """Sum over the CE positions of a zero-ablation's cross-entropy (float64); the LM head and the
-        log-softmax run once per distinct row (position of a distinct context)."""
+        """Sums over each context's CE positions of a zero-ablation's cross-entropy (float64
+        [batch]); the LM head and the log-softmax run once per distinct row (position of a distinct
+        context)."""
         seq, d = run.final.shape[1], run.final.shape[2]
         head_out, buf_run, work = bufs
         rows = run.context_of[ce_pos // seq] * seq + ce_pos % seq
         distinct, which = torch.unique(rows, return_inverse=True)  # sorted
         order = torch.argsort(which)
-        which, tgt = which[order], targets[ce_pos][order]
+        which, tgt, at = which[order], targets[ce_pos][order], ce_pos[order]
         flat = run.final.reshape(-1, d)
-        total = torch.zeros((), dtype=torch.float64, device=ce_pos.device)
+        # each CE position's value at its place in the batch, summed per context at the end
+        per_pos = torch.zeros(run.context_of.shape[0] * seq, dtype=torch.float64, device=ce_pos.device)
         for lo in range(0, distinct.numel(), self.chunk):
             logits = self.sm.head_logits(flat[distinct[lo : lo + self.chunk]], out=head_out)
             for sl in range(0, logits.shape[0], self.sub):
@@ -651,8 +662,8 @@ class SpliceEvaluator:
                 logp = torch.log_softmax(z, dim=-1, out=work[:n])
                 # the CE positions whose row is one of these n: a contiguous run of the sorted ones
                 a, b = torch.searchsorted(which, torch.tensor([lo + sl, lo + sl + n], device=which.device)).tolist()
-                total -= logp[which[a:b] - (lo + sl), tgt[a:b]].double().sum()
-        return total
+                per_pos[at[a:b]] = -logp[which[a:b] - (lo + sl), tgt[a:b]].double()
+        return per_pos.view(-1, seq).sum(1)
 
     def _measure(self, input_ids, keep, clean_final, spliced, zero_runs: dict[str, ZeroRun], zero_of,
                  chunk_done: Callable[[], None] = lambda: None) -> None:
@@ -672,12 +683,12 @@ class SpliceEvaluator:
         targets = torch.roll(input_ids, -1, dims=1).reshape(-1)  # position t predicts token t+1
         is_ce = torch.zeros(b * s, dtype=torch.bool, device=dev)
         is_ce[ce_pos] = True
-        ctx_of = torch.arange(b * s, device=dev) // s
         n_var = len(spliced)
-        kl_ctx = torch.zeros(n_var, b, dtype=torch.float64, device=dev)
-        kl_tot = torch.zeros(n_var, dtype=torch.float64, device=dev)
-        ce_s = torch.zeros(n_var, dtype=torch.float64, device=dev)
-        ce_c = torch.zeros((), dtype=torch.float64, device=dev)
+        # every position's KL and CE at its place in the batch (0 where not measured), summed per
+        # context at the end: sums whose additions come in a fixed order (index_add_'s, on a GPU, do not)
+        kl_at = torch.zeros(n_var, b * s, dtype=torch.float64, device=dev)
+        ce_at = torch.zeros(n_var, b * s, dtype=torch.float64, device=dev)
+        ce_clean_at = torch.zeros(b * s, dtype=torch.float64, device=dev)
         # spliced runs that differ from clean; an empty plan's run *is* the clean one (same tensor)
         runs = [(i, h) for i, h in enumerate(spliced) if h is not clean_final]
         groups = [runs[g : g + self.group] for g in range(0, len(runs), self.group)] or [[]]
@@ -690,7 +701,7 @@ class SpliceEvaluator:
         buf_clean, buf_probs, buf_run = (torch.empty(n_sub, vocab, device=dev) for _ in range(3))
         work = torch.empty(3, n_sub, vocab, device=dev)
         head_out = torch.empty(1 + min(self.group, len(runs)), n_chunk, vocab, dtype=self.sm.dtype, device=dev)
-        # per-row results of a chunk (float32), summed once per chunk rather than per sub-chunk
+        # per-row results of a chunk (float32), stored once per chunk rather than per sub-chunk
         row_ce_clean = torch.empty(n_chunk, device=dev)
         row_kl, row_ce = (torch.empty(self.group, n_chunk, device=dev) for _ in range(2))
         for lo in range(0, kl_pos.numel(), self.chunk):
@@ -715,28 +726,44 @@ class SpliceEvaluator:
                         kl, lse = kl_from_logits(z_clean, ref, z, work=work[:, :n])
                         row_kl[r, rows] = kl
                         torch.sub(lse, z.gather(1, t).squeeze(1).float(), out=row_ce[r, rows])
+                ce_at_pos = pos[ce_mask]
                 for r, (i, _) in enumerate(group):
-                    kl = row_kl[r, :n_pos].double()
-                    ce_s[i] += row_ce[r, :n_pos][ce_mask].double().sum()
-                    kl_tot[i] += kl.sum()
-                    kl_ctx[i].index_add_(0, ctx_of[pos], kl)
+                    kl_at[i, pos] = row_kl[r, :n_pos].double()
+                    ce_at[i, ce_at_pos] = row_ce[r, :n_pos][ce_mask].double()
                 del z_all
-            ce_c += row_ce_clean[:n_pos][ce_mask].double().sum()
+            ce_clean_at[pos[ce_mask]] = row_ce_clean[:n_pos][ce_mask].double()
             chunk_done()
+        ce_c = ce_clean_at.view(b, s).sum(1)
+        kl_ctx = kl_at.view(n_var, b, s).sum(-1)
+        ce_s = ce_at.view(n_var, b, s).sum(-1)
         for i, h in enumerate(spliced):
             if h is clean_final:
                 ce_s[i] = ce_c
         ce_z = {key: ce_c if run.final is clean_final else self._zero_ce(run, ce_pos, targets, (head_out[0], buf_run, work[0]))
                 for key, run in zero_runs.items()}
-        n_kl, n_ce = int(kl_pos.numel()), int(ce_pos.numel())
-        for i, t in enumerate(self.totals):
-            t.kl_sum += float(kl_tot[i])
-            t.n_kl += n_kl
-            t.kl_context_sums.extend(kl_ctx[i].tolist())
-            t.ce_clean_sum += float(ce_c)
-            t.ce_spliced_sum += float(ce_s[i])
-            t.ce_zero_sum += float(ce_z[zero_of[i]])
-            t.n_ce += n_ce
+        n_kl_ctx = keep.sum(1).double()  # the positions of metric_positions, per context
+        n_ce_ctx = keep[:, :-1].sum(1).double()
+        # one copy to the CPU per batch: [variant, SPLICE_METRICS (in its order), context]
+        sums = torch.stack([torch.stack([n_kl_ctx, kl_ctx[i], n_ce_ctx, ce_c, ce_s[i], ce_z[zero_of[i]]])
+                            for i in range(n_var)]).cpu().numpy() if n_var else np.zeros((0, len(SPLICE_METRICS), b))
+        for t, per in zip(self.totals, sums):
+            t.context_sums.append(per)
+            got = dict(zip(SPLICE_METRICS, per))
+            t.kl_sum += float(got["kl_sum"].sum())
+            t.n_kl += int(got["n_kl"].sum())
+            t.kl_context_sums.extend(got["kl_sum"].tolist())
+            t.ce_clean_sum += float(got["ce_clean_sum"].sum())
+            t.ce_spliced_sum += float(got["ce_spliced_sum"].sum())
+            t.ce_zero_sum += float(got["ce_zero_sum"].sum())
+            t.n_ce += int(got["n_ce"].sum())
 
     def results(self) -> list[SpliceResult]:
         return [finish(t) for t in self.totals]
+
+    def per_context(self) -> list[dict[str, np.ndarray]]:
+        """Per splicer: SPLICE_METRICS name -> float64 [contexts measured], in the order of `contexts`."""
+        out = []
+        for t in self.totals:
+            sums = np.concatenate(t.context_sums, axis=1) if t.context_sums else np.zeros((len(SPLICE_METRICS), 0))
+            out.append(dict(zip(SPLICE_METRICS, sums)))
+        return out

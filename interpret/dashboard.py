@@ -11,7 +11,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -45,6 +45,9 @@ class DashboardConfig:
     """Load the model from here instead of the id the SAE records."""
     sae: str | None = None
     """The SAE folder, when the path contexts.json records does not resolve from here."""
+    quality: list[str] = field(default_factory=list)
+    """Outputs of routesae probe / absorption (folders or JSON): each latent's probing datasets and
+    absorption partners."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -55,6 +58,8 @@ class DashboardResult(NamedTuple):
     live: int
     dead: int
     seconds: float
+    warnings: tuple[str, ...] = ()
+    """One line each: a --quality output of none of this SAE's figures."""
 
 
 @dataclass
@@ -254,6 +259,51 @@ def _judge_fields(entry: dict[str, Any] | None) -> dict[str, Any]:
             "explanation": entry.get("explanation") or paper.get("explanation")}
 
 
+def quality_of(cfg: DashboardConfig, ctx: Contexts, selection: list[int]
+               ) -> tuple[dict[int, H.LatentQuality], list[str] | None, list[str]]:
+    """-> (latent -> its quality facts, the outputs shown (None: no --quality), warning lines), for
+    the SAE of these contexts: matched by its folder (--sae, else the one contexts.json records),
+    else by its name."""
+    if not cfg.quality:
+        return {}, None, []
+    from routesae.interpret.unembed import find_sae_folder
+    from routesae.quality.results import load_quality
+
+    results = load_quality(cfg.quality)
+    sae = ctx.manifest.get("sae") or {}
+    path, name = str(find_sae_folder(sae.get("path", ""), ctx.folder, cfg.sae)), sae.get("name")
+    figures = results.figures(path, name)
+    warnings = results.warnings + results.unmatched([(path, name)], "the SAE of these contexts")
+    if figures is None:
+        return {}, None, warnings
+    if figures.probe is None and figures.absorption is None:
+        return {}, None, warnings + [f"--quality: only synth-score figures for {name}, which are per SAE: no latent "
+                                     "page shows them"]
+    facts = results.latents_of(path, name)
+    probe_k = None
+    if figures.probe is not None:  # the smallest k of the probe output kept: the k its picks are of
+        probe_k = next(min(int(k) for k in o.data["ks"]) for o in results.outputs
+                       if o.kind == "probe" and str(o.file) == figures.probe.source)
+    pages = frozenset(selection)
+    out = {}
+    for i in selection:
+        f = facts.get(i)
+        out[i] = H.LatentQuality(f.probing if f else [], f.partners if f else [], probe_k,
+                                 figures.probe.n_datasets if figures.probe else 0, figures.absorption is not None,
+                                 pages)
+    shown = [x.source for x in (figures.probe, figures.absorption) if x is not None]
+    return out, shown, warnings
+
+
+def _quality_cells(q: H.LatentQuality | None) -> dict[str, list[str]]:
+    """The index's Probing and Absorption cells of one latent."""
+    if q is None:
+        return {}
+    roles = {"main": "main", "absorbing": "abs."}
+    return {"probing": list(dict.fromkeys(u.dataset for u in q.probing)),
+            "absorption": list(dict.fromkeys(f"{a.letter} ({roles[a.role]})" for a in q.partners))}
+
+
 def run_dashboard(cfg: DashboardConfig) -> DashboardResult:
     """Write the dashboard of cfg.contexts into cfg.out."""
     from routesae.interpret.unembed import find_sae_folder, unembed_latents
@@ -262,6 +312,7 @@ def run_dashboard(cfg: DashboardConfig) -> DashboardResult:
     ctx = open_contexts(cfg.contexts)
     interp = read_interp(cfg.interp, ctx) if cfg.interp else None
     selection = parse_latents(cfg.latents, ctx.n_latents)
+    quality, quality_shown, warnings = quality_of(cfg, ctx, selection)
     out = Path(cfg.out)
     _check_out(out)
     vis = H.token_texts(read_tokens(ctx))
@@ -284,7 +335,7 @@ def run_dashboard(cfg: DashboardConfig) -> DashboardResult:
         nxt = selection[pos + 1] if pos + 1 < len(selection) else None
         entry = judged.get(str(i))
         _write(out / "latents" / f"{i}.html",
-               H.latent_page(rec, ctx, vis, prev, nxt, entry, tokens_of.get(i), note))
+               H.latent_page(rec, ctx, vis, prev, nxt, entry, tokens_of.get(i), note, quality.get(i)))
         if rec.get("count"):
             top = rec.get("top") or []
             token = None
@@ -293,16 +344,17 @@ def run_dashboard(cfg: DashboardConfig) -> DashboardResult:
                 token = vis[tid] if 0 <= tid < len(vis) else None
             rows.append({"latent": i, "frequency": float(rec.get("frequency", 0.0)), "count": int(rec["count"]),
                          "max": float(rec.get("max", 0.0)), "layer": H.top_layer(rec, layers),
-                         "interpretable": bool(rec.get("interpretable")), "token": token, **_judge_fields(entry)})
+                         "interpretable": bool(rec.get("interpretable")), "token": token, **_judge_fields(entry),
+                         **_quality_cells(quality.get(i))})
         else:
             dead.append(i)
         bar.update(1)
     bar.close()
-    _write(out / "index.html", H.index_page(ctx, rows, dead, interp, note))
+    _write(out / "index.html", H.index_page(ctx, rows, dead, interp, note, quality_shown))
     # pages of an earlier, larger selection: unlinked now that the new index is in place
     keep = set(selection)
     for p in (out / "latents").iterdir():
         match = _PAGE.fullmatch(p.name)
         if (match and int(match.group(1)) not in keep) or is_temp_name(p.name) or p.name.endswith(".partial"):
             p.unlink(missing_ok=True)
-    return DashboardResult(out, len(selection), len(rows), len(dead), time.perf_counter() - t0)
+    return DashboardResult(out, len(selection), len(rows), len(dead), time.perf_counter() - t0, tuple(warnings))

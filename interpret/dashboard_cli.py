@@ -15,17 +15,24 @@ import click
 @click.option("--model", default=None, help="Load the unembedding from here instead of the SAE's recorded model id.")
 @click.option("--sae", default=None,
               help="The SAE folder, when the path contexts.json records is not reachable from here.")
+@click.option("--quality", "quality", multiple=True, metavar="PATH",
+              help="Output folder or JSON of routesae probe or absorption for this SAE (repeatable): each latent's "
+                   "page lists the probing datasets it serves and its absorption partners; the index gets a column "
+                   "of each.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dashboard(contexts_dir, out, interp, latents, no_unembed, model, sae, quiet) -> None:
+def dashboard(contexts_dir, out, interp, latents, no_unembed, model, sae, quality, quiet) -> None:
     """An index of latents (sortable by frequency, count, max activation, judge score, layer) and a page
     per latent: top and quantile contexts shaded by activation, histogram, layer distribution, the decoder
-    direction's top and bottom tokens, and the judge's verdict. Static HTML that opens offline.
+    direction's top and bottom tokens, the judge's verdict, and with --quality the probing datasets
+    and absorption partners. Static HTML that opens offline.
 
     Example: routesae dashboard --contexts ctx/routesae-k64 --interp interp.json --out dash"""
     from routesae.interpret.dashboard import DashboardConfig, run_dashboard
 
     cfg = DashboardConfig(contexts=contexts_dir, out=out, interp=interp, latents=latents, unembed=not no_unembed,
-                          model=model, sae=sae, progress=not quiet)
+                          model=model, sae=sae, quality=list(quality), progress=not quiet)
     r = run_dashboard(cfg)
+    for line in r.warnings:
+        click.echo(f"routesae: warning: {line}", err=True)
     click.echo(f"wrote {r.pages} latent pages ({r.live} live, {r.dead} dead) and {r.out / 'index.html'} "
                f"in {r.seconds:.1f} s")

@@ -298,6 +298,66 @@ def judge_section(entry: dict[str, Any] | None) -> str:
     return "".join(parts)
 
 
+class LatentQuality(NamedTuple):
+    """What the quality outputs (quality/results.py) say about one latent, for its page."""
+
+    probing: list[Any]
+    """ProbingUse: the datasets it serves."""
+    partners: list[Any]
+    """AbsorptionPartner: its letters and the latents on the other side."""
+    probe_k: int | None
+    """The smallest k of the probe output(s) for this SAE; None: no probe output covers it."""
+    n_datasets: int
+    """Datasets probed."""
+    absorbed: bool
+    """An absorption output covers this SAE."""
+    pages: frozenset[int]
+    """Latents with a page here (partners link to them)."""
+
+
+def _latent_link(j: int, pages: frozenset[int]) -> str:
+    return f'<a href="{j}.html">{j}</a>' if j in pages else str(j)
+
+
+def quality_sections(q: LatentQuality | None) -> str:
+    """'Probing' (datasets the latent serves, with the probe's test AUC) and 'Absorption partners'."""
+    if q is None:
+        return ""
+    parts = []
+    if q.probe_k is not None:
+        parts.append("<div><h2>Probing</h2>")
+        if q.probing:
+            with_layer = any(u.layer is not None for u in q.probing)
+            head = '<tr><th class="l">dataset</th><th>k</th><th>test AUC</th>' + ("<th>layer</th>" if with_layer else "")
+            body = "".join(f'<tr><td class="l">{esc(u.dataset)}</td><td>{esc(u.k)}</td><td>{fmt(u.auc, 3)}</td>'
+                           + (f"<td>{esc('' if u.layer is None else u.layer)}</td>" if with_layer else "") + "</tr>"
+                           for u in q.probing)
+            parts.append(f'<table class="probing">{head}</tr>{body}</table>')
+        else:
+            parts.append(f'<p class="muted">Not among the k={esc(q.probe_k)} latents picked for any of the '
+                         f"{esc(q.n_datasets)} datasets probed.</p>")
+        parts.append(f'<p class="muted small">datasets for which routesae probe picked this latent among the '
+                     f"k={esc(q.probe_k)} of largest class-mean difference; test AUC of the probe on them</p></div>")
+    if q.absorbed:
+        parts.append("<div><h2>Absorption partners</h2>")
+        if q.partners:
+            rows = []
+            for a in q.partners:
+                role = "main latent; absorbed by" if a.role == "main" else "absorbs from the main latents"
+                links = ", ".join(_latent_link(j, q.pages) for j in a.partners) or "none"
+                rows.append(f'<tr><td class="l">{esc(a.letter)}</td><td class="l">{esc(a.site)}</td>'
+                            f'<td class="l">{role}</td><td class="l">{links}</td><td>{fmt(a.absorption, 3)}</td></tr>')
+            parts.append('<table class="absorption"><tr><th class="l">letter</th><th class="l">site</th>'
+                         '<th class="l">role</th><th class="l">latents</th><th>absorption</th></tr>'
+                         + "".join(rows) + "</table>")
+        else:
+            parts.append('<p class="muted">Neither a main latent of a letter nor one that absorbed a letter\'s '
+                         "words.</p>")
+        parts.append('<p class="muted small">first-letter task (routesae absorption): per letter, its main latents '
+                     "and the other latents that carried most of the absorbed share of its words</p></div>")
+    return '<div class="cols">' + "".join(parts) + "</div>"
+
+
 def top_layer(rec: dict[str, Any], layers: list[int] | None) -> int | None:
     """The hidden-states index most of a latent's activations came from (None: no layers, or dead)."""
     counts = rec.get("layers")
@@ -307,9 +367,10 @@ def top_layer(rec: dict[str, Any], layers: list[int] | None) -> int | None:
 
 
 def latent_page(rec: dict[str, Any], ctx: Any, vis: list[str], prev: int | None, nxt: int | None,
-                judge: dict[str, Any] | None, unembed: Any, unembed_note: str | None) -> str:
+                judge: dict[str, Any] | None, unembed: Any, unembed_note: str | None,
+                quality: LatentQuality | None = None) -> str:
     """One latent's page. `ctx`: the Contexts being shown (manifest, layers); `unembed`: its
-    LatentTokens or None."""
+    LatentTokens or None; `quality`: its probing datasets and absorption partners, or None."""
     i = rec["latent"]
     m = ctx.manifest
     layers = m.get("layers")
@@ -350,6 +411,7 @@ def latent_page(rec: dict[str, Any], ctx: Any, vis: list[str], prev: int | None,
     elif unembed_note:
         right.append(f'<h2>Decoder direction</h2><p class="muted small">{esc(unembed_note)}</p>')
     body.append('<div class="cols">' + "".join(f"<div>{''.join(c)}</div>" for c in (left, right) if c) + "</div>")
+    body.append(quality_sections(quality))
     has_layers = bool(layers)
     peak = float(rec.get("max") or 0.0)
     if rec.get("top"):
@@ -373,8 +435,9 @@ def latent_page(rec: dict[str, Any], ctx: Any, vis: list[str], prev: int | None,
 # ---------------------------------------------------------------------------------------------- index
 
 def index_page(ctx: Any, rows: list[dict[str, Any]], dead: list[int], interp: dict[str, Any] | None,
-               unembed_note: str | None) -> str:
-    """The index: one sortable table of the live latents, the dead ones listed apart."""
+               unembed_note: str | None, quality: list[str] | None = None) -> str:
+    """The index: one sortable table of the live latents, the dead ones listed apart. `quality`:
+    the quality outputs shown (rows then carry 'probing' and 'absorption' lists), or None."""
     m = ctx.manifest
     sae = m.get("sae", {})
     layers = m.get("layers")
@@ -387,6 +450,8 @@ def index_page(ctx: Any, rows: list[dict[str, Any]], dead: list[int], interp: di
     head.append(("rule", esc(rule.column), "desc"))
     if has_judge:
         head += [("score", "Judge score", "desc"), ("detection", "Detection", "desc"), ("fuzzing", "Fuzzing", "desc")]
+    if quality is not None:
+        head += [("probing", "Probing", "desc"), ("absorption", "Absorption", "desc")]
     ths = "".join(f'<th data-k="{k}" data-d="{d}">{label}</th>' for k, label, d in head)
     ths += '<th class="l">Top token</th>' + ('<th class="l">Explanation</th>' if has_judge else "")
     trs = []
@@ -405,6 +470,10 @@ def index_page(ctx: Any, rows: list[dict[str, Any]], dead: list[int], interp: di
             for key in ("score", "detection", "fuzzing"):
                 v = r.get(key)
                 cells.append(f'<td data-v="{"" if v is None else f"{v:.6g}"}">{fmt(v, 3)}</td>')
+        if quality is not None:  # datasets served / letters taken part in; sorted by their count
+            for key in ("probing", "absorption"):
+                items = r.get(key) or []
+                cells.append(f'<td class="l small" data-v="{len(items)}">{esc(", ".join(items))}</td>')
         token = f'<span class="tok">{r["token"]}</span>' if r.get("token") else ""
         cells.append(f'<td class="l">{token}</td>')
         if has_judge:
@@ -440,6 +509,10 @@ def index_page(ctx: Any, rows: list[dict[str, Any]], dead: list[int], interp: di
         body.append('<p class="muted">none</p>')
     if unembed_note:
         body.append(f'<p class="muted small">Decoder tokens: {esc(unembed_note)}</p>')
+    if quality is not None:
+        body.append('<p class="muted small">Probing: the datasets a latent was picked for (routesae probe, smallest k); '
+                    "Absorption: the letters where it is a main latent (main) or absorbed the letter's words (abs.). "
+                    f"From {esc(', '.join(quality))}.</p>")
     return page(f"{sae.get('name', '')} · feature dashboard", "\n".join(body), INDEX_JS)
 
 
