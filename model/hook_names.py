@@ -19,9 +19,11 @@ from typing import NamedTuple
 
 from routesae.errors import RouteSAEError
 
-# Where a transformers causal LM keeps its decoder blocks, by class name; the rest (Llama, Qwen2,
-# Mistral, Gemma, ...) use model.layers. Sparsify names hookpoints from the base model down (no prefix).
+# Where a transformers causal LM keeps its decoder blocks and final norm, by class name; the rest
+# (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo 2) use model.layers and model.norm. Sparsify names
+# hookpoints from the base model down (no prefix).
 _HF_BLOCKS = {"GPT2LMHeadModel": "transformer.h", "GPTNeoXForCausalLM": "gpt_neox.layers"}
+_HF_NORMS = {"GPT2LMHeadModel": "transformer.ln_f", "GPTNeoXForCausalLM": "gpt_neox.final_layer_norm"}
 _SPARSIFY_BLOCKS = {"GPT2LMHeadModel": "h", "GPTNeoXForCausalLM": "layers"}
 
 
@@ -53,8 +55,7 @@ def hook_names(layer: int, n_layers: int | None = None, architecture: str | None
     if layer == 0:
         return HookNames(0, "blocks.0.hook_resid_pre", f"{blocks}.0", "input", None)
     if n_layers is not None and layer == n_layers:
-        norm = "transformer.ln_f" if blocks == "transformer.h" else "model.norm"
-        return HookNames(layer, None, norm, "output", None)
+        return HookNames(layer, None, _HF_NORMS.get(architecture or "", "model.norm"), "output", None)
     if n_layers is not None and layer > n_layers:
         raise RouteSAEError(f"layer {layer} is past the model's hidden_states 0..{n_layers}")
     n = layer - 1

@@ -168,12 +168,47 @@ def quiet_loading() -> Iterator[None]:
 
 def load_config(spec: str) -> Any:
     """The model's transformers config, without its weights: what a command checks its arguments
-    against before the (much longer) load. Pass it on to `load_model`, which then skips reading it."""
+    against before the (much longer) load, and refused (`check_family`) where routesae cannot run
+    the model. Pass it on to `load_model`, which then skips reading and checking it."""
     from transformers import AutoConfig
 
     target, kwargs, source, _ = locate_model(spec)
     with quiet_loading():
-        return _from_pretrained(AutoConfig, target, kwargs, source, "model config")
+        config = _from_pretrained(AutoConfig, target, kwargs, source, "model config")
+    check_family(config, spec)
+    return config
+
+
+FAMILIES = "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2, GPT-2, GPT-NeoX"
+"""The families run and checked on tiny models (tests/test_model_families.py), for messages."""
+
+
+def check_family(config: Any, spec: str) -> None:
+    """Refuse, in one line naming the family, a model routesae cannot run, from its config alone
+    (before a weight is read): an encoder-decoder, a model transformers has no causal LM class for,
+    or one whose decoder blocks or final norm are not where routesae looks. The blocks are found on
+    a skeleton built on the meta device (no memory, no weights; a few hundredths of a second)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    family = getattr(config, "model_type", None) or type(config).__name__
+    what = f"{spec} is a {family} model"
+    if getattr(config, "is_encoder_decoder", False):
+        raise RouteSAEError(f"{what}, an encoder-decoder: routesae reads the residual stream of decoder-only "
+                            f"causal LMs ({FAMILIES}, ...)")
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise RouteSAEError(f"{what}, which transformers has no causal LM class for: routesae runs decoder-only "
+                            f"causal LMs ({FAMILIES}, ...)")
+    try:
+        with quiet_loading(), torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - cannot build one here (a missing attention kernel, ...): the load decides
+        return
+    try:
+        decoder_layers(skeleton)
+        final_norm(skeleton)
+    except RouteSAEError as e:
+        raise RouteSAEError(f"{what} ({type(skeleton).__name__}), whose layout routesae does not know: {e}") from None
 
 
 def _text_config(config: Any) -> Any:
@@ -196,18 +231,25 @@ def config_max_positions(config: Any) -> int:
 
 
 def load_model(spec: str, dtype: str = "bfloat16", device: str = "auto", config: Any = None) -> LoadedModel:
-    """Load a causal LM for harvest or splice; raises RouteSAEError with one line on any failure.
+    """Load a causal LM for harvest or splice; raises RouteSAEError with one line on any failure,
+    and for a model it cannot run (`check_family`) before the weights load (a .gguf file without
+    `config`: once loaded, as reading its config alone costs seconds).
 
-    config: its config from `load_config`, if already read."""
+    config: its config from `load_config` (which checked it), if already read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype_name, torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     target, kwargs, source, revision = locate_model(spec)
+    checked = config is not None or source != "gguf"
+    if config is None and source != "gguf":  # read (and refused where routesae cannot run it) before any weight loads
+        config = load_config(spec)
     model_kwargs = {**kwargs, "dtype": torch_dtype, **({"config": config} if config is not None else {})}
     with quiet_loading():
         tokenizer = _from_pretrained(AutoTokenizer, target, kwargs, source, "tokenizer")
         model = _from_pretrained(AutoModelForCausalLM, target, model_kwargs, source, "model")
+    if not checked:  # a GGUF's config is a second parse of the whole file (5-10 s for SmolLM2): checked once loaded
+        check_family(model.config, spec)
     model.to(dev).eval()
     model.requires_grad_(False)
     if revision is None:
@@ -307,7 +349,8 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The list of decoder blocks: Llama/Qwen2/Gemma/Mistral (`layers`), GPT-2 (`h`), GPT-NeoX (`layers`)."""
+    """The list of decoder blocks: `model.layers` (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo 2),
+    `transformer.h` (GPT-2), `gpt_neox.layers` (GPT-NeoX), `model.language_model.layers` (multimodal)."""
     base = _base_model(model)
     for owner in (base, getattr(base, "language_model", None), getattr(base, "decoder", None)):
         if owner is None:
@@ -316,7 +359,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
             layers = getattr(owner, name, None)
             if isinstance(layers, torch.nn.ModuleList):
                 return layers
-    raise RouteSAEError(f"cannot find the decoder layers of {type(model).__name__}")
+    raise RouteSAEError(f"cannot find the decoder layers of {type(model).__name__} (looked for layers, h, blocks)")
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
@@ -329,4 +372,5 @@ def final_norm(model: torch.nn.Module) -> torch.nn.Module:
             norm = getattr(owner, name, None)
             if isinstance(norm, torch.nn.Module):
                 return norm
-    raise RouteSAEError(f"cannot find the final norm of {type(model).__name__}")
+    raise RouteSAEError(f"cannot find the final norm of {type(model).__name__} "
+                        "(looked for norm, ln_f, final_layer_norm, final_layernorm)")
