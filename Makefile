@@ -4,7 +4,6 @@ STAMP := .setup.stamp
 DEMO ?= demo
 
 COMPARE ?= compare
-COMPARE_ARCHS ?= topk,batchtopk,matryoshka,vanilla,gated,jumprelu,routesae,mlsae,crosscoder
 
 .PHONY: setup browser test demo clean-demo compare
 
@@ -49,8 +48,5 @@ clean-demo:
 # Every architecture at k 32 and 64 on the same batches of the offline model's store, then scored
 # with --splice on a store of other text (the standard library's docstrings): the README's table.
 compare: setup
-	test -d $(COMPARE)/train.zarr || routesae harvest --model smollm2 --dataset builtin --tokens 131072 --context-len 512 --out $(COMPARE)/train.zarr
-	test -d $(COMPARE)/eval.zarr || routesae harvest --model smollm2 --dataset builtin:docstrings --tokens 16384 --context-len 512 --out $(COMPARE)/eval.zarr
-	routesae fit --cache $(COMPARE)/train.zarr --arch $(COMPARE_ARCHS) --k 32,64 --batch-size 1024 --epochs 3 --out $(COMPARE)/runs
-	routesae eval --sae $(COMPARE)/runs --cache $(COMPARE)/eval.zarr --all-tokens --splice --out $(COMPARE)/report
+	routesae reproduce smollm2-cpu --out $(COMPARE)
 

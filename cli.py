@@ -80,6 +80,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "probe-data": ("routesae.quality.probe_cli", "probe_data", "Run labelled prompt sets through the model into a store."),
     "probe": ("routesae.quality.probe_cli", "probe", "k-sparse probing of SAEs on a labelled store, with baselines."),
     "absorption": ("routesae.quality.absorption_cli", "absorption", "Feature absorption on the first-letter task."),
+    "reproduce": ("routesae.reproduce.cli", "reproduce", "The paper's whole experiment, resumable, with intervals."),
 }
 
 

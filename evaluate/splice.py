@@ -313,7 +313,10 @@ class SpliceModel:
 
     def float_logits(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Model-dtype logits -> the float32 logits of the model's output distribution (into `out`)."""
-        logits = out.copy_(logits) if out is not None else logits.float()
+        if out is not None:
+            logits = out.copy_(logits)
+        else:  # capped in place below: on a copy, never the caller's tensor (float() of float32 is itself)
+            logits = logits.to(torch.float32, copy=bool(self.softcap))
         if self.softcap:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits

@@ -37,7 +37,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -175,50 +175,88 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return max(rows, key=lambda r: -1.0 if r["val_auc"] is None else r["val_auc"])
 
 
-def probe_dataset(store: Any, index: int, saes: list[Any], ks: list[int], seed: int, device: torch.device,
-                  progress: bool) -> list[dict[str, Any]]:
-    """Every row of one dataset: dense baselines per layer, SAE and random probes per SAE and k."""
-    name = store.datasets[index]["name"]
+class DatasetActs(NamedTuple):
+    """One dataset's stored last-token residuals, its training split's rows first."""
+
+    name: str
+    acts: dict[int, torch.Tensor]
+    """layer -> [n_train + n_test, d_model] float32 (CPU): the training rows, then the test rows."""
+    y_train: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+
+def read_dataset(store: Any, index: int, layers: list[int]) -> DatasetActs:
+    """One dataset's residuals at `layers`: one read per layer, rows ascending, put back in
+    train-then-test order."""
     train, test = store.rows(index, "train"), store.rows(index, "test")
-    y_train, y_test = store.labels[train], store.labels[test]
-    layers = sorted({layer for s in saes for layer in s.sae.config.layers})
     rows = np.concatenate([train, test])
     order = np.argsort(rows, kind="stable")
     acts: dict[int, torch.Tensor] = {}
-    for layer in layers:  # one read per layer, rows ascending, back to train-then-test order
+    for layer in layers:
         block = store.acts(layer, rows[order])
         acts[layer] = torch.empty_like(block)
         acts[layer][torch.from_numpy(order)] = block
-    n_train = len(train)
+    return DatasetActs(store.datasets[index]["name"], acts, store.labels[train], store.labels[test])
+
+
+def dense_row(data: DatasetActs, layer: int) -> dict[str, Any]:
+    """The dense baseline of one dataset at one layer (standardized by the training split)."""
+    x = data.acts[layer].numpy()
+    n_train = data.n_train
+    mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
+    xs = (x - mean) / std
+    return {"sae": None, "dataset": data.name, "method": "dense", "layer": layer, "k": None,
+            **_score_row(fit_probe(xs[:n_train], data.y_train, xs[n_train:], data.y_test))}
+
+
+def sae_codes(sae: torch.nn.Module, data: DatasetActs, device: torch.device) -> np.ndarray:
+    """The probe's encode pass for one SAE on one dataset: its layers' residuals moved to `device`,
+    the whole dataset encoded at once (`encode_codes`)."""
+    return encode_codes(sae, {layer: data.acts[layer].to(device) for layer in sae.config.layers})
+
+
+def sae_rows(data: DatasetActs, s: Any, codes: np.ndarray, ks: list[int], seed: int,
+             step: Callable[[], object] = lambda: None) -> list[dict[str, Any]]:
+    """The SAE's and the random baseline's probes of one dataset, per code (MLSAE: per layer) and
+    k, from the SAE's codes (`sae_codes`); `step` is called after each code and k."""
+    n_train, y_train, y_test = data.n_train, data.y_train, data.y_test
+    kind = code_kind(s.sae)
+    code_layers: list[int | None] = list(s.sae.config.layers) if kind == "per-layer" else [None]
+    out: list[dict[str, Any]] = []
+    for c, layer in enumerate(code_layers):
+        z = codes[:, c]
+        ranked = rank_latents(z[:n_train], y_train)
+        for k in ks:
+            picked = ranked[:k]
+            score = fit_probe(z[:n_train][:, picked], y_train, z[n_train:][:, picked], y_test)
+            out.append({"sae": s.name, "dataset": data.name, "method": "sae", "layer": layer, "k": k,
+                        "latents": [int(i) for i in picked], **_score_row(score)})
+            drawn = random_latents(z[:n_train], k, seed, data.name)
+            score = fit_probe(z[:n_train][:, drawn], y_train, z[n_train:][:, drawn], y_test)
+            out.append({"sae": s.name, "dataset": data.name, "method": "random", "layer": layer, "k": k,
+                        "latents": [int(i) for i in drawn], **_score_row(score)})
+            step()
+    return out
+
+
+def probe_dataset(store: Any, index: int, saes: list[Any], ks: list[int], seed: int, device: torch.device,
+                  progress: bool) -> list[dict[str, Any]]:
+    """Every row of one dataset: dense baselines per layer, SAE and random probes per SAE and k."""
+    layers = sorted({layer for s in saes for layer in s.sae.config.layers})
+    data = read_dataset(store, index, layers)
     steps = len(layers) + sum(len(s.sae.config.layers if code_kind(s.sae) == "per-layer" else [0]) * len(ks)
                               for s in saes)
-    bar = tqdm(total=steps, desc=name, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=steps, desc=data.name, disable=not progress, dynamic_ncols=True, leave=False)
     out: list[dict[str, Any]] = []
     for layer in layers:
-        x = acts[layer].numpy()
-        mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
-        xs = (x - mean) / std
-        out.append({"sae": None, "dataset": name, "method": "dense", "layer": layer, "k": None,
-                    **_score_row(fit_probe(xs[:n_train], y_train, xs[n_train:], y_test))})
+        out.append(dense_row(data, layer))
         bar.update()
     for s in saes:
-        kind = code_kind(s.sae)
-        sae_acts = {layer: acts[layer].to(device) for layer in s.sae.config.layers}
-        codes = encode_codes(s.sae, sae_acts)
-        code_layers: list[int | None] = list(s.sae.config.layers) if kind == "per-layer" else [None]
-        for c, layer in enumerate(code_layers):
-            z = codes[:, c]
-            ranked = rank_latents(z[:n_train], y_train)
-            for k in ks:
-                picked = ranked[:k]
-                score = fit_probe(z[:n_train][:, picked], y_train, z[n_train:][:, picked], y_test)
-                out.append({"sae": s.name, "dataset": name, "method": "sae", "layer": layer, "k": k,
-                            "latents": [int(i) for i in picked], **_score_row(score)})
-                drawn = random_latents(z[:n_train], k, seed, name)
-                score = fit_probe(z[:n_train][:, drawn], y_train, z[n_train:][:, drawn], y_test)
-                out.append({"sae": s.name, "dataset": name, "method": "random", "layer": layer, "k": k,
-                            "latents": [int(i) for i in drawn], **_score_row(score)})
-                bar.update()
+        out += sae_rows(data, s, sae_codes(s.sae, data, device), ks, seed, bar.update)
     bar.close()
     return out
 

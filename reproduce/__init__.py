@@ -1,0 +1,1 @@
+"""`routesae reproduce`: the paper's experiment as one resumable command."""
