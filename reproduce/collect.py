@@ -34,14 +34,31 @@ def _sum_ratio(num: str, den: str) -> Callable[[Mapping[str, np.ndarray]], np.nd
     return lambda s: s[num] / s[den]
 
 
+LAYER_SEP = "|"
+"""A mean-of-layers row's sums are its layer rows' sums under 'ROW|name' keys."""
+
+
+def _layer_mean(ratio: Callable[[Mapping[str, np.ndarray]], np.ndarray]) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """A ratio that, on a mean-of-layers row's sums, is the mean over its layers of the ratio (as
+    eval's mean row is), and on any other row the ratio itself."""
+    def metric(s: Mapping[str, np.ndarray]) -> np.ndarray:
+        layers = sorted({key.split(LAYER_SEP, 1)[0] for key in s if LAYER_SEP in key})
+        if not layers:
+            return ratio(s)
+        return np.mean([ratio({key.split(LAYER_SEP, 1)[1]: v for key, v in s.items() if key.startswith(layer + LAYER_SEP)})
+                        for layer in layers], axis=0)
+    return metric
+
+
 METRICS = (
-    Metric("l0", "L0", _sum_ratio("l0_sum", "n_tokens"), "lower", False),
-    Metric("fvu", "FVU", _sum_ratio("sse", "sst"), "lower", False),
-    Metric("kl_per_token", "KL/token", _sum_ratio("kl_sum", "n_kl"), "lower", True),
-    Metric("delta_ce", "delta CE", lambda s: (s["ce_spliced_sum"] - s["ce_clean_sum"]) / s["n_ce"], "lower", True),
-    Metric("loss_recovered", "loss recovered",
-           lambda s: 1.0 - (s["ce_spliced_sum"] - s["ce_clean_sum"]) / (s["ce_zero_sum"] - s["ce_clean_sum"]),
-           "higher", True),
+    Metric("l0", "L0", _layer_mean(_sum_ratio("l0_sum", "n_tokens")), "lower", False),
+    Metric("fvu", "FVU", _layer_mean(_sum_ratio("sse", "sst")), "lower", False),
+    Metric("kl_per_token", "KL/token", _layer_mean(_sum_ratio("kl_sum", "n_kl")), "lower", True),
+    Metric("delta_ce", "delta CE", _layer_mean(lambda s: (s["ce_spliced_sum"] - s["ce_clean_sum"]) / s["n_ce"]),
+           "lower", True),
+    Metric("loss_recovered", "loss recovered", _layer_mean(
+        lambda s: 1.0 - (s["ce_spliced_sum"] - s["ce_clean_sum"]) / (s["ce_zero_sum"] - s["ce_clean_sum"])),
+        "higher", True),
 )
 COMPARED = ("kl_per_token", "fvu", "loss_recovered")
 """The metrics of the paired comparisons (KL is the paper's claim; FVU and loss recovered beside it)."""
@@ -55,6 +72,16 @@ class Run(NamedTuple):
     """row name -> sum name -> [n_contexts]; None when eval wrote no per_context.npz."""
     routing: dict[str, dict[str, Any]]
     """row name -> the row's routing record (RouteSAEs)."""
+
+
+def is_mean_row(row: dict[str, Any]) -> bool:
+    """eval's row of the mean over an MLSAE's or crosscoder's per-layer rows."""
+    return str(row.get("arch", "")).endswith("/mean")
+
+
+def is_layer_row(row: dict[str, Any]) -> bool:
+    """One layer of an MLSAE or crosscoder spliced alone."""
+    return bool(row.get("layer_of")) and not is_mean_row(row)
 
 
 def read_run(folder: Path) -> Run | None:
@@ -75,6 +102,13 @@ def read_run(folder: Path) -> Run | None:
         pc = read_per_context(npz)
         sums = {name: {metric: np.asarray(values[i], dtype=np.float64) for metric, values in pc.metrics.items()}
                 for i, name in enumerate(pc.names)}
+        # eval's "(mean of N layers)" rows are derived, not in the file: their layers' sums, keyed apart
+        for name, row in rows.items():
+            if not is_mean_row(row):
+                continue
+            members = [n for n, r in rows.items() if is_layer_row(r) and r.get("layer_of") == row.get("layer_of")]
+            if members and all(n in sums for n in members):
+                sums[name] = {f"{n}{LAYER_SEP}{key}": v for n in members for key, v in sums[n].items()}
     return Run(rows, sums, routing)
 
 
@@ -155,7 +189,7 @@ def comparisons(exp: Experiment, runs: dict[tuple[float, int], Run], fraction: f
         if ref.get("arch") != exp.grid.reference or ref.get("layer_of"):
             continue
         for name, row in rows.items():
-            if name == ref_name or row.get("k") != ref.get("k") or (row.get("layer_of") and "mean" not in name):
+            if name == ref_name or row.get("k") != ref.get("k") or is_layer_row(row):
                 continue
             if not all(name in r.sums and ref_name in r.sums for r in mine):
                 continue
@@ -164,11 +198,41 @@ def comparisons(exp: Experiment, runs: dict[tuple[float, int], Run], fraction: f
                 if m.column not in COMPARED:
                     continue
                 try:
-                    a = {key: np.stack([r.sums[ref_name][key] for r in mine]) for key in mine[0].sums[ref_name]}
-                    b = {key: np.stack([r.sums[name][key] for r in mine]) for key in mine[0].sums[name]}
+                    a, b = _same_keys([r.sums[ref_name] for r in mine], [r.sums[name] for r in mine])
                     diff = stats.paired_difference(m.ratio, a, b)
                 except (KeyError, RouteSAEError):
                     continue
                 out.append(Comparison(ref_name, name, m.column, diff, stats.verdict(diff, m.better),
                                       stats.l0_matched(l0_ref, l0_other), (l0_ref, l0_other)))
     return out
+
+
+def _groups(sums: dict[str, np.ndarray]) -> list[str]:
+    return sorted({key.split(LAYER_SEP, 1)[0] for key in sums if LAYER_SEP in key})
+
+
+def _same_keys(a_runs: list[dict[str, np.ndarray]], b_runs: list[dict[str, np.ndarray]]
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Two arms' sums (one dict per seed) -> [n_seeds, n_contexts] arrays under the same keys, as
+    the paired bootstrap needs: a mean-of-layers arm's layers become groups L0..Ln-1, and a plain
+    arm facing one is repeated in every group (the mean of n equal ratios is that ratio)."""
+    n = max(len(_groups(a_runs[0])), len(_groups(b_runs[0])), 1)
+
+    def arm(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        groups = _groups(runs[0])
+        out: dict[str, list[np.ndarray]] = {}
+        for sums in runs:
+            if groups:
+                if len(groups) != n:
+                    raise RouteSAEError("the two arms average over different numbers of layers")
+                items = {f"L{groups.index(k.split(LAYER_SEP, 1)[0])}{LAYER_SEP}{k.split(LAYER_SEP, 1)[1]}": v
+                         for k, v in sums.items()}
+            elif n > 1:
+                items = {f"L{j}{LAYER_SEP}{k}": v for j in range(n) for k, v in sums.items()}
+            else:
+                items = dict(sums)
+            for k, v in items.items():
+                out.setdefault(k, []).append(v)
+        return {k: np.stack(v) for k, v in out.items()}
+
+    return arm(a_runs), arm(b_runs)

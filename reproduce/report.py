@@ -21,7 +21,7 @@ import numpy as np
 from routesae.atomic_files import save_figure, write_json, write_text
 from routesae.reproduce import stats
 from routesae.reproduce.collect import (
-    COMPARED, METRICS, Cell, Comparison, comparisons, read_runs, row_names, table_cells)
+    COMPARED, METRICS, Cell, Comparison, comparisons, is_layer_row, read_runs, row_names, table_cells)
 from routesae.reproduce.config import Experiment
 from routesae.reproduce.runner import read_state
 from routesae.reproduce.stages import Stage
@@ -281,7 +281,8 @@ def _plots(exp: Experiment, runs: dict, cells: dict[str, dict[str, Cell]], folde
     import matplotlib.pyplot as plt
 
     figures: dict[str, Path | None] = {"sparsity": None, "budget": None, "routing": None}
-    whole = {n: c for n, c in cells.items() if "l0" in c and "[" not in n and " L" not in n}
+    first = next(iter(runs.values())).rows if runs else {}
+    whole = {n: c for n, c in cells.items() if "l0" in c and not is_layer_row(first.get(n, {}))}
     metrics = [m for m in CURVE_METRICS if any(m in c for c in whole.values())]
     if whole and metrics:
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
@@ -324,7 +325,8 @@ def _budget_figure(plt, exp: Experiment, runs: dict, folder: Path) -> Path | Non
     from routesae.reproduce.stages import _budget_option
 
     per_budget = {b: table_cells(runs, b, exp.grid.seeds) for b in exp.grid.budgets}
-    names = [n for n in row_names(runs, exp.grid.budgets[-1]) if "[" not in n and " L" not in n]
+    rows = runs[max(runs)].rows
+    names = [n for n in row_names(runs, exp.grid.budgets[-1]) if not is_layer_row(rows.get(n, {}))]
     metrics = [m for m in CURVE_METRICS if any(m in per_budget[exp.grid.budgets[-1]].get(n, {}) for n in names)]
     if not names or not metrics:
         return None

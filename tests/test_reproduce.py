@@ -285,3 +285,45 @@ def test_one_experiment_folder_one_process(tmp_path, tiny_llama_dir):
     with open(out / ".lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         one_line_error(reproduce(toml, "--out", out), "is being run by another `routesae reproduce`")
+
+
+def test_comparisons_against_mean_of_layers_rows_and_l0_flag():
+    """RouteSAE against an MLSAE's mean-of-layers row (eval keeps only its layer rows' sums) and
+    against a row whose L0 is off by more than 10%, on made-up per-context sums."""
+    from routesae.reproduce.collect import Run, comparisons
+    from routesae.reproduce.config import Experiment, Grid
+
+    rng = np.random.default_rng(0)
+    n = 12
+    grid = Grid("m", "a", "b", "1", "1", ["routesae", "mlsae", "topk"], [8], [0, 1], [1.0])
+    exp = Experiment("t", "t.toml", grid, {}, {}, [])
+
+    def sums(kl: float, l0: float) -> dict:
+        tokens = rng.integers(50, 60, n).astype(float)
+        return {"n_tokens": tokens, "l0_sum": tokens * l0, "sse": rng.uniform(1, 2, n), "sst": rng.uniform(3, 4, n),
+                "n_kl": tokens, "kl_sum": tokens * kl * rng.uniform(0.9, 1.1, n), "n_ce": tokens,
+                "ce_clean_sum": tokens * 2.0, "ce_spliced_sum": tokens * (2.0 + kl), "ce_zero_sum": tokens * 5.0}
+
+    runs = {}
+    for seed in (0, 1):
+        s = {"routesae": sums(0.5, 8), "mlsae @1": sums(0.9, 8), "mlsae @2": sums(0.7, 8), "topk": sums(0.6, 9.5)}
+        s["mlsae (mean of 2 layers)"] = {f"{name}|{k}": v for name in ("mlsae @1", "mlsae @2") for k, v in s[name].items()}
+        rows = {"routesae": {"arch": "routesae", "k": 8, "l0": 8.0},
+                "mlsae @1": {"arch": "mlsae", "k": 8, "l0": 8.0, "layer_of": "mlsae"},
+                "mlsae @2": {"arch": "mlsae", "k": 8, "l0": 8.0, "layer_of": "mlsae"},
+                "mlsae (mean of 2 layers)": {"arch": "mlsae/mean", "k": 8, "l0": 8.0, "layer_of": "mlsae"},
+                "topk": {"arch": "topk", "k": 8, "l0": 9.5}}
+        runs[(1.0, seed)] = Run(rows, s, {})
+    comps = {(c.other, c.metric): c for c in comparisons(exp, runs, 1.0)}
+    assert ("mlsae @1", "kl_per_token") not in comps, "layer rows are not compared, their mean is"
+
+    def kl(s):
+        return s["kl_sum"].sum() / s["n_kl"].sum()
+
+    want = np.mean([kl(runs[(1.0, seed)].sums["routesae"]) - np.mean(
+        [kl(runs[(1.0, seed)].sums[f"mlsae @{j}"]) for j in (1, 2)]) for seed in (0, 1)])
+    c = comps[("mlsae (mean of 2 layers)", "kl_per_token")]
+    assert c.diff.estimate == pytest.approx(want, rel=1e-12)
+    assert c.diff.low < c.diff.estimate < c.diff.high and c.verdict == "holds" and c.l0_matched
+    t = comps[("topk", "kl_per_token")]
+    assert not t.l0_matched and t.l0 == (8.0, 9.5)
