@@ -40,7 +40,8 @@ demo: setup
 	@# latent 779 of this demo's TopK fires on " should": pick yours from the dashboard
 	routesae steer --sae $(DEMO)/runs/topk-k32 --latent 779 --mode set --value 10 --max-new-tokens 24 \
 		--prompt "When you visit a new city, you"
-	@echo "open $(DEMO)/dashboard/index.html in a browser"
+	routesae reproduce demo --out $(DEMO)/experiment
+	@echo "open $(DEMO)/dashboard/index.html and $(DEMO)/experiment/report/report.html in a browser"
 
 clean-demo:
 	rm -rf $(DEMO)
