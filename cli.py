@@ -81,6 +81,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "probe": ("routesae.quality.probe_cli", "probe", "k-sparse probing of SAEs on a labelled store, with baselines."),
     "absorption": ("routesae.quality.absorption_cli", "absorption", "Feature absorption on the first-letter task."),
     "reproduce": ("routesae.reproduce.cli", "reproduce", "The paper's whole experiment, resumable, with intervals."),
+    "selftest": ("routesae.selftest.cli", "selftest", "Check a device end to end against a CPU float32 reference; JSON out."),
 }
 
 
