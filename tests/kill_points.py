@@ -22,6 +22,7 @@ the other ranks then wait for it in their next collective.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,13 @@ def markers(folder: Path) -> list[Path]:
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, so its Python turns it into KeyboardInterrupt even
+    when this suite was started with SIGINT ignored (a background job of a shell without job
+    control, `nohup`), which the child would inherit and a Ctrl-C test would wait on forever."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_paused(cmd: list[str], point: str, folder: Path, env: dict[str, str], processes: int = 1,
                  timeout: float = 600.0, **popen) -> subprocess.Popen:
     """Start cmd with `point` armed; return once `processes` of its processes wait there. The
@@ -49,6 +57,7 @@ def start_paused(cmd: list[str], point: str, folder: Path, env: dict[str, str], 
     folder.mkdir(parents=True, exist_ok=True)
     for old in markers(folder):
         old.unlink()
+    popen.setdefault("preexec_fn", _default_sigint)
     proc = subprocess.Popen(cmd, env={**env, POINT_ENV: point, MARKERS_ENV: str(folder)}, **popen)
     deadline = time.monotonic() + timeout
     while len(markers(folder)) < processes:
