@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from routesae.atomic_files import write_json
-from routesae.cli_args import parse_count
 from routesae.reproduce.config import Experiment
 from routesae.reproduce.stages import Stage
 
@@ -172,7 +171,3 @@ def _bytes(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} PB"
-
-
-def train_tokens(exp: Experiment) -> int:
-    return parse_count(exp.grid.train_tokens, "[experiment] train_tokens")

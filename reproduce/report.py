@@ -21,7 +21,7 @@ import numpy as np
 from routesae.atomic_files import save_figure, write_json, write_text
 from routesae.reproduce import stats
 from routesae.reproduce.collect import (
-    COMPARED, METRICS, Cell, Comparison, comparisons, is_layer_row, read_runs, row_names, table_cells)
+    METRICS, Cell, Comparison, comparisons, is_layer_row, read_runs, row_names, table_cells)
 from routesae.reproduce.config import Experiment
 from routesae.reproduce.runner import read_state
 from routesae.reproduce.stages import Stage
