@@ -15,6 +15,7 @@ from typing import Any
 from routesae.atomic_files import save_figure, write_text
 from routesae.evaluate.cache_eval import CacheResult
 from routesae.evaluate.splice import SpliceResult
+from routesae.json_values import jsonable
 
 # (key, markdown header, format) of the table's columns, in order
 COLUMNS = [
@@ -174,14 +175,14 @@ class Report:
             d = {
                 "name": row.name, "path": row.path, "arch": row.arch, "routing": row.routing,
                 "layers": row.layers, "k": row.k, "latents": row.latents,
-                "cache": _jsonable(row.cache._asdict()),
-                "splice": _jsonable(row.splice._asdict()) if row.splice else None,
+                "cache": jsonable(row.cache._asdict()),
+                "splice": jsonable(row.splice._asdict()) if row.splice else None,
                 "splice_note": row.splice_note,
                 "layer_of": row.layer_of,
                 "l0_target": row.l0_target,
             }
             rows.append(d)
-        return _jsonable({
+        return jsonable({
             "cache": self.cache, "model": self.model, "token_range": list(self.token_range),
             "held_out": self.held_out, "n_tokens": self.n_tokens, "context_len": self.context_len,
             "table": [r.flat() for r in self.rows], "rows": rows, "notes": self.notes, "warnings": self.warnings,
@@ -361,19 +362,3 @@ def quality_markdown(rows: list[dict[str, Any]]) -> str:
             cells.append(text)
         out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
-
-
-def _jsonable(x: Any) -> Any:
-    """NamedTuples, tensors and NaN made JSON-safe (NaN -> null)."""
-    if hasattr(x, "_asdict"):
-        return _jsonable(x._asdict())
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if hasattr(x, "tolist"):
-        return _jsonable(x.tolist())
-    return x
-

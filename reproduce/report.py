@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from routesae.atomic_files import save_figure, write_json, write_text
+from routesae.json_values import jsonable
 from routesae.reproduce import stats
 from routesae.reproduce.collect import (
     METRICS, Cell, Comparison, comparisons, is_layer_row, read_runs, row_names, table_cells)
@@ -49,17 +50,18 @@ def write_report(exp: Experiment, stages: list[Stage], out: Path) -> list[Path]:
     results: dict[str, Any] = {"experiment": exp.to_json(), "budgets": {}}
     written: list[Path] = []
 
-    cells = table_cells(runs, full, exp.grid.seeds)
+    # each budget's cells and comparisons once (bootstraps): the tables, results.json and the plots read them
+    per_budget = {b: table_cells(runs, b, exp.grid.seeds) for b in exp.grid.budgets}
+    comps = {b: comparisons(exp, runs, b) for b in exp.grid.budgets}
+    cells = per_budget[full]
     blocks += _main_table(exp, cells)
-    comps = comparisons(exp, runs, full)
-    blocks += _comparison_blocks(exp, comps)
+    blocks += _comparison_blocks(exp, comps[full])
     for fraction in exp.grid.budgets:
         results["budgets"][str(fraction)] = {
-            "rows": {name: {m: _cell_json(c) for m, c in row.items()}
-                     for name, row in table_cells(runs, fraction, exp.grid.seeds).items()},
-            "comparisons": [_comparison_json(c) for c in comparisons(exp, runs, fraction)]}
+            "rows": {name: {m: _cell_json(c) for m, c in row.items()} for name, row in per_budget[fraction].items()},
+            "comparisons": [_comparison_json(c) for c in comps[fraction]]}
 
-    figures = _plots(exp, runs, cells, folder)
+    figures = _plots(exp, runs, per_budget, folder)
     written += [p for p in figures.values() if p]
     if figures.get("sparsity"):
         blocks += [Block("h2", "Sparsity and fidelity"), Block("img", figures["sparsity"]),
@@ -81,7 +83,7 @@ def write_report(exp: Experiment, stages: list[Stage], out: Path) -> list[Path]:
     md = _markdown(title, blocks, folder)
     page = _html(title, blocks)
     paths = [write_text(folder / "report.html", page), write_text(folder / "report.md", md),
-             write_json(folder / "results.json", _jsonable(results))]
+             write_json(folder / "results.json", jsonable(results))]
     return paths + written
 
 
@@ -274,7 +276,8 @@ def _provenance(exp: Experiment, stages: list[Stage], out: Path) -> dict[str, An
 
 # ------------------------------------------------------------------------------------------- plots
 
-def _plots(exp: Experiment, runs: dict, cells: dict[str, dict[str, Cell]], folder: Path) -> dict[str, Path | None]:
+def _plots(exp: Experiment, runs: dict, per_budget: dict[float, dict[str, dict[str, Cell]]],
+           folder: Path) -> dict[str, Path | None]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,7 +285,7 @@ def _plots(exp: Experiment, runs: dict, cells: dict[str, dict[str, Cell]], folde
 
     figures: dict[str, Path | None] = {"sparsity": None, "budget": None, "routing": None}
     first = next(iter(runs.values())).rows if runs else {}
-    whole = {n: c for n, c in cells.items() if "l0" in c and not is_layer_row(first.get(n, {}))}
+    whole = {n: c for n, c in per_budget[exp.grid.budgets[-1]].items() if "l0" in c and not is_layer_row(first.get(n, {}))}
     metrics = [m for m in CURVE_METRICS if any(m in c for c in whole.values())]
     if whole and metrics:
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
@@ -308,7 +311,7 @@ def _plots(exp: Experiment, runs: dict, cells: dict[str, dict[str, Cell]], folde
         figures["sparsity"] = save_figure(fig, folder / "sparsity_fidelity.png")
 
     if len(exp.grid.budgets) > 1:
-        figures["budget"] = _budget_figure(plt, exp, runs, folder)
+        figures["budget"] = _budget_figure(plt, exp, runs, per_budget, folder)
     figures["routing"] = _routing_figure(plt, exp, runs, folder)
     return figures
 
@@ -321,10 +324,10 @@ def _arch_of(runs: dict, name: str) -> str:
     return name
 
 
-def _budget_figure(plt, exp: Experiment, runs: dict, folder: Path) -> Path | None:
+def _budget_figure(plt, exp: Experiment, runs: dict, per_budget: dict[float, dict[str, dict[str, Cell]]],
+                   folder: Path) -> Path | None:
     from routesae.reproduce.stages import _budget_option
 
-    per_budget = {b: table_cells(runs, b, exp.grid.seeds) for b in exp.grid.budgets}
     rows = runs[max(runs)].rows
     names = [n for n in row_names(runs, exp.grid.budgets[-1]) if not is_layer_row(rows.get(n, {}))]
     metrics = [m for m in CURVE_METRICS if any(m in per_budget[exp.grid.budgets[-1]].get(n, {}) for n in names)]
@@ -448,15 +451,3 @@ def _comparison_json(c: Comparison) -> dict[str, Any]:
     return {"reference": c.reference, "other": c.other, "metric": c.metric, "difference": c.diff.estimate,
             "low": c.diff.low, "high": c.diff.high, "method": c.diff.method, "verdict": c.verdict,
             "l0_matched": c.l0_matched, "l0": list(c.l0)}
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (np.floating, np.integer)):
-        return _jsonable(x.item())
-    return x

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import platform
 import re
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 from routesae.errors import RouteSAEError
+from routesae.json_values import jsonable
 from routesae.selftest.checks import Check, activation_check, failed, kl_check, loss_check
 
 GPU_ONLY = [
@@ -303,7 +303,7 @@ def run_selftest(cfg: SelftestConfig) -> dict[str, Any]:
             "peak_gpu_bytes": _peak(stages, "peak_gpu_bytes") if device.type == "cuda" else None,
             "peak_rss_bytes": _peak(stages, "peak_rss_bytes"),
             "stages": stages,
-            "checks": [_finite(c.as_dict()) for c in checks],
+            "checks": [jsonable(c.as_dict()) for c in checks],
             "gpu_only": {"exercised": device.type == "cuda", "paths": GPU_ONLY},
         }
 
@@ -407,14 +407,3 @@ def _tokens_read(store: Path, cap: int) -> int:
     saes = load_saes([str(p) for p in sorted(runs.iterdir()) if (p / "config.json").is_file()], torch.device("cpu"))
     start, stop = held_out_range(cache, saes, False, cap)
     return stop - start
-
-
-def _finite(obj: Any) -> Any:
-    """inf / nan -> None, so the output is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
