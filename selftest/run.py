@@ -44,7 +44,8 @@ GPU_ONLY = [
     "CUDA kernels: the bf16 forward (harvest, splice, steer, circuit), the fit's sparse backward and bf16 encoder "
     "matmul on the GPU, batch-size-dependent rounding",
     "--dtype auto picking bf16 where the GPU multiplies it natively",
-    "the fit's loader process feeding a GPU, pinned non-blocking host-to-device copies overlapping training",
+    "pinned staging memory, the fit's copy stream and its events overlapping copies with training (the staging "
+    "itself, the loader process and 'auto''s CUDA choices run on a CPU in tests/test_train_gpu_branches.py)",
     "NCCL (torchrun over several GPUs; CPU ranks use gloo)",
     "peak GPU memory",
 ]

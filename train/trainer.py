@@ -32,6 +32,7 @@ from routesae.train.coders.matryoshka import default_prefixes
 from routesae.train.config import AGGREGATES, NORMALIZATIONS, ROUTINGS, FitConfig, SAEConfig
 from routesae.cpu_memory import keep_freed_memory
 from routesae.train.data import WORKERS, Batch, ChunkLoader, Position, TokenSplit, can_map
+from routesae.train.device_feed import DeviceFeed
 from routesae.train.distributed import Group, Shard, from_env
 from routesae.train.normalize import dataset_scale
 from routesae.train.saes import ARCHITECTURES, SAE, TrainOutput, build_sae
@@ -518,6 +519,8 @@ class Trainer:
         self.writes = group is None or group.is_main
         """Whether this process writes the output folder and shows progress (rank 0 alone)."""
         self.runs = _build_runs(plan)
+        self.feed = DeviceFeed(plan.device)
+        """Batches to the device (on CUDA through pinned staging and a copy stream: device_feed.py)."""
         self.step = 0
         self.tokens = 0
         self.position = Position(0, 0)
@@ -567,7 +570,7 @@ class Trainer:
         plan, cfg = self.plan, self.plan.cfg
         n = acts.shape[0] if shard is None else shard.n_global
         lr = cfg.lr * lr_factor((self.tokens + n / 2) / plan.budget, cfg.warmup, cfg.decay)
-        acts = acts.to(plan.device, non_blocking=True)
+        acts = acts.to(plan.device)  # already there when it came through self.feed
         for run in self.runs:
             dead = None
             if cfg.auxk:
@@ -679,10 +682,10 @@ class Trainer:
                 if self.tokens + acts.shape[0] > plan.budget:
                     acts = acts[: plan.budget - self.tokens]
                 if self.group is None:
-                    self.train_step(acts)
+                    self.train_step(self.feed(acts))
                 else:  # the same global batch on every rank: each trains its slice
                     mine, shard = self.group.slice(acts)
-                    self.train_step(mine, shard)
+                    self.train_step(self.feed(mine), shard)
                 self.position = batch.position
                 now = time.perf_counter()
                 if first_step_done is None:
