@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from routesae.cpu_memory import ResidentCap
 from routesae.evaluate.metrics import ContextMoments, normmse_per_token, run_sums
 from routesae.evaluate.per_context import CACHE_METRICS
 from routesae.evaluate.targets import CacheBatch, Target
@@ -177,6 +178,7 @@ def evaluate_cache_per_context(
     totals = [_Totals(t, t.config.n_latents, t.config.d_model, t.device, len(contexts)) for t in targets]
     bar = tqdm(total=stop - start, unit="tok", unit_scale=True, desc="eval (cache)", disable=not progress,
                dynamic_ncols=True)
+    cap = ResidentCap()  # memory bounded whatever the number of batches
     for a in range(start, stop, batch_tokens):
         b = min(a + batch_tokens, stop)
         keep = ~cache.special(a, b)
@@ -201,6 +203,7 @@ def evaluate_cache_per_context(
                 tot.route_chosen.index_add_(0, out.layer_index, chosen)
             tot.add_contexts(out, nmse, firing, counts, c0 - first_context)
         bar.update(b - a)
+        cap.check()
     bar.close()
     return CacheRun([tot.result(t) for t, tot in zip(targets, totals)], contexts,
                     [tot.context_result() for tot in totals])

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from routesae.cpu_memory import keep_freed_memory
+from routesae.cpu_memory import ResidentCap, keep_freed_memory
 from routesae.errors import RouteSAEError
 from routesae.evaluate.cache_eval import CacheRun, evaluate_cache_per_context
 from routesae.evaluate.choices import BASELINES
@@ -115,6 +115,7 @@ def splice_metrics(
     # SpliceEvaluator; on a CPU one context run live usually shows it already).
     step = batch_size * ctx
     bounds = [start, *range((start // step + 1) * step, stop, step), stop]
+    cap = ResidentCap()  # memory bounded whatever the number of batches
     for a, b in zip(bounds[:-1], bounds[1:]):
         ids = cache.token_ids(a, b).view(-1, ctx)
         keep = ~cache.special(a, b).view(-1, ctx)
@@ -130,6 +131,7 @@ def splice_metrics(
 
         ev.add_batch(ids, keep, torch.arange(a, b).view(-1, ctx), stored, moved)
         bar.update(b - start - bar.n)
+        cap.check()
     bar.close()
     return SpliceRun(ev.results(), dict(ev.batches), ev.store_matches, ev.store_diff, ev.store_check,
                      dict(ev.zero_contexts), np.asarray(ev.contexts, dtype=np.int64), ev.per_context())

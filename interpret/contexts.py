@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from routesae.atomic_files import atomic_open, write_json
+from routesae.cpu_memory import ResidentCap
 from routesae.errors import RouteSAEError
 from routesae.sae_folders import weights_digest
 from routesae.store.zarr_store import Cache
@@ -510,6 +511,7 @@ def _stream(cache: Cache, passes: list[_SAEPass], start: int, stop: int, cfg: Co
     step = cfg.batch_contexts * cache.context_len
     bar = tqdm(total=stop - start, unit="tok", unit_scale=True, desc="contexts", disable=not cfg.progress,
                dynamic_ncols=True)
+    cap = ResidentCap()  # memory bounded whatever the number of batches
     for a in range(start, stop, step):
         b = min(a + step, stop)
         token_ids, special = cache.token_ids(a, b).long(), cache.special(a, b)
@@ -518,6 +520,7 @@ def _stream(cache: Cache, passes: list[_SAEPass], start: int, stop: int, cfg: Co
         for p in passes:
             p.add(acts, token_ids, special, a, first, end)
         bar.update(b - a)
+        cap.check()
     bar.close()
 
 
