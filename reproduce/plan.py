@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -72,13 +73,31 @@ def read_rates() -> dict[str, Any]:
         return {}
 
 
+KEPT_RATES = 5
+"""Measurements kept per stage kind and size (the plan takes their median)."""
+
+
+def measured_rate(kept: Any) -> float | None:
+    """The median of a stage's kept seconds per unit (a single number from older files too)."""
+    if isinstance(kept, (int, float)):
+        return float(kept)
+    if not kept:
+        return None
+    return float(statistics.median(kept))
+
+
 def record_rate(stage: Stage, exp: Experiment, seconds: float) -> None:
     """Keep this machine's seconds per unit of a stage that just ran (the next plan's figure)."""
     units = _units(stage)
     if units <= 0 or seconds <= 0:
         return
     rates = read_rates()
-    rates.setdefault(machine_id(), {})[rate_key(stage, exp)] = seconds / units
+    mine = rates.setdefault(machine_id(), {})
+    key = rate_key(stage, exp)
+    before = mine.get(key, [])
+    # the last few measurements, of which plans take the median: one run slowed by a pause or a
+    # job beside it does not set the next plan's figure
+    mine[key] = ([before] if isinstance(before, (int, float)) else list(before))[-(KEPT_RATES - 1):] + [seconds / units]
     RATES.parent.mkdir(parents=True, exist_ok=True)
     write_json(RATES, rates)
 
@@ -90,7 +109,7 @@ def plan(stages: list[Stage], exp: Experiment, shape: tuple[int, int, int] | Non
     out = []
     for s in stages:
         units = _units(s)
-        rate = mine.get(rate_key(s, exp))
+        rate = measured_rate(mine.get(rate_key(s, exp)))
         measured = rate is not None
         if rate is None:
             rate = ROUGH_SECONDS.get(s.kind)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# the reproduce tests' stage rates go to a folder of this run, not the user's ~/.cache/routesae
+os.environ.setdefault("ROUTESAE_CACHE", tempfile.mkdtemp(prefix="routesae-test-cache-"))
 
 from tiny_models import save_tiny  # noqa: E402
 

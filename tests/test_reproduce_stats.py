@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -316,3 +317,19 @@ def test_ratio_metrics_read_evals_sum_names():
     }
     got = {name: float(fn(s)) for name, fn in stats.RATIO_METRICS.items()}
     assert got == {"fvu": 0.25, "kl_per_token": 0.25, "l0": 32.0, "loss_recovered": 0.75}
+
+
+def test_plans_take_the_median_of_the_last_measured_rates(tmp_path, monkeypatch):
+    """One stage slowed by a pause (49 min against 5) does not set the next plan's figure."""
+    from routesae.reproduce import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "RATES", tmp_path / "rates.json")
+    monkeypatch.setattr(plan_module, "_units", lambda stage: 2.0)
+    monkeypatch.setattr(plan_module, "rate_key", lambda stage, exp: "eval|m|splice")
+    (tmp_path / "rates.json").write_text(json.dumps({plan_module.machine_id(): {"eval|m|splice": 150.0}}))
+    for seconds in (300, 2940, 320, 290, 310):
+        plan_module.record_rate(None, None, seconds)
+    kept = plan_module.read_rates()[plan_module.machine_id()]["eval|m|splice"]
+    assert kept == [150.0, 300 / 2, 2940 / 2, 320 / 2, 290 / 2, 310 / 2][-plan_module.KEPT_RATES:]
+    assert plan_module.measured_rate(kept) == 155.0
+    assert plan_module.measured_rate(7.5) == 7.5 and plan_module.measured_rate([]) is None
