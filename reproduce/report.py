@@ -10,7 +10,6 @@ import html
 import json
 import math
 import platform
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +23,7 @@ from routesae.reproduce import stats
 from routesae.reproduce.collect import (
     METRICS, Cell, Comparison, comparisons, is_layer_row, read_runs, row_names, table_cells)
 from routesae.reproduce.config import Experiment
-from routesae.reproduce.runner import read_state
+from routesae.reproduce.runner import code_version, read_state
 from routesae.reproduce.stages import Stage
 
 CURVE_METRICS = ("kl_per_token", "fvu", "loss_recovered")
@@ -61,7 +60,8 @@ def write_report(exp: Experiment, stages: list[Stage], out: Path) -> list[Path]:
             "rows": {name: {m: _cell_json(c) for m, c in row.items()} for name, row in per_budget[fraction].items()},
             "comparisons": [_comparison_json(c) for c in comps[fraction]]}
 
-    figures = _plots(exp, runs, per_budget, folder)
+    unmatched = {(b, c.other) for b, cs in comps.items() for c in cs if not c.l0_matched}
+    figures = _plots(exp, runs, per_budget, folder, unmatched)
     written += [p for p in figures.values() if p]
     if figures.get("sparsity"):
         blocks += [Block("h2", "Sparsity and fidelity"), Block("img", figures["sparsity"]),
@@ -77,7 +77,9 @@ def write_report(exp: Experiment, stages: list[Stage], out: Path) -> list[Path]:
     blocks += _steering(exp, out)
     provenance = _provenance(exp, stages, out)
     results["provenance"] = provenance
-    blocks += [Block("h2", "Provenance"), Block("pre", json.dumps(provenance, indent=2))]
+    # the page shows the commits stages ran on; results.json also maps each stage to its own
+    shown = {k: v for k, v in provenance.items() if k != "stage_code"}
+    blocks += [Block("h2", "Provenance"), Block("pre", json.dumps(shown, indent=2))]
 
     title = f"routesae reproduce: {exp.name}"
     md = _markdown(title, blocks, folder)
@@ -159,14 +161,26 @@ def _comparison_blocks(exp: Experiment, comps: list[Comparison]) -> list[Block]:
             Block("p", "Differences are the reference's metric minus the other row's, on the same held-out contexts "
                   f"({comps[0].diff.method}). 'holds' means the interval excludes 0 on the side where the reference is "
                   "better (lower KL and FVU, higher loss recovered); rows whose held-out L0 differ by more than 10% "
-                  "are flagged NOT MATCHED and left out of the verdict.")]
+                  "are flagged NOT MATCHED and left out of the verdict. Loss recovered zero-ablates each row's own "
+                  "layers, so between architectures that write different layers (RouteSAE a routed layer per token, "
+                  "the mean-of-layers rows each of their layers in turn) its zero point differs: KL/token and FVU "
+                  "compare them like for like, loss recovered does not.")]
+
+
+def _tokens_label(n: float) -> str:
+    """131072 -> '131k', 100000000 -> '100M'."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
 
 
 def _budget_text(exp: Experiment) -> str:
     return ("The same seeds trained at " + ", ".join(f"{b:g}" for b in exp.grid.budgets) + " of the full budget, "
             "each a run of its own: the learning rate's schedule (warm-up, constant, decay over the last 20%) is "
             "laid out over each run's own length, so a checkpoint of a longer run is not a shorter run. "
-            "Lines are means over seeds, bands the 95% interval over seeds.")
+            "Lines are means over seeds, bands the 95% interval over seeds; a hollow point's held-out L0 is more "
+            f"than 10% from {exp.grid.reference}'s at that budget (not a like-for-like comparison).")
 
 
 QUALITY_COLUMNS = {"probe_auc_k1": "probe AUC k1", "probe_auc_k16": "probe AUC k16", "random_auc_k16": "random AUC k16",
@@ -204,11 +218,44 @@ def _quality_blocks(exp: Experiment, out: Path, results: dict[str, Any]) -> list
             line.append(_fmt(iv.estimate) + (f" [{_fmt(iv.low)}, {_fmt(iv.high)}]" if math.isfinite(iv.low) else ""))
         table.append(line)
     results["quality"] = figures
-    return [Block("h2", "Quality without a judge"), Block("table", (["SAE"] + [QUALITY_COLUMNS[c] for c in columns], table)),
+    blocks = [Block("h2", "Quality without a judge"), Block("table", (["SAE"] + [QUALITY_COLUMNS[c] for c in columns], table)),
             Block("p", "Mean [95% interval over seeds] of `routesae probe` (sparse probing: test AUC, mean over "
                   "datasets, of k latents picked by class-mean difference; beside k random live latents and a "
                   "probe on the dense residual) and `routesae absorption` (first-letter absorption; weak evidence "
                   "on a model that spells poorly) on each seed's full-budget SAEs.")]
+    return blocks + _quality_differences(exp, figures, results)
+
+
+QUALITY_BETTER = {"probe_auc_k1": "higher", "probe_auc_k16": "higher", "absorption": "lower", "full_absorption": "lower"}
+"""The quality columns compared between SAEs, and which way is better."""
+
+
+def _quality_differences(exp: Experiment, figures: dict[str, dict[str, list[float]]],
+                         results: dict[str, Any]) -> list[Block]:
+    """The reference minus every other SAE on each quality column: Welch intervals over seeds."""
+    ref = exp.grid.reference
+    if ref not in figures:
+        return []
+    lines, found = [], []
+    for other, values in figures.items():
+        if other == ref:
+            continue
+        for column, better in QUALITY_BETTER.items():
+            if column not in values or column not in figures[ref]:
+                continue
+            iv = stats.seed_difference(figures[ref][column], values[column])
+            v = stats.verdict(iv, better)
+            lines.append([f"{ref} - {other}", QUALITY_COLUMNS[column], stats.format_interval(iv.estimate, iv.low, iv.high, 3), v])
+            found.append({"reference": ref, "other": other, "metric": column, "difference": iv.estimate,
+                          "low": iv.low, "high": iv.high, "method": iv.method, "verdict": v})
+    if not lines:
+        return []
+    results["quality_comparisons"] = found
+    return [Block("table", (["comparison", "metric", "difference [95%]", "verdict"], lines)),
+            Block("p", f"{ref}'s figure minus the other SAE's, Welch t intervals over the seeds (separate runs, "
+                  "so unpaired). 'holds' means the interval excludes 0 on the side where the reference is better "
+                  "(higher probe AUC, lower absorption). The SAEs share k; their held-out L0s are in the results table "
+                  "at the top.")]
 
 
 def _links(exp: Experiment, out: Path, folder: Path) -> list[Block]:
@@ -250,14 +297,12 @@ def _provenance(exp: Experiment, stages: list[Stage], out: Path) -> dict[str, An
     from routesae import __version__
 
     state = read_state(out)
-    root = Path(__file__).resolve().parents[1]
-    try:
-        git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip()) if git else None
-    except (OSError, subprocess.SubprocessError):
-        git, dirty = None, None
+    code = code_version()
+    # a resumed experiment may have run its stages on several commits: each stage's is kept
+    ran_on: dict[str, list[str]] = {}
+    for s in stages:
+        rec = state["stages"].get(s.name) or {}
+        ran_on.setdefault(rec.get("code") or "not recorded", []).append(s.name)
     packages = {}
     for name in ("torch", "transformers", "zarr", "numpy", "scipy", "scikit-learn"):
         try:
@@ -265,8 +310,9 @@ def _provenance(exp: Experiment, stages: list[Stage], out: Path) -> dict[str, An
         except metadata.PackageNotFoundError:
             pass
     return {
-        "routesae": __version__, "git": git, "git_dirty": dirty, "packages": packages,
-        "python": sys.version.split()[0], "machine": {"platform": platform.platform(), "cpu": platform.processor(),
+        "routesae": __version__, "report_code": code, "stages_ran_on": {c: len(n) for c, n in ran_on.items()},
+        "stage_code": {n: c for c, names in ran_on.items() for n in names}, "packages": packages,
+        "python": sys.version.split()[0], "machine": {"platform": platform.platform(), "cpu": _cpu_name(),
                                                       "node": platform.node()},
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "experiment_file": exp.source,
@@ -274,10 +320,22 @@ def _provenance(exp: Experiment, stages: list[Stage], out: Path) -> dict[str, An
     }
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform.processor() is often empty there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 # ------------------------------------------------------------------------------------------- plots
 
 def _plots(exp: Experiment, runs: dict, per_budget: dict[float, dict[str, dict[str, Cell]]],
-           folder: Path) -> dict[str, Path | None]:
+           folder: Path, unmatched: set[tuple[float, str]] = frozenset()) -> dict[str, Path | None]:
+    """unmatched: (budget, row) whose held-out L0 is more than 10% from the reference's (hollow points)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,7 +369,7 @@ def _plots(exp: Experiment, runs: dict, per_budget: dict[float, dict[str, dict[s
         figures["sparsity"] = save_figure(fig, folder / "sparsity_fidelity.png")
 
     if len(exp.grid.budgets) > 1:
-        figures["budget"] = _budget_figure(plt, exp, runs, per_budget, folder)
+        figures["budget"] = _budget_figure(plt, exp, runs, per_budget, folder, unmatched)
     figures["routing"] = _routing_figure(plt, exp, runs, folder)
     return figures
 
@@ -325,7 +383,7 @@ def _arch_of(runs: dict, name: str) -> str:
 
 
 def _budget_figure(plt, exp: Experiment, runs: dict, per_budget: dict[float, dict[str, dict[str, Cell]]],
-                   folder: Path) -> Path | None:
+                   folder: Path, unmatched: set[tuple[float, str]]) -> Path | None:
     from routesae.reproduce.stages import _budget_option
 
     rows = runs[max(runs)].rows
@@ -337,11 +395,12 @@ def _budget_figure(plt, exp: Experiment, runs: dict, per_budget: dict[float, dic
     for ax, metric in zip(axes[0], metrics):
         for name in names:
             arch = _arch_of(runs, name)
-            xs, ys, lo, hi = [], [], [], []
+            xs, ys, lo, hi, hollow = [], [], [], [], []
             for b in exp.grid.budgets:
                 cell = per_budget[b].get(name, {}).get(metric)
                 if cell is None:
                     continue
+                hollow.append((b, name) in unmatched)
                 xs.append(_budget_option(exp, arch if arch in exp.grid.archs else exp.grid.archs[0], b)[1])
                 ys.append(cell.seeds.estimate)
                 lo.append(cell.seeds.low if math.isfinite(cell.seeds.low) else cell.seeds.estimate)
@@ -349,7 +408,14 @@ def _budget_figure(plt, exp: Experiment, runs: dict, per_budget: dict[float, dic
             if xs:
                 line = ax.plot(xs, ys, marker="o", label=name)[0]
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.18)
+                off = [(x, y) for x, y, h in zip(xs, ys, hollow) if h]
+                if off:  # its L0 is not the reference's there: not a like-for-like point
+                    ax.plot(*zip(*off), linestyle="none", marker="o", color=line.get_color(), markerfacecolor="white",
+                            markeredgecolor=line.get_color(), markersize=7, zorder=3)
         ax.set_xscale("log")
+        ticks = sorted({_budget_option(exp, exp.grid.archs[0], b)[1] for b in exp.grid.budgets})
+        ax.set_xticks(ticks, [_tokens_label(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("training tokens")
         ax.set_ylabel(LABEL[metric])
         ax.grid(alpha=0.3)

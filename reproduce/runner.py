@@ -149,7 +149,7 @@ def run_stages(stages: list[Stage], out: Path, log: Callable[[str], None] = prin
         stage.out.parent.mkdir(parents=True, exist_ok=True)
         log(f"[{i}/{total}] {stage.name}: {reason}")
         state["stages"][stage.name] = {"key": key.key, "inputs": key.inputs, "status": "running",
-                                       "started": _now(), "seconds": None}
+                                       "started": _now(), "seconds": None, "code": code_version()}
         write_json(out / STATE, state)
         started = time.perf_counter()
         seconds = _run(stage)
@@ -160,6 +160,22 @@ def run_stages(stages: list[Stage], out: Path, log: Callable[[str], None] = prin
             on_done(stage, seconds)
         times.append(StageTime(stage.name, stage.kind, time.perf_counter() - started, True))
     return times
+
+
+def code_version() -> str | None:
+    """The routesae code a stage runs: its git commit, '+dirty' with uncommitted changes to tracked
+    files; None outside a git checkout (an installed release: its version is in the provenance)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        if not head:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _run(stage: Stage) -> float:

@@ -121,6 +121,22 @@ def seed_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> 
     return Interval(mean, mean - half, mean + half, int(x.size), f"Student t over {x.size} seeds, {_pct(level)}")
 
 
+def seed_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, level: float = 0.95) -> Interval:
+    """mean(a) - mean(b) over two sets of independent seeds, with Welch's t interval (scipy's; the
+    seeds of two architectures are separate runs, so nothing pairs them). With fewer than two
+    seeds on a side, or no spread on either, NaN bounds."""
+    _check_level(level)
+    x, y = (np.asarray(v, dtype=np.float64).ravel() for v in (a, b))
+    if x.size == 0 or y.size == 0:
+        raise RouteSAEError("seed_difference needs at least one seed's value on each side")
+    diff = float(x.mean() - y.mean())
+    if x.size < 2 or y.size < 2 or (x.std() == 0 and y.std() == 0):
+        return Interval(diff, math.nan, math.nan, int(min(x.size, y.size)), "fewer than 2 seeds or no spread: no interval")
+    ci = scipy_stats.ttest_ind(x, y, equal_var=False).confidence_interval(level)
+    return Interval(diff, float(ci.low), float(ci.high), int(min(x.size, y.size)),
+                    f"Welch t over {x.size} vs {y.size} seeds, {_pct(level)}")
+
+
 def _generators(seed: int, count: int) -> list[np.random.Generator]:
     # child i of a SeedSequence is the same however many children are spawned
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(count)]

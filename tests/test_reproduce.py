@@ -203,6 +203,12 @@ def test_tiny_experiment_killed_anywhere_reruns_to_the_same_report(tmp_path, tin
     half = sst.t.ppf(0.975, 1) * np.std(values, ddof=1) / np.sqrt(2)
     assert cell["mean"] == pytest.approx(np.mean(values)) and cell["high"] == pytest.approx(np.mean(values) + half)
 
+    # every stage records the code it ran on: this checkout's commit
+    from routesae.reproduce.runner import code_version
+
+    provenance = json.loads((report / "results.json").read_text())["provenance"]
+    assert provenance["stages_ran_on"] == {code_version(): 18} and code_version() is not None
+
     _report_in_browser(report / "report.html", tmp_path)
 
     # a second run of a finished experiment runs nothing

@@ -333,3 +333,24 @@ def test_plans_take_the_median_of_the_last_measured_rates(tmp_path, monkeypatch)
     assert kept == [150.0, 300 / 2, 2940 / 2, 320 / 2, 290 / 2, 310 / 2][-plan_module.KEPT_RATES:]
     assert plan_module.measured_rate(kept) == 155.0
     assert plan_module.measured_rate(7.5) == 7.5 and plan_module.measured_rate([]) is None
+
+
+def test_seed_difference_is_welchs_interval():
+    """Against Welch's formula written out here: the difference of means, its standard error from
+    each side's variance, and the Welch-Satterthwaite degrees of freedom."""
+    from scipy import stats as sst
+
+    from routesae.reproduce.stats import seed_difference
+
+    a, b = np.array([0.715, 0.740, 0.723]), np.array([0.765, 0.788, 0.774, 0.770])
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = sst.t.ppf(0.975, df) * math.sqrt(va + vb)
+    iv = seed_difference(a, b)
+    assert iv.estimate == pytest.approx(a.mean() - b.mean())
+    assert (iv.low, iv.high) == pytest.approx((a.mean() - b.mean() - half, a.mean() - b.mean() + half))
+    assert "Welch" in iv.method and iv.n == 3
+    one = seed_difference([0.7], b)
+    assert math.isnan(one.low) and one.estimate == pytest.approx(0.7 - b.mean())
+    with pytest.raises(RouteSAEError):
+        seed_difference([], b)
