@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from routesae.store.shard_files import populate, release_address_space, reserve_address_space
 from routesae.store.zarr_store import TORCH_DTYPES, Cache
+from routesae.train.data import LOCAL_READERS
 
 
 class MappedBuffer:
@@ -45,7 +47,6 @@ class MappedBuffer:
         d = cache.d_model
         chunk_bytes = first.chunk_rows * first.row_bytes
         layer_bytes = capacity_chunks * chunk_bytes
-        used = len(chunks) * chunk_bytes
         self._nbytes = len(layers) * layer_bytes
         self._address = reserve_address_space(self._nbytes)
         # unmapped when closed, or at the latest when collected (a view left behind would read freed
@@ -56,7 +57,16 @@ class MappedBuffer:
                 base = self._address + j * layer_bytes
                 for slot, chunk in enumerate(chunks.tolist()):
                     f.map_chunk(chunk, base + slot * chunk_bytes)
-                populate(base, used)
+            # brought in chunk by chunk, several at once: a cold store's disk serves parallel
+            # requests faster (data.LOCAL_READERS), and madvise runs without Python's GIL
+            starts = [self._address + j * layer_bytes + slot * chunk_bytes
+                      for j in range(len(files)) for slot in range(len(chunks))]
+            if len(starts) > 1 and LOCAL_READERS > 1:
+                with ThreadPoolExecutor(min(LOCAL_READERS, len(starts))) as pool:
+                    list(pool.map(lambda a: populate(a, chunk_bytes), starts))
+            else:
+                for a in starts:
+                    populate(a, chunk_bytes)
         except BaseException:
             self.close()
             raise
