@@ -1,7 +1,8 @@
 """Stores larger than RAM: the loader, fit, eval and contexts reading a store the page cache cannot hold (not a test).
 
     python bench/big_store.py --dir /work/big --gb 28          # a 28 GB store (d_model 2048, 4 layers, bf16)
-    python bench/big_store.py --dir /tmp/bs --gb 0.5 --quick   # every phase, small, in a minute or two
+    python bench/big_store.py --dir /tmp/bs --gb 0.5 --quick   # every phase, small, in a few minutes
+    python bench/big_store.py --dir /work/big --phases loader,eval  # some phases again (the store is reused)
 
 The store is written through the schema's writer (StoreWriter.write_shard, what harvest's
 background writer calls) from synthetic activations: a forward at d_model 2048 would take hours on
@@ -16,8 +17,9 @@ for the tokenizer contexts renders with. Phases, each measured in a fresh proces
   fit      RouteSAE (4 layers) from the big store, cold, against the same fit from a small store
            that the page cache holds: tokens/s, ratio against min(in-RAM fit, disk bandwidth /
            bytes per token) (target 0.8), peak RSS of both (the big store must not cost memory);
-  eval, contexts   on the big store's held-out tail against a run over 1/8 of it: peak RSS must
-           not grow with the tokens read (streamed), by less than 10% of the bytes read.
+  eval, contexts   over the big store's held-out tail, resident memory sampled at every batch:
+           over the second half of the run it must gain less than 10% of the bytes each token
+           reads (a reader that held what it read would gain all of them).
 Cold means the store's pages were dropped from the page cache first: a sync, then
 posix_fadvise(DONTNEED) on every file of the store (no root needed; the store's bytes in the page
 cache before and after, by util-linux's fincore, are printed as evidence). A store larger than RAM could not stay cached anyway.
@@ -204,13 +206,11 @@ def ensure_store(path: Path, n_tokens: int, model_dir: Path) -> dict:
 
 def child_loader(store: str, workers: str) -> dict:
     """One epoch of the fit's loader, batches dropped; RSS of this process and of the loader process."""
-    import torch
     from tqdm import tqdm
 
     from routesae.store.zarr_store import Cache
     from routesae.train.data import ChunkLoader, TokenSplit
 
-    torch.set_num_threads(1)
     cache = Cache.open(store)
     split = TokenSplit.of(cache, 0.05)
     loader = ChunkLoader(cache, LAYERS, split, BATCH, 65536, seed=0, workers=workers)
@@ -252,16 +252,45 @@ def child_fit(store: str, out: str, steps: int) -> dict:
 
 
 def child_command(args: list[str]) -> dict:
-    """A routesae command in this process (its peak RSS is this process's)."""
+    """A routesae command in this process (its peak RSS is this process's), with the resident
+    memory sampled at every step of its progress bar (the tokens read so far, the RSS then)."""
     from click.testing import CliRunner
+    from tqdm import tqdm
 
+    import routesae.evaluate.cache_eval as cache_eval
+    import routesae.interpret.contexts as contexts
     from routesae.cli import main
 
+    samples: list[tuple[int, int]] = []
+
+    class SampledBar(tqdm):  # instrumentation only: the commands' own bars, RSS read at each update
+        read = 0  # counted here: a bar disabled by --quiet counts nothing itself
+
+        def update(self, n=1):
+            out = super().update(n)
+            SampledBar.read += int(n or 0)
+            samples.append((SampledBar.read, vm_kib("self", "VmRSS")))
+            return out
+
+    cache_eval.tqdm = contexts.tqdm = SampledBar
     t0 = time.perf_counter()
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     if result.exit_code:
         raise SystemExit(f"{' '.join(args[:1])} failed: {result.output[-2000:]}")
-    return {"seconds": time.perf_counter() - t0, "peak_rss": peak_rss()}
+    return {"seconds": time.perf_counter() - t0, "peak_rss": peak_rss(), "rss_by_tokens": samples}
+
+
+def rss_slope(samples: list[tuple[int, int]]) -> float:
+    """Bytes of resident memory gained per token read, over the second half of the run (least
+    squares): about 0 for a reader that streams, its bytes per token or more for one that holds."""
+    import numpy as np
+
+    half = [(t, r) for t, r in samples[len(samples) // 2:] if r > 0]
+    if len(half) < 3:
+        return float("nan")
+    tokens, rss = (np.array(v, dtype=np.float64) for v in zip(*half))
+    spread = ((tokens - tokens.mean()) ** 2).sum()
+    return float(((tokens - tokens.mean()) * (rss - rss.mean())).sum() / spread) if spread > 0 else float("nan")
 
 
 def run_child(*args: str) -> dict:
@@ -285,6 +314,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="Timed fit steps.")
     ap.add_argument("--quick", action="store_true", help="A smoke run: few steps, small disk tests.")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--phases", default="write,disk,loader,fit,eval,contexts",
+                    help="Which phases to run (the store is written or reused whatever this says).")
     args = ap.parse_args()
     if args.child:
         name, *rest = json.loads(args.child)
@@ -306,9 +337,11 @@ def main() -> None:
     print(f"RAM {gb(ram)}; big store {args.gb:g} GB of d_model {D_MODEL} x {len(LAYERS)} layers bf16 "
           f"({per_token:,} bytes/token); small store {args.small_gb:g} GB", file=sys.stderr)
 
+    phases = set(args.phases.split(","))
     report: dict = {"ram_bytes": ram, "bytes_per_token": per_token}
     test_bytes = (256 << 20) if args.quick else (4 << 30)
-    report["disk_write_bytes_per_s"] = disk_write_bandwidth(root, test_bytes)
+    if "write" in phases:
+        report["disk_write_bytes_per_s"] = disk_write_bandwidth(root, test_bytes)
     report["write"] = ensure_store(big, int(args.gb * 1e9 / per_token), model_dir)
     ensure_store(small, int(args.small_gb * 1e9 / per_token), model_dir)
     if "seconds_writing" in report["write"]:
@@ -319,30 +352,36 @@ def main() -> None:
     bw, read = disk_read_bandwidth(shard_files(big), test_bytes * 2)
     report["disk_read_bytes_per_s"], report["disk_read_bytes"] = bw, read
 
-    for workers in ("process", "mapped"):
-        drop_from_page_cache(big)
-        report[f"loader_{workers}"] = run_child("loader", str(big), workers)
+    if "loader" in phases:
+        for workers in ("process", "mapped"):
+            drop_from_page_cache(big)
+            report[f"loader_{workers}"] = run_child("loader", str(big), workers)
 
+    sae = root / "fit-big"  # kept: eval and contexts read it in later runs too
+    if "fit" in phases or not (sae / "sae.safetensors").exists():
+        import shutil
+
+        shutil.rmtree(sae, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            drop_from_page_cache(big)
+            report["fit_big"] = run_child("fit", str(big), str(sae), steps)
+            disk_read_bandwidth(shard_files(small), 1 << 62)  # the small store into the page cache
+            report["fit_small"] = run_child("fit", str(small), f"{tmp}/small", steps)
+
+    from routesae.store.zarr_store import Cache
+
+    tail = Cache.open(big).n_tokens - json.loads((sae / "config.json").read_text())["training"]["eval_range"][0]
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        drop_from_page_cache(big)
-        report["fit_big"] = run_child("fit", str(big), f"{tmp}/big", steps)
-        disk_read_bandwidth(shard_files(small), 1 << 62)  # the small store into the page cache
-        report["fit_small"] = run_child("fit", str(small), f"{tmp}/small", steps)
-        sae = f"{tmp}/big"
-        from routesae.store.zarr_store import Cache
-
-        tail = Cache.open(big).n_tokens - json.loads((Path(sae) / "config.json").read_text())["training"]["eval_range"][0]
-        eighth = max(CONTEXT, tail // 8 // CONTEXT * CONTEXT)
-        for name, cmd in (("eval", ["eval", "--cache", str(big), "--sae", sae, "--baselines", "none", "--quiet",
+        for name, cmd in (("eval", ["eval", "--cache", str(big), "--sae", str(sae), "--baselines", "none", "--quiet",
                                     "--device", "cpu"]),
-                          ("contexts", ["contexts", "--cache", str(big), "--sae", sae, "--quiet", "--device", "cpu"])):
-            runs = {}
-            for label, extra in (("eighth", ["--tokens", str(eighth)]), ("tail", [])):
-                drop_from_page_cache(big)
-                out = ["--out", f"{tmp}/{name}-{label}"]
-                runs[label] = run_child("command", *cmd, *out, *extra)
-            runs["tokens"] = {"eighth": eighth, "tail": tail}
-            report[name] = runs
+                          ("contexts", ["contexts", "--cache", str(big), "--sae", str(sae), "--quiet", "--device", "cpu"])):
+            if name not in phases:
+                continue
+            drop_from_page_cache(big)
+            run = run_child("command", *cmd, "--out", f"{tmp}/{name}")
+            run["tokens"] = tail
+            run["rss_slope_bytes_per_token"] = rss_slope(run["rss_by_tokens"])
+            report[name] = run
 
     print(json.dumps(report, indent=1))
     summarize(report)
@@ -351,41 +390,47 @@ def main() -> None:
 def summarize(r: dict) -> None:
     per = r["bytes_per_token"]
     disk = r["disk_read_bytes_per_s"]
-    print(f"\nRAM {gb(r['ram_bytes'])}; store written {gb(r['write'].get('bytes', 0) or r['write']['tokens'] * per)}")
-    print(f"disk: sequential write {r['disk_write_bytes_per_s'] / 1e6:.0f} MB/s, cold sequential read "
-          f"{disk / 1e6:.0f} MB/s (the store's bytes in the page cache: {gb(r['evict'][0] or 0)} -> "
-          f"{gb(r['evict'][1] or 0)} when dropped)")
-    if "bytes_per_s" in r["write"]:
+    print(f"\nRAM {gb(r['ram_bytes'])}; store {gb(r['write'].get('bytes', 0) or r['write']['tokens'] * per)}")
+    print(f"disk: cold sequential read {disk / 1e6:.0f} MB/s (the store's bytes in the page cache: "
+          f"{gb(r['evict'][0] or 0)} -> {gb(r['evict'][1] or 0)} when dropped)")
+    if "disk_write_bytes_per_s" in r:
+        print(f"disk: sequential write {r['disk_write_bytes_per_s'] / 1e6:.0f} MB/s (8 MiB writes, fdatasync)")
+    if "bytes_per_s" in r["write"] and "disk_write_bytes_per_s" in r:
         w = r["write"]["bytes_per_s"]
-        print(f"writer (StoreWriter.write_shard, sync included): {w / 1e6:.0f} MB/s = "
-              f"{w / r['disk_write_bytes_per_s']:.2f}x the disk's write; at d_model {D_MODEL} that keeps up with a "
-              f"forward of {w / (D_MODEL * 2) / 1e3:,.0f}k token-layers/s")
+        print(f"writer (StoreWriter.write_shard calls, final sync included): {w / 1e6:.0f} MB/s = "
+              f"{w / r['disk_write_bytes_per_s']:.2f}x the disk's sustained write (the calls return once the bytes "
+              f"are in the page cache; the disk writes them back meanwhile)")
     for workers in ("process", "mapped"):
-        x = r[f"loader_{workers}"]
+        x = r.get(f"loader_{workers}")
+        if x is None:
+            continue
         rate = x["tokens"] / x["seconds"]
         bound = 2 * x["buffer_bytes"]
-        grown = x["peak_rss"] - x["baseline_rss"]
         if workers == "mapped":
             bound += 2 * x["batch_f32_bytes"]  # its batches are float32 copies, the one in training and the next
+        grown = x["peak_rss"] - x["baseline_rss"]
         ok = grown <= 1.1 * bound and x["loader_process_peak_rss"] <= 1.1 * bound + (1 << 30)
         print(f"loader ({workers}), one cold epoch: {rate:,.0f} tok/s = {rate * per / 1e6:.0f} MB/s = "
-              f"{rate * per / disk:.2f}x the disk; RSS grew {gb(grown)}, loader process peak "
+              f"{rate * per / disk:.2f}x the disk's sequential read; RSS grew {gb(grown)}, loader process peak "
               f"{gb(x['loader_process_peak_rss'])}; bound {gb(bound)} "
               f"(2 buffers{' + 2 float32 batches' if workers == 'mapped' else ''}): {'held' if ok else 'EXCEEDED'}")
-    fb, fs = r["fit_big"], r["fit_small"]
-    limit = min(fs["tokens_per_s"], disk / per)
-    print(f"fit RouteSAE: big store (cold) {fb['tokens_per_s']:,.0f} tok/s, small store (in RAM) "
-          f"{fs['tokens_per_s']:,.0f} tok/s, disk / bytes per token {disk / per:,.0f} tok/s -> "
-          f"{fb['tokens_per_s'] / limit:.2f}x of the smaller (target 0.8); peak RSS {gb(fb['peak_rss'])} "
-          f"against {gb(fs['peak_rss'])} from the small store")
+    if "fit_big" in r:
+        fb, fs = r["fit_big"], r["fit_small"]
+        limit = min(fs["tokens_per_s"], disk / per)
+        print(f"fit RouteSAE: big store (cold) {fb['tokens_per_s']:,.0f} tok/s, small store (in RAM) "
+              f"{fs['tokens_per_s']:,.0f} tok/s, disk / bytes per token {disk / per:,.0f} tok/s -> "
+              f"{fb['tokens_per_s'] / limit:.2f}x of the smaller (target 0.8); peak RSS {gb(fb['peak_rss'])} "
+              f"against {gb(fs['peak_rss'])} from the small store")
     for name in ("eval", "contexts"):
-        x = r[name]
-        grown = x["tail"]["peak_rss"] - x["eighth"]["peak_rss"]
-        extra = max(1, (x["tokens"]["tail"] - x["tokens"]["eighth"]) * per)
-        print(f"{name}: {x['tokens']['tail']:,} tokens peak RSS {gb(x['tail']['peak_rss'])}, {x['tokens']['eighth']:,} "
-              f"tokens {gb(x['eighth']['peak_rss'])}: grew {grown / extra:.1%} of the {gb(extra)} more read "
-              f"({'streamed' if grown < 0.1 * extra else 'NOT bounded'})")
-
+        x = r.get(name)
+        if x is None:
+            continue
+        slope = x["rss_slope_bytes_per_token"]
+        rss = [v for _, v in x["rss_by_tokens"]]
+        print(f"{name}: {x['tokens']:,} tokens ({gb(x['tokens'] * per)} of activations) in {x['seconds']:.0f} s; "
+              f"resident memory over the run {gb(min(rss))}-{gb(max(rss))}, peak {gb(x['peak_rss'])}; over its second "
+              f"half it gained {slope:,.0f} bytes per token read against {per:,} read per token "
+              f"({'streamed' if slope < 0.1 * per else 'NOT streamed'}: memory that goes down is handed back, not held)")
 
 if __name__ == "__main__":
     main()
