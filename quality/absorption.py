@@ -27,7 +27,8 @@ Multi-layer SAEs (SAEBench and sae-probes encode one hook only; this adaptation 
 - RouteSAE: its routed code; per word, the residual of the layer the router chose and the probe of
   that layer; s_i divides the routing weight p back out (the coder read p·x_norm). Soft routing
   has no single layer per word and is refused.
-- MLSAE: every routed layer on its own (its single-layer view at that layer, that layer's probe);
+- MLSAE: every routed layer on its own (the code its single-layer view gives there, all layers from
+  one encode; that layer's probe);
   the SAE's figure is the mean over its layers, each layer's row is reported too.
 - Crosscoder: its one code, scored at every layer it reads against that layer's decoder block and
   probe; the SAE's figure is the mean over its layers, each layer reported.
@@ -335,9 +336,15 @@ def sae_sites(sae: Any, residuals: dict[int, np.ndarray]) -> list[tuple[str, Sit
             picked = x.numpy()[np.arange(n), li]
             site = Site(codes, picked - mean[:, None], std / p, W_dec, np.array(layers)[li])
             return [(f"routed over {layers[0]}..{layers[-1]}", site)]
-        if hasattr(sae, "at_layer"):  # MLSAE: each layer on its own
-            return [(f"layer {layer}", _single_site(sae.at_layer(layer), layer, residuals[layer], W_dec))
-                    for layer in layers]
+        if hasattr(sae, "at_layer"):  # MLSAE: a site per layer, every layer's code from one encode
+            x = torch.from_numpy(np.stack([residuals[layer] for layer in layers], axis=1))
+            codes = sae.encode(x).float().cpu().numpy().reshape(n, len(layers), -1)  # token-major codes
+            _, mean, std = sae.normalize_input(x)
+            mean = mean.squeeze(-1).expand(n, len(layers)).cpu().numpy()
+            std = std.squeeze(-1).expand(n, len(layers)).cpu().numpy()
+            return [(f"layer {layer}", Site(codes[:, j], residuals[layer] - mean[:, j:j + 1], std[:, j], W_dec,
+                                            np.full(n, layer)))
+                    for j, layer in enumerate(layers)]
         if getattr(sae, "multi_layer", False):  # crosscoder: one code, each layer's decoder block
             x = torch.from_numpy(np.stack([residuals[layer] for layer in layers], axis=1))
             codes = sae.encode(x).float().cpu().numpy()

@@ -171,6 +171,26 @@ def test_site_shares_sum_to_the_reconstruction_along_any_direction(arch, normali
         assert shares == pytest.approx((x_hat - x + site.residual) @ p, rel=1e-4, abs=1e-3)
 
 
+def test_mlsae_sites_from_one_encode_are_its_single_layer_views():
+    """Every layer's code comes from one encode of all of them: the same code, residual and scale
+    as the MLSAE's single-layer view of that layer gives (what the sites were built from before)."""
+    from routesae.quality.absorption import _single_site
+
+    sae = build_sae(SAEConfig(arch="mlsae", d_model=16, n_latents=32, k=6, layers=[1, 3], normalization="dataset",
+                              dataset_scale=[0.5, 2.0]), torch.Generator().manual_seed(3)).eval()
+    gen = torch.Generator().manual_seed(4)
+    residuals = {layer: (2 * torch.randn(10, 16, generator=gen) + 0.5).numpy() for layer in (1, 3)}
+    W_dec = sae.coder.W_dec.detach().numpy()
+    sites = sae_sites(sae, residuals)
+    assert [name for name, _ in sites] == ["layer 1", "layer 3"]
+    for (_, site), layer in zip(sites, (1, 3)):
+        view = _single_site(sae.at_layer(layer), layer, residuals[layer], W_dec)
+        np.testing.assert_allclose(site.codes, view.codes, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(site.residual, view.residual, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(site.scale, view.scale, rtol=1e-6)
+        assert site.layer.tolist() == view.layer.tolist() == [layer] * 10
+
+
 def test_soft_routing_is_refused():
     sae = build_sae(SAEConfig(arch="routesae", d_model=16, n_latents=32, k=6, layers=[1, 2], routing="soft")).eval()
     with pytest.raises(RouteSAEError, match="soft routing"):
