@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from typing import Callable
@@ -28,12 +29,8 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <<
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     ok = bool(mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))) and bool(
         mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold))
@@ -69,7 +66,7 @@ class ResidentCap:
         self.cap: int | None = None
         self.trims = 0
         """Times memory was handed back (for tests and benches)."""
-        self._trim = _malloc_trim()
+        self._trim = _glibc_function("malloc_trim")
 
     def check(self) -> None:
         if self._trim is None:
@@ -84,11 +81,12 @@ class ResidentCap:
             self.trims += 1
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
+@functools.cache
+def _glibc_function(name: str) -> Callable[..., int] | None:
+    """A function of the C library on Linux (glibc's mallopt, malloc_trim), None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None

@@ -29,7 +29,7 @@ def selftest(device, model, tiny, tokens, context_len, batch_size, circuit_task,
     """Run harvest, fit (TopK, RouteSAE, JumpReLU), eval --splice, contexts, steer and a circuit step
     on one device, each as the real command, and check the device against a CPU float32 reference
     computed in the same run: the first harvest batch's activations, the splice KL of one batch,
-    the fit loss going down. Prints JSON (tokens/s and seconds per stage, peak GPU memory and RSS,
+    the fit loss (NormMSE) going down. Prints JSON (tokens/s and seconds per stage, peak GPU memory and RSS,
     each check with its value and tolerance, the device) and exits 1 unless every check held.
 
     Example: routesae selftest --device cuda   (CI: routesae selftest --device cpu --tiny)"""

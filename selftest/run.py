@@ -38,7 +38,7 @@ from typing import Any, Iterator, NamedTuple
 
 from routesae.errors import RouteSAEError
 from routesae.json_values import jsonable
-from routesae.selftest.checks import Check, activation_check, failed, kl_check, loss_check
+from routesae.selftest.checks import LOSS_CHECK, Check, activation_check, failed, kl_check, loss_check
 
 GPU_ONLY = [
     "CUDA kernels: the bf16 forward (harvest, splice, steer, circuit), the fit's sparse backward and bf16 encoder "
@@ -252,7 +252,7 @@ def run_selftest(cfg: SelftestConfig) -> dict[str, Any]:
             st.tokens("fit", trained, steady_tokens_per_s=steady)
             checks.append(loss_check({n: runs / n for n in names}))
         else:
-            checks.append(failed("fit: loss goes down (last vs first line of metrics.jsonl)", "the fit did not finish"))
+            checks.append(failed(LOSS_CHECK, "the fit did not finish"))
 
         # --- eval --splice, then (b) -------------------------------------------------------------
         if st.run("eval", ["eval", "--sae", str(runs), "--cache", str(store), "--splice", "--tokens",

@@ -131,14 +131,16 @@ def test_kl_check():
 
 
 def test_loss_check(tmp_path):
-    def folder(name: str, losses: list[float]) -> Path:
+    def folder(name: str, nmse: list[float], penalty: float = 0.0) -> Path:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": x}) + "\n"
-                                                               for i, x in enumerate(losses)))
+        rows = [{"step": i, "loss": x + penalty * i, "nmse": x} for i, x in enumerate(nmse)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return tmp_path / name
 
     down, up, one = folder("down", [1.0, 0.8, 0.6]), folder("up", [0.5, 0.4, 0.7]), folder("one", [0.5])
     assert loss_check({"down": down}).held
+    # a steered sparsity penalty makes the total rise while the reconstruction improves (JumpReLU)
+    assert loss_check({"penalized": folder("penalized", [0.9, 0.7, 0.5], penalty=1.5)}).held
     check = loss_check({"down": down, "up": up})
     assert not check.held and check.measured == pytest.approx(1.4)
     assert not loss_check({"one": one}).held  # one line shows no trend
