@@ -5,7 +5,6 @@ and rerun to the same numbers, then rerun after one architecture's setting chang
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
