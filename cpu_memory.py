@@ -64,8 +64,6 @@ class ResidentCap:
         self.headroom = headroom
         self.min_headroom = min_headroom
         self.cap: int | None = None
-        self.trims = 0
-        """Times memory was handed back (for tests and benches)."""
         self._trim = _glibc_function("malloc_trim")
 
     def check(self) -> None:
@@ -78,7 +76,6 @@ class ResidentCap:
             self.cap = now + max(int(now * self.headroom), self.min_headroom)
         elif now > self.cap:
             self._trim(0)
-            self.trims += 1
 
 
 @functools.cache

@@ -336,25 +336,32 @@ def sae_sites(sae: Any, residuals: dict[int, np.ndarray]) -> list[tuple[str, Sit
             picked = x.numpy()[np.arange(n), li]
             site = Site(codes, picked - mean[:, None], std / p, W_dec, np.array(layers)[li])
             return [(f"routed over {layers[0]}..{layers[-1]}", site)]
-        if hasattr(sae, "at_layer"):  # MLSAE: a site per layer, every layer's code from one encode
-            x = torch.from_numpy(np.stack([residuals[layer] for layer in layers], axis=1))
-            codes = sae.encode(x).float().cpu().numpy().reshape(n, len(layers), -1)  # token-major codes
-            _, mean, std = sae.normalize_input(x)
-            mean = mean.squeeze(-1).expand(n, len(layers)).cpu().numpy()
-            std = std.squeeze(-1).expand(n, len(layers)).cpu().numpy()
-            return [(f"layer {layer}", Site(codes[:, j], residuals[layer] - mean[:, j:j + 1], std[:, j], W_dec,
-                                            np.full(n, layer)))
-                    for j, layer in enumerate(layers)]
-        if getattr(sae, "multi_layer", False):  # crosscoder: one code, each layer's decoder block
-            x = torch.from_numpy(np.stack([residuals[layer] for layer in layers], axis=1))
-            codes = sae.encode(x).float().cpu().numpy()
-            _, mean, std = sae.normalize_input(x)
-            mean = mean.squeeze(-1).expand(n, len(layers)).cpu().numpy()
-            std = std.squeeze(-1).expand(n, len(layers)).cpu().numpy()
+        if getattr(sae, "multi_layer", False):
+            codes, mean, std = _stacked_encode(sae, residuals, layers)
+            if hasattr(sae, "at_layer"):  # MLSAE: a code per layer (token-major), its one decoder
+                per_layer = codes.reshape(n, len(layers), -1)
+                return [(f"layer {layer}", Site(per_layer[:, j], residuals[layer] - mean[:, j:j + 1], std[:, j], W_dec,
+                                                np.full(n, layer)))
+                        for j, layer in enumerate(layers)]
+            # crosscoder: one code, each layer's decoder block
             return [(f"layer {layer}", Site(codes, residuals[layer] - mean[:, j:j + 1], std[:, j],
                                             W_dec[:, j * d:(j + 1) * d], np.full(n, layer)))
                     for j, layer in enumerate(layers)]
         return [(f"layer {layers[0]}", _single_site(sae, layers[0], residuals[layers[0]], W_dec))]
+
+
+def _stacked_encode(sae: Any, residuals: dict[int, np.ndarray], layers: list[int]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A multi-layer SAE's one encode of every layer: (codes as `encode` returns them, the
+    normalization's mean and std per word and layer, [n, n_layers] each)."""
+    import torch
+
+    x = torch.from_numpy(np.stack([residuals[layer] for layer in layers], axis=1))
+    codes = sae.encode(x).float().cpu().numpy()
+    _, mean, std = sae.normalize_input(x)
+    n = x.shape[0]
+    return (codes, mean.squeeze(-1).expand(n, len(layers)).cpu().numpy(),
+            std.squeeze(-1).expand(n, len(layers)).cpu().numpy())
 
 
 def _single_site(sae: Any, layer: int, x: np.ndarray, W_dec: np.ndarray) -> Site:
