@@ -1,4 +1,4 @@
-"""Memory that does not grow with the store: fit, eval and contexts over a store 3 times larger
+"""Memory that does not grow with the store: fit, eval and contexts over a store 5 times larger
 peak at about the same resident memory (the readers stream, the fit holds two shuffle buffers at
 most, and freed memory is handed back past a cap: cpu_memory.ResidentCap). The size CI can afford;
 bench/big_store.py measures it on a store larger than RAM."""
@@ -40,18 +40,18 @@ def peak_rss_of(tmp_path, *args: str) -> int:
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
     model = save_tiny("llama", root / "model")
-    # 5 and 15 batches of eval's and contexts' 8192 tokens
+    # 5 and 25 batches of eval's and contexts' 8192 tokens
     common = dict(d_model=D, layers=LAYERS, n_model_layers=4, context_len=CONTEXT, chunk_contexts=4, shard_chunks=8,
                   model_id=str(model), compression="none", storage_dtype="bfloat16")
     small = make_store(root / "small.zarr", 40 * 1024, **common)
-    big = make_store(root / "big.zarr", 120 * 1024, **common)
+    big = make_store(root / "big.zarr", 200 * 1024, **common)
     return root, small, big
 
 
-def test_fit_eval_and_contexts_peak_at_the_same_memory_on_a_store_three_times_larger(stores, tmp_path):
+def test_fit_eval_and_contexts_peak_at_the_same_memory_on_a_store_five_times_larger(stores, tmp_path):
     root, small, big = stores
     grown: dict[str, int] = {}
-    extra = (big.n_tokens - small.n_tokens) * F32_BYTES_PER_TOKEN  # 655 MB more activations read
+    extra = (big.n_tokens - small.n_tokens) * F32_BYTES_PER_TOKEN  # 1.3 GB more activations read
     rss: dict[str, list[int]] = {}
     for store in (small, big):
         out = tmp_path / store.path.name
@@ -70,5 +70,6 @@ def test_fit_eval_and_contexts_peak_at_the_same_memory_on_a_store_three_times_la
     for name, (a, b) in rss.items():
         grown[name] = b - a
     # a reader that held the store's activations would grow by `extra` or more; eval without the
-    # cap grew by about 700 MB here (glibc's heap, holes between live blocks)
+    # cap grew by 1.34 GB here (glibc's heap, holes between live blocks); on a 3x store the margin
+    # left was within one batch's temporaries, and the test failed 1 run in 4
     assert all(g < 0.15 * extra for g in grown.values()), (grown, extra)
