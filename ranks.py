@@ -40,10 +40,23 @@ class Ranks:
         return self.rank == 0
 
     def device(self, requested: str = "auto") -> str:
-        """The device for this rank: with 'auto' and CUDA, GPU `local_rank`; otherwise as asked."""
-        if requested == "auto" and self.distributed and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return requested
+        """The device for this rank. Under torchrun a CUDA rank takes GPU `local_rank` ('auto' where
+        CUDA is present, or 'cuda' / 'cuda:0' as given: the same command line on every rank), and
+        another GPU index is refused; alone, or off CUDA, the device is as asked."""
+        if not self.distributed:
+            return requested
+        if requested == "auto":
+            if not torch.cuda.is_available():
+                return requested
+        elif not requested.startswith("cuda"):
+            return requested
+        elif torch.device(requested).index not in (None, 0):
+            raise RouteSAEError(f"under torchrun each rank takes the GPU of its LOCAL_RANK; give --device cuda, "
+                                f"not {requested}")
+        if self.local_rank >= torch.cuda.device_count():
+            raise RouteSAEError(f"rank {self.rank} (local rank {self.local_rank}) has no GPU: this machine has "
+                                f"{torch.cuda.device_count()}; start fewer processes per node")
+        return f"cuda:{self.local_rank}"
 
     def barrier(self) -> None:
         if self.distributed:

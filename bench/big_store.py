@@ -10,6 +10,9 @@ a CPU, and the readers only see bytes. Its provenance names a tiny model folder 
 for the tokenizer contexts renders with. Phases, each measured in a fresh process (its own peak RSS):
   write    the writer's bytes/s over the whole store (final sync included) against a plain
            sequential write of the same disk (8 MiB writes, fdatasync);
+  write-ram  the writer's own ceiling: a 2 GB store written to a RAM-backed folder (/dev/shm),
+           no disk under it, so only the writer's CPU (one thread, as harvest's) limits it, against
+           plain 8 MiB writes of the same bytes to one file there;
   disk     a sequential cold read of the store's shard files (8 MiB reads): the disk's bandwidth;
   loader   one epoch of the fit's loader over the big store, cold, batches taken and dropped:
            tokens/s, bytes/s against the disk's, peak RSS of the trainer side and of the loader
@@ -201,6 +204,24 @@ def ensure_store(path: Path, n_tokens: int, model_dir: Path) -> dict:
     return write_store(path, n_tokens, model_dir)
 
 
+def write_to_ram(model_dir: Path, size: int) -> dict | None:
+    """The writer's timing into a tmpfs folder (removed after); None where there is no /dev/shm."""
+    import shutil
+
+    ram_dir = Path("/dev/shm")
+    if not ram_dir.is_dir():
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="routesae-write-", dir=ram_dir))
+    try:
+        plain = disk_write_bandwidth(folder, size)  # the same bytes as one file's 8 MiB writes: memory's own rate
+        run = write_store(folder / "store.zarr", size // (len(LAYERS) * D_MODEL * 2), model_dir)
+        run["plain_write_bytes_per_s"] = plain
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    run["bytes_per_s"] = run["bytes"] / run["seconds_writing"]
+    return run
+
+
 # --- children --------------------------------------------------------------------------------------
 
 
@@ -314,7 +335,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="Timed fit steps.")
     ap.add_argument("--quick", action="store_true", help="A smoke run: few steps, small disk tests.")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--phases", default="write,disk,loader,fit,eval,contexts",
+    ap.add_argument("--phases", default="write,write-ram,disk,loader,fit,eval,contexts",
                     help="Which phases to run (the store is written or reused whatever this says).")
     args = ap.parse_args()
     if args.child:
@@ -342,6 +363,8 @@ def main() -> None:
     test_bytes = (256 << 20) if args.quick else (4 << 30)
     if "write" in phases:
         report["disk_write_bytes_per_s"] = disk_write_bandwidth(root, test_bytes)
+    if "write-ram" in phases:
+        report["write_ram"] = write_to_ram(model_dir, (256 << 20) if args.quick else 2_000_000_000)
     report["write"] = ensure_store(big, int(args.gb * 1e9 / per_token), model_dir)
     ensure_store(small, int(args.small_gb * 1e9 / per_token), model_dir)
     if "seconds_writing" in report["write"]:
@@ -400,6 +423,11 @@ def summarize(r: dict) -> None:
         print(f"writer (StoreWriter.write_shard calls, final sync included): {w / 1e6:.0f} MB/s = "
               f"{w / r['disk_write_bytes_per_s']:.2f}x the disk's sustained write (the calls return once the bytes "
               f"are in the page cache; the disk writes them back meanwhile)")
+    if r.get("write_ram"):
+        w = r["write_ram"]["bytes_per_s"]
+        print(f"writer into RAM (/dev/shm, {gb(r['write_ram']['bytes'])}): {w / 1e6:,.0f} MB/s = {w / per:,.0f} tokens/s "
+              f"of {per:,} bytes = {w / r['write_ram']['plain_write_bytes_per_s']:.2f}x plain 8 MiB writes of a file there "
+              f"({r['write_ram']['plain_write_bytes_per_s'] / 1e6:,.0f} MB/s): its own ceiling, where a disk is faster")
     for workers in ("process", "mapped"):
         x = r.get(f"loader_{workers}")
         if x is None:

@@ -274,7 +274,10 @@ def run_harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, ranks: Ra
         if cfg.progress and ranks.is_main:
             how = f"({storage})" if compute.name == storage else f"in {compute.name} ({compute.reason})"
             tqdm.write(f"loading {cfg.model} {how} ...", file=sys.stderr)
-        loaded = load_model(cfg.model, compute.name, ranks.device(cfg.device), config=config)
+        device = ranks.device(cfg.device)
+        if ranks.distributed and device.startswith("cuda"):
+            torch.cuda.set_device(device)  # kernels and buffers made without a device go to this rank's GPU
+        loaded = load_model(cfg.model, compute.name, device, config=config)
     info = loaded.info
     if info["n_layers"] != n_layers:
         raise RouteSAEError(f"{cfg.model}: its config says {n_layers} layers, the loaded model has {info['n_layers']}")

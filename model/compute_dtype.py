@@ -18,6 +18,7 @@ The rule, for `--dtype auto` (an explicit dtype is used as given, with a note wh
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -93,10 +94,12 @@ def native_on(dtype: str, device: torch.device) -> bool:
         # emulated bf16 (before Ampere) counts as not native: it is the slow case this avoids
         if dtype == "float16":
             return True
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch before 2.5 counts only native bf16 already
-            return torch.cuda.is_bf16_supported()
+        # torch asks the current GPU: make it the one asked about (cuda:1 of a mixed machine)
+        with torch.cuda.device(device) if device.index is not None else contextlib.nullcontext():
+            try:
+                return torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:  # torch before 2.5 counts only native bf16 already
+                return torch.cuda.is_bf16_supported()
     return True
 
 

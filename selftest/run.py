@@ -9,7 +9,8 @@ the store's model in float32 on the CPU and checks (checks.py):
 (b) the device's splice KL per token of eval's first batch against its own splice of that batch;
 (c) every fitted SAE's loss going down (first vs last line of metrics.jsonl).
 The result is one JSON object: per stage seconds, tokens and tokens/s, peak GPU memory
-(torch.cuda.max_memory_allocated, None off CUDA) and peak RSS; each check; the device; ok.
+(torch.cuda.max_memory_allocated, and max_memory_reserved: what the caching allocator held; None off
+CUDA) and peak RSS; each check; the device; ok.
 
 What only a GPU exercises, so that `--device cpu` (CI) never checks it:
 - CUDA kernels: the bf16 forward of harvest, splice, steer and circuit (cuBLAS, SDPA attention),
@@ -302,6 +303,7 @@ def run_selftest(cfg: SelftestConfig) -> dict[str, Any]:
             "sizes": sizes._asdict(),
             "seconds": round(time.perf_counter() - started, 2),
             "peak_gpu_bytes": _peak(stages, "peak_gpu_bytes") if device.type == "cuda" else None,
+            "peak_gpu_reserved_bytes": _peak(stages, "peak_gpu_reserved_bytes") if device.type == "cuda" else None,
             "peak_rss_bytes": _peak(stages, "peak_rss_bytes"),
             "stages": stages,
             "checks": [jsonable(c.as_dict()) for c in checks],

@@ -11,14 +11,16 @@ import sys
 def _record(path: str) -> None:
     from routesae.atomic_files import write_json
 
-    gpu = None
+    gpu = gpu_reserved = None
     torch = sys.modules.get("torch")  # the command imported it (every stage does); never imported here
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         gpu = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+        # what the caching allocator held (tensors + its free blocks): nearer what a card must have
+        gpu_reserved = max(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count()))
     # ru_maxrss is in KiB on Linux; the children are the fit's loader process and the like
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    write_json(path, {"peak_gpu_bytes": gpu, "peak_rss_bytes": own, "peak_rss_children_bytes": children},
+    write_json(path, {"peak_gpu_bytes": gpu, "peak_gpu_reserved_bytes": gpu_reserved, "peak_rss_bytes": own, "peak_rss_children_bytes": children},
                durable=False)
 
 

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 import routesae.train.trainer as trainer_module
 from routesae import Cache
 from routesae.errors import RouteSAEError
+from routesae.model.compute_dtype import native_on
+from routesae.ranks import Ranks
 from routesae.train import distributed
 from routesae.train.config import FitConfig
 from routesae.train.data import ChunkLoader, TokenSplit
@@ -118,3 +120,39 @@ def test_a_cuda_rank_without_its_gpu_is_refused_in_one_line(monkeypatch):
     with pytest.raises(RouteSAEError, match="LOCAL_RANK; give --device cuda, not cuda:1"):
         distributed.from_env(torch.device("cuda", 1))
 
+
+
+def test_each_torchrun_rank_takes_its_own_gpu_for_harvest_and_fit(monkeypatch):
+    """The same `--device cuda` on every rank means GPU LOCAL_RANK (harvest once loaded every rank
+    onto GPU 0); alone, a device is as asked."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rank = Ranks(rank=5, world_size=8, local_rank=1)
+    for asked in ("auto", "cuda", "cuda:0"):
+        assert rank.device(asked) == "cuda:1"
+    assert rank.device("cpu") == "cpu"
+    with pytest.raises(RouteSAEError, match="give --device cuda, not cuda:2"):
+        rank.device("cuda:2")
+    assert Ranks().device("cuda:2") == "cuda:2" and Ranks().device("auto") == "auto"
+    with pytest.raises(RouteSAEError, match="local rank 6.*has no GPU: this machine has 4"):
+        Ranks(rank=6, world_size=8, local_rank=6).device("cuda")
+
+
+def test_native_bf16_is_asked_of_the_gpu_named(monkeypatch):
+    """torch answers for the current GPU: native_on makes the GPU asked about current first."""
+    current = []
+
+    class Device:
+        def __init__(self, device):
+            self.index = device.index
+
+        def __enter__(self):
+            current.append(self.index)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: current[-1:] == [1])
+    assert native_on("bfloat16", torch.device("cuda", 1))
+    assert not native_on("bfloat16", torch.device("cuda", 0))

@@ -157,13 +157,7 @@ def from_env(device: torch.device) -> Group | None:
     if not ranks.distributed:
         return None
     if device.type == "cuda":
-        if device.index not in (None, 0):
-            raise RouteSAEError(f"under torchrun each rank takes the GPU of its LOCAL_RANK; give --device cuda, "
-                                f"not {device}")
-        if ranks.local_rank >= torch.cuda.device_count():
-            raise RouteSAEError(f"rank {ranks.rank} (local rank {ranks.local_rank}) has no GPU: this machine has "
-                                f"{torch.cuda.device_count()}; start fewer processes per node")
-        device = torch.device("cuda", ranks.local_rank)
+        device = torch.device(ranks.device(str(device)))
         torch.cuda.set_device(device)  # NCCL's communicator binds to the current device
         backend = "nccl"
     elif device.type == "cpu":
