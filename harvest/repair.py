@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from routesae.errors import RouteSAEError
+from routesae.harvest.host_staging import HostStaging
 from routesae.model.hooks import HiddenStateCapture
 from routesae.harvest.corpus import document_source, shuffled
 from routesae.model.loading import LoadedModel, load_store_model
@@ -131,14 +132,16 @@ def repair_store(cfg: RepairConfig, loaded: LoadedModel | None = None) -> Repair
 
 def _forward(capture: HiddenStateCapture, loaded: LoadedModel, ids: np.ndarray, batch: int, cache: Cache) -> torch.Tensor:
     """The shard's activations [n_layers, n_ctx * ctx, d_model] in the storage dtype, computed in
-    the harvest's batches (a shard starts a batch, so they are the same batches)."""
+    the harvest's batches (a shard starts a batch, so they are the same batches) and brought to the
+    host as the harvest brings them (host_staging.py)."""
     n_ctx, ctx = ids.shape
-    device = next(loaded.model.parameters()).device
-    out = torch.empty(len(cache.layers), n_ctx * ctx, cache.d_model, dtype=TORCH_DTYPES[cache.storage_dtype])
+    staging = HostStaging(next(loaded.model.parameters()).device)
+    out = staging.host_empty((len(cache.layers), n_ctx * ctx, cache.d_model), TORCH_DTYPES[cache.storage_dtype])
     for at in range(0, n_ctx, batch):
         part = ids[at : at + batch]
         dest = out[:, at * ctx : (at + len(part)) * ctx]
-        capture(torch.from_numpy(part).long().to(device), out=dest.view(len(cache.layers), *part.shape, cache.d_model))
+        staging.to_host(staging.capture(capture, torch.from_numpy(part).long(), dest), dest)
+    staging.wait()
     return out
 
 

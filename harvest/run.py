@@ -24,6 +24,7 @@ from routesae import __version__
 from routesae.cpu_memory import keep_freed_memory
 from routesae.errors import RouteSAEError
 from routesae.model.compute_dtype import ComputeDtype, canonical, pick_compute_dtype
+from routesae.harvest.host_staging import HostStaging
 from routesae.model.hooks import HiddenStateCapture
 from routesae.harvest.choices import DEFAULT_DATASET, DEFAULT_MODEL
 from routesae.harvest.corpus import document_source, shuffled
@@ -368,7 +369,8 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
     bar = tqdm(total=my_ctx * ctx, unit="tok", unit_scale=True, desc=desc,
                disable=not cfg.progress or not ranks.is_main, dynamic_ncols=True)
     bar.set_postfix_str(f"committed={store.progress['tokens']:,}", refresh=False)
-    buf_acts = torch.empty(len(layers), shard_ctx * ctx, d_model, dtype=storage_dtype)
+    staging = HostStaging(device)
+    buf_acts = staging.host_empty((len(layers), shard_ctx * ctx, d_model), storage_dtype)
     int8 = store.layout.storage == "int8"
     end_ctx = target_ctx  # where the corpus ends, if before the capacity
     try:
@@ -378,11 +380,11 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
                 if shard not in mine:  # another writer's (or already written): pack past it
                     got = sum(1 for _ in itertools.islice(contexts, want))
                 else:
-                    quant = (torch.empty(buf_acts.shape, dtype=torch.int8),
-                             torch.empty(buf_acts.shape[:2], dtype=torch.float32)) if int8 else None
-                    got = _forward_shard(cfg, writer, capture, contexts, shard, want, buf_acts, quant, special, device,
+                    quant = (staging.host_empty(buf_acts.shape, torch.int8),
+                             staging.host_empty(buf_acts.shape[:2], torch.float32)) if int8 else None
+                    got = _forward_shard(cfg, writer, capture, contexts, shard, want, buf_acts, quant, special, staging,
                                          bar)
-                    buf_acts = torch.empty_like(buf_acts)
+                    buf_acts = staging.host_empty(buf_acts.shape, buf_acts.dtype)  # the writer holds the last one
                 if got < want:
                     end_ctx = shard * shard_ctx + got
                     if ranks.is_main:
@@ -410,7 +412,7 @@ def _harvest_loop(cfg, store: StoreWriter, model, layers, special: SpecialTokens
 
 def _forward_shard(cfg, writer: _BackgroundWriter, capture: HiddenStateCapture, contexts, shard: int, want: int,
                    buf_acts: torch.Tensor, quant: tuple[torch.Tensor, torch.Tensor] | None, special: SpecialTokens,
-                   device: torch.device, bar: tqdm) -> int:
+                   staging: HostStaging, bar: tqdm) -> int:
     """Run the forward over the next `want` contexts (shard `shard`) in the harvest's batches and
     hand the shard to the writer; the number of contexts the corpus still had (0..want). The bar
     moves by each batch's tokens, its postfix saying how many are committed.
@@ -430,16 +432,19 @@ def _forward_shard(cfg, writer: _BackgroundWriter, capture: HiddenStateCapture, 
         state = batch[-1][1]
         at = len(ids_done) * ctx
         dest = buf_acts[:, at : at + ids.size]
-        capture(torch.from_numpy(ids).long().to(device), out=dest.view(n_layers, *ids.shape, d_model))
+        acts = staging.capture(capture, torch.from_numpy(ids).long(), dest)  # dest itself, or a device buffer
         is_special = torch.from_numpy(special.mask(ids.reshape(-1)))
         if quant is not None:
-            _quantize_batch(dest, quant[0][:, at : at + ids.size], quant[1][:, at : at + ids.size], is_special)
-        stats.add(dest, ~is_special)
+            _quantize_batch(acts, quant[0][:, at : at + ids.size], quant[1][:, at : at + ids.size],
+                            is_special.to(acts.device), staging.pin)
+        stats.add(acts, ~is_special)
+        staging.to_host(acts, dest)
         ids_done.extend(ids)
         bar.set_postfix_str(f"committed={writer.store.progress['tokens']:,}", refresh=False)
         bar.update(ids.size)
         if len(batch) < cfg.batch_size and len(ids_done) < want:
             break  # the corpus ran out mid-batch
+    staging.wait()  # the batches' copies have landed in buf_acts (and quant) before the writer reads them
     if ids_done:
         token_ids = np.concatenate(ids_done)
         n = token_ids.size
@@ -461,13 +466,15 @@ def _layer_list(layers: list[int]) -> str:
     return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
-def _quantize_batch(acts: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor, is_special: torch.Tensor) -> None:
-    """acts [n_layers, n, d] -> q_out, scale_out; acts then holds what an int8 reader gets back
-    (dequantized rows, special rows left exact). One layer at a time bounds the float32 copy."""
+def _quantize_batch(acts: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor, is_special: torch.Tensor,
+                    non_blocking: bool = False) -> None:
+    """acts [n_layers, n, d] -> q_out, scale_out (host buffers, copied into without waiting where
+    non_blocking); acts then holds what an int8 reader gets back (dequantized rows, special rows
+    left exact). One layer at a time bounds the float32 copy."""
     for i in range(acts.shape[0]):
         q, scale = quantize(acts[i])
-        q_out[i].copy_(q)
-        scale_out[i].copy_(scale)
+        q_out[i].copy_(q, non_blocking=non_blocking)
+        scale_out[i].copy_(scale, non_blocking=non_blocking)
         exact = acts[i][is_special]
         dequantize(q, scale, acts.dtype, out=acts[i])
         acts[i][is_special] = exact

@@ -45,6 +45,14 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 COMPRESSIONS = ("none", "blosc-zstd")
 STORAGES = ("model", "int8")
 SPECIAL_CHUNK_ROWS = 64  # rows per inner chunk of special_acts/<layer>: a shard's special rows fill a few
+
+
+def special_chunk_rows(layout: "StoreLayout") -> int:
+    """Rows per inner chunk of special_acts/<layer>: 64, or fewer where the shard's rows are not a
+    multiple of 64 (zarr's shards hold whole inner chunks; contexts of e.g. 32 tokens in batches
+    of 5 make shards of 480)."""
+    return math.gcd(SPECIAL_CHUNK_ROWS, layout.shard_tokens)
+
 TOKEN_ARRAYS = ("token_ids", "positions", "special")
 # Per-shard records (cache_schema.md, "Several writers"): each shard's statistics and packer state,
 # written by the shard's writer; `record` is written last and is the shard's own commit.
@@ -118,15 +126,16 @@ class StatsAccumulator:
         """acts: [n_layers, n_tokens, d_model] as the model computed them; keep: [n_tokens] bool.
 
         One batch is summed in float32 on the activations' device (a matmul, so cheap beside the
-        forward); batches accumulate in float64."""
+        forward) and read back once (one wait for a GPU); batches accumulate in float64."""
         w = keep.to(acts.device, torch.float32)
         self.count += int(keep.sum())
+        rows = []
         for i in range(len(self.layers)):  # one layer at a time bounds the float32 copy
             x = acts[i].float()
             sq = x.pow(2).sum(-1)
-            self.sum[i] += (w @ x).double().cpu().numpy()
-            self.sum_sq_norm[i] += float(w @ sq)
-            self.sum_norm[i] += float(w @ sq.sqrt())
+            rows.append(torch.cat([w @ x, (w @ sq).view(1), (w @ sq.sqrt()).view(1)]))
+        sums = torch.stack(rows).double().cpu().numpy()  # [n_layers, d_model + 2], as `packed` lays them out
+        self.merge(0, sums)
 
     def merge(self, count: int, sums: np.ndarray) -> None:
         """Add one shard's sums: sums [n_layers, d_model + 2] is (sum | sum_sq_norm | sum_norm)."""
@@ -300,7 +309,7 @@ class StoreWriter:
                                    chunks=(layout.shard_tokens,), fill_value=0.0, dimension_names=("token",),
                                    compressors=[BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=4)])
                 group.create_array(f"special_acts/{layer}", shape=(capacity_tokens, d_model),
-                                   dtype=ZARR_DTYPES[storage_dtype], chunks=(SPECIAL_CHUNK_ROWS, d_model),
+                                   dtype=ZARR_DTYPES[storage_dtype], chunks=(special_chunk_rows(layout), d_model),
                                    shards=(layout.shard_tokens, d_model), compressors=None, fill_value=0,
                                    dimension_names=("special_row", "d_model"),
                                    attributes={"layer": layer, "value_dtype": storage_dtype, "encoding": (

@@ -180,3 +180,20 @@ def test_batch_topk_and_matryoshka_kernel_gradients_equal_dense_autograd(prefixe
     torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-4)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_sync_free_counts_and_fired_mask_match_torchs_own():
+    """index_counts and fired_latents (scatters: no host read-back on CUDA) against bincount and a
+    boolean-mask write, including latents never hit and an all-inactive row."""
+    from routesae.train.sparse_ops import fired_latents, index_counts
+
+    gen = torch.Generator().manual_seed(3)
+    flat = torch.randint(0, 90, (5000,), generator=gen)
+    assert torch.equal(index_counts(flat, 100), torch.bincount(flat, minlength=100))
+    indices = torch.randint(0, 90, (64, 16), generator=gen)
+    active = torch.rand(64, 16, generator=gen) > 0.7
+    active[0] = False
+    want = torch.zeros(100, dtype=torch.bool)
+    want[indices[active]] = True
+    got = fired_latents(indices, active, 100)
+    assert got.dtype == torch.bool and torch.equal(got, want) and not got[90:].any()

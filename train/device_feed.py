@@ -54,7 +54,7 @@ class DeviceFeed:
         """Batches that went through staging (the tests' evidence that the path ran)."""
 
     def __call__(self, acts: Tensor) -> Tensor:
-        if not self.staged:
+        if not self.staged or acts.device.type != "cpu":  # staging is for host memory, not a batch on a GPU
             return acts.to(self.device)
         n, n_layers, d = acts.shape
         slot = self._next

@@ -51,6 +51,20 @@ def _csr(indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
     return _csr_tensor(crow, indices.reshape(-1), values.reshape(-1), (n, n_cols))
 
 
+def index_counts(flat: Tensor, n: int) -> Tensor:
+    """torch.bincount(flat, minlength=n) for `flat` in [0, n): the same int64 counts, without the
+    host sync of CUDA's bincount (it reads its input's max back before it starts)."""
+    return torch.zeros(n, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def fired_latents(indices: Tensor, active: Tensor, n_latents: int) -> Tensor:
+    """[n_latents] bool: the latents of `indices` [n, c] where `active` [n, c] holds anywhere. A
+    scatter, where `fired[indices[active]] = True` would read the mask's count back to the host on
+    CUDA (a sync per training step)."""
+    hits = torch.zeros(n_latents, dtype=torch.int32, device=indices.device)
+    return hits.scatter_add_(0, indices.reshape(-1), active.reshape(-1).to(torch.int32)) > 0
+
+
 class TransposedPattern(NamedTuple):
     """A CSR pattern transposed once (latents as rows) so several value sets can reuse it."""
 
@@ -65,7 +79,7 @@ class TransposedPattern(NamedTuple):
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
         crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=indices.device)
-        crow[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
+        crow[1:] = index_counts(flat, n_latents).cumsum(0)
         return cls(crow, order // c, order, (n_latents, n))
 
     def matmul(self, values: Tensor, dense: Tensor) -> Tensor:
@@ -146,8 +160,8 @@ def select_batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def pack_rows(rows: Tensor, cols: Tensor, values: Tensor, n: int, fill: float) -> tuple[Tensor, Tensor]:
     """Entries (rows sorted, cols, values) of an [n, m] matrix -> [n, c] values and indices, one
     row per token, c the most entries any row has; a row's unused slots hold `fill` at index 0."""
-    counts = torch.bincount(rows, minlength=n)
-    width = max(1, int(counts.max()))
+    counts = index_counts(rows, n)
+    width = max(1, int(counts.max()))  # the one read-back: the width sizes the output
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
     out_values = torch.full((n, width), fill, dtype=values.dtype, device=rows.device)
@@ -206,9 +220,12 @@ class _TopKSAEFunction(torch.autograd.Function):
         def acc(total: Tensor | None, part: Tensor) -> Tensor:
             return part if total is None else total.add_(part)
 
+        patterns: dict[int, TransposedPattern] = {}  # Matryoshka's groups share one index tensor
         for vals, idx, grad_out in groups:
             grad_out = grad_out.contiguous()
-            transpose = TransposedPattern.of(idx, n_latents)
+            if id(idx) not in patterns:
+                patterns[id(idx)] = TransposedPattern.of(idx, n_latents)
+            transpose = patterns[id(idx)]
             grad_W_dec = acc(grad_W_dec, transpose.matmul(vals, grad_out))
             # d x_hat / d value = the decoder row; the ReLU passes gradient only where the value is > 0.
             grad_pre = sampled_rowdot(idx, grad_out, W_dec) * (vals > 0)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from routesae.train.sparse_ops import TransposedPattern, pack_rows, sampled_rowdot, sparse_decode
+from routesae.train.sparse_ops import TransposedPattern, fired_latents, pack_rows, sampled_rowdot, sparse_decode
 
 _SAFETY = 2.0**-7
 """Relative margin under which the candidates' floor is taken in the product's dtype: bf16 rounds
@@ -81,12 +81,6 @@ def _candidates(product: Tensor, candidates: Tensor, b_enc: Tensor, with_product
     return pre, indices, pack_rows(rows, cols, at, product.shape[0], 0.0)[0]
 
 
-def _fired(indices: Tensor, active: Tensor, n_latents: int) -> Tensor:
-    fired = torch.zeros(n_latents, dtype=torch.bool, device=indices.device)
-    fired[indices[active]] = True
-    return fired
-
-
 def _dictionary_grads(ctx, grad_x_hat: Tensor, values: Tensor, grad_pre: Tensor, indices: Tensor,
                       x: Tensor, b_dec: Tensor, W_enc: Tensor, W_dec: Tensor):
     """Gradients of x, W_enc, b_enc, W_dec, b_dec from the decode's output gradient and the
@@ -109,7 +103,7 @@ class _JumpReLUSAEFunction(torch.autograd.Function):
         active = pre > theta[indices]
         values = torch.where(active, pre, 0.0)
         x_hat = sparse_decode(values, indices, W_dec) + b_dec
-        fired = _fired(indices, active, W_enc.shape[0])
+        fired = fired_latents(indices, active, W_enc.shape[0])
         ctx.eps = eps
         ctx.save_for_backward(x, b_dec, W_enc, W_dec, theta, pre, indices, active, values)
         ctx.mark_non_differentiable(fired)
@@ -138,7 +132,7 @@ class _ReLUSAEFunction(torch.autograd.Function):
         active = values > 0
         x_hat = sparse_decode(values, indices, W_dec) + b_dec
         weighted_l1 = (values * l1_weights[indices]).sum(-1)
-        fired = _fired(indices, active, W_enc.shape[0])
+        fired = fired_latents(indices, active, W_enc.shape[0])
         l0 = active.sum(-1, dtype=torch.float32)
         ctx.save_for_backward(x, b_dec, W_enc, W_dec, l1_weights, indices, active, values)
         ctx.mark_non_differentiable(l0, fired)
@@ -172,7 +166,7 @@ class _GatedSAEFunction(torch.autograd.Function):
         x_hat = sparse_decode(values, indices, W_dec) + b_dec
         via_gate = sparse_decode(gate_values, indices, W_dec) + b_dec  # no gradient to W_dec, b_dec
         l0 = active.sum(-1, dtype=torch.float32)
-        fired = _fired(indices, active, W_enc.shape[0])
+        fired = fired_latents(indices, active, W_enc.shape[0])
         ctx.save_for_backward(x, b_dec, W_enc, W_dec, scale, indices, shared, opens, active, values)
         ctx.mark_non_differentiable(l0, fired)
         return x_hat, via_gate, gate_values.sum(-1), l0, fired

@@ -78,6 +78,12 @@ class FitResult(NamedTuple):
 # --- planning: every check before anything is written -------------------------------------------
 
 
+def _wait_for_device(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA runs it asynchronously; a CPU has none queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         # bf16 where the hardware multiplies it natively (model/compute_dtype.py: CPU AVX512-BF16
@@ -687,11 +693,14 @@ class Trainer:
                     mine, shard = self.group.slice(acts)
                     self.train_step(self.feed(mine), shard)
                 self.position = batch.position
+                finished = self.tokens >= plan.budget
+                logs = self.step % cfg.log_every == 0 or finished
+                if first_step_done is None or logs:
+                    _wait_for_device(plan.device)  # the clock then counts the GPU's work done, not queued
                 now = time.perf_counter()
                 if first_step_done is None:
                     first_step_done, tokens_at_first = now, self.tokens
-                finished = self.tokens >= plan.budget
-                if self.step % cfg.log_every == 0 or finished:
+                if logs:
                     rate = (self.tokens - last_log_tokens) / max(now - last_log_time, 1e-9)
                     rows = self.log(rate, batch.position.epoch)
                     last_log_time, last_log_tokens = now, self.tokens

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from routesae.train.coders import CoderOutput, Latents, build_coder
 from routesae.train.config import SAEConfig
 from routesae.train.normalize import apply_normalization
+from routesae.train.sparse_ops import fired_latents
 
 ARCHITECTURES: dict[str, type["SAE"]] = {}
 
@@ -133,8 +134,7 @@ class SAE(nn.Module, abc.ABC):
             fired = out.fired if out.fired is not None else out.active.any(0)
             return TrainOutput(loss, nmse.detach(), aux.detach(), l0, fired, extra)
         active = out.values > 0
-        fired = torch.zeros(self.config.n_latents, dtype=torch.bool, device=target.device)
-        fired[out.indices[active]] = True
+        fired = fired_latents(out.indices, active, self.config.n_latents)
         return TrainOutput(loss, nmse.detach(), aux.detach(), active.sum(-1).float().mean(), fired, extra)
 
     def _check_input(self, x: Tensor, n_layers: int | None) -> None:

@@ -19,6 +19,7 @@ from routesae.errors import RouteSAEError
 from routesae.train.config import SAEConfig
 from routesae.train.normalize import denormalize, token_stats
 from routesae.train.saes.base import SAE, TrainOutput, register
+from routesae.train.sparse_ops import index_counts
 
 
 class Routing(NamedTuple):
@@ -130,7 +131,7 @@ class RouteSAE(SAE):
     ) -> TrainOutput:
         inp, layer_index, _ = self._mix(*self._route_parts(x))
         out = self.coder.forward_train(inp, compute_dtype, dead, self.config.d_model // 2, sparsity_coef)
-        share = torch.bincount(layer_index, minlength=self.n_layers).float() / layer_index.numel()
+        share = index_counts(layer_index, self.n_layers).float() / layer_index.numel()
         return self._train_output(out, inp, dead, auxk_coef, {"route_share": share})
 
     # --- reconstruction (hard routing only) --------------------------------------------------------
