@@ -53,7 +53,7 @@ def last_logits(model: torch.nn.Module, tokenizer: Any, prompts: list[str], batc
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             batch = torch.tensor([ids[i] for i in chunk], device=device)
-            logits = model(input_ids=batch).logits[:, -1].float().cpu()
+            logits = model(input_ids=batch, use_cache=False).logits[:, -1].float().cpu()  # no KV cache to build
             for row, i in enumerate(chunk):
                 out[i] = logits[row]
             if tick is not None:

@@ -41,6 +41,12 @@ from routesae.model.loading import decoder_layers, final_norm
 ReplaceFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+SUB_POSITIONS_CPU = 16
+"""Positions per float32 metric pass on a CPU: [16, vocab] float32 work buffers stay in its cache."""
+SUB_POSITIONS_GPU = 256
+"""On a GPU: enough rows per pass to fill it (4 buffers of [256, 128k] float32 are 0.5 GB)."""
+
+
 class SplicePlan(NamedTuple):
     """What one variant changes in one batch of contexts."""
 
@@ -418,7 +424,7 @@ class SpliceEvaluator:
     them on the whole batch like any variant (same numbers on a CPU, for checking and benchmarks)."""
 
     def __init__(self, model: torch.nn.Module, splicers: list[Splicer], chunk_positions: int = 512,
-                 prefix: str = "auto", sub_positions: int = 16, group: int = 4, zero_cache_size: int = 16,
+                 prefix: str = "auto", sub_positions: int | None = None, group: int = 4, zero_cache_size: int = 16,
                  share_zero_runs: bool = True):
         if prefix not in PREFIXES:
             raise RouteSAEError(f"prefix {prefix!r} not one of {PREFIXES}")
@@ -426,7 +432,10 @@ class SpliceEvaluator:
         self.splicers = splicers
         self.totals = [SpliceTotals() for _ in splicers]
         self.chunk = chunk_positions
-        self.sub = sub_positions
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        # positions per float32 metric pass: few on a CPU, to stay in its cache; on a GPU many, as
+        # each pass is ~30 kernel launches and a few host reads whatever its size
+        self.sub = sub_positions or (SUB_POSITIONS_GPU if on_gpu else SUB_POSITIONS_CPU)
         self.group = group
         self.prefix = prefix
         self.record = sorted({layer for s in splicers for layer in s.clean_layers()})

@@ -19,7 +19,7 @@ What only a GPU exercises, so that `--device cpu` (CI) never checks it:
 - `--dtype auto` choosing bf16 because the GPU multiplies it natively (Ampere on);
 - the fit's loader process feeding a GPU through shared memory, and the pinned, non-blocking
   host-to-device copies overlapping with training (on a CPU the copy is a no-op, so their effect
-  cannot be seen);
+  cannot be seen); likewise the harvest's device-to-host copy of each batch (host_staging.py);
 - NCCL: torchrun fit and harvest over several GPUs (CPU ranks use gloo);
 - peak GPU memory (null on a CPU)."""
 
@@ -47,6 +47,8 @@ GPU_ONLY = [
     "--dtype auto picking bf16 where the GPU multiplies it natively",
     "pinned staging memory, the fit's copy stream and its events overlapping copies with training (the staging "
     "itself, the loader process and 'auto''s CUDA choices run on a CPU in tests/test_train_gpu_branches.py)",
+    "the harvest's pinned, non-blocking copy of each batch from its device buffer (the staging itself runs on a CPU "
+    "in tests/test_harvest_staging.py)",
     "NCCL (torchrun over several GPUs; CPU ranks use gloo)",
     "peak GPU memory",
 ]
