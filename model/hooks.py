@@ -94,7 +94,7 @@ class HiddenStateCapture:
     def _keep(self, layer: int, hidden: torch.Tensor) -> None:
         if self._dest is None:
             self._out[layer] = hidden
-        else:  # straight into the caller's buffer: one copy, and the device-to-host one at that
+        else:  # straight into the caller's buffer (on a GPU, harvest's device buffer: host_staging.py): one copy
             self._dest[self.layers.index(layer)].copy_(hidden)
 
     @torch.inference_mode()
