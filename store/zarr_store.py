@@ -29,8 +29,8 @@ from routesae.store.shard_files import VERIFY_HINT, ShardFiles, check_row_indice
 
 WRITE_THREADS = 4
 """Layers' shard files written at once (uncompressed local stores): each write is a copy into the
-page cache that releases the GIL, and one thread copies at about 1.6 GB/s (bench/big_store.py's
-write-ram phase: 1.6-1.7 GB/s one layer after another, 2.1-2.8 GB/s four at once on 2 cores), less
+page cache that releases the GIL, and one thread copies at about 1.5-1.7 GB/s (bench/big_store.py's
+write-ram phase: 1.5-1.7 GB/s one layer after another, 2.2-2.5 GB/s four at once on 2 cores), less
 than a GPU harvest of a 1B model produces and less than an NVMe disk takes."""
 
 SCHEMA_VERSION = 1
