@@ -20,8 +20,8 @@ def _record(path: str) -> None:
     # ru_maxrss is in KiB on Linux; the children are the fit's loader process and the like
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    write_json(path, {"peak_gpu_bytes": gpu, "peak_gpu_reserved_bytes": gpu_reserved, "peak_rss_bytes": own, "peak_rss_children_bytes": children},
-               durable=False)
+    write_json(path, {"peak_gpu_bytes": gpu, "peak_gpu_reserved_bytes": gpu_reserved, "peak_rss_bytes": own,
+                      "peak_rss_children_bytes": children}, durable=False)
 
 
 def main() -> None:
